@@ -1,0 +1,234 @@
+"""The `poe` command line. Every command exits non-zero with a one-line reason on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from poe.errors import PoeError
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """`--classes "Sandal,Sneaker" --classes Bag` -> ['Sandal', 'Sneaker', 'Bag']."""
+    out = []
+    for v in values or []:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def _class_refs(values: list[str]) -> list[str | int]:
+    return [int(v) if v.isdigit() else v for v in values]
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from poe import pipeline
+    from poe import pool as pool_mod
+    from poe.config import resolve_device
+    from poe.data import load_dataset
+    from poe.nets import WRNConfig
+    from poe.train import CKDSettings, Schedule
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = resolve_device(args.device)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    train = load_dataset(args.dataset, "train")
+    test = load_dataset(args.dataset, "test")
+    if args.subset:
+        train = train.stratified(args.subset // len(train.classes), args.seed)
+        test = test.stratified(max(1, args.subset // (6 * len(train.classes))), args.seed)
+    hier = pipeline.load_hierarchy(args.hierarchy)
+    if len(hier.classes) != len(train.classes):
+        raise PoeError(f"hierarchy {args.hierarchy} has {len(hier.classes)} classes, data set {len(train.classes)}")
+    stages = ["oracle", "library", "experts", "pool"] if args.stage == "all" else [args.stage]
+
+    spec = pipeline.OracleSpec(args.oracle_depth, args.oracle_width, args.stem_stride,
+                               Schedule(args.oracle_epochs, args.batch_size, args.lr, seed=args.seed))
+    if "oracle" in stages or not (run / "oracle.safetensors").exists():
+        if "oracle" not in stages:
+            raise PoeError(f"{run}: no trained oracle; run `poe train oracle --run {run}` first")
+    oracle = pipeline.oracle_stage(run, train, test, spec, device)
+    if stages == ["oracle"]:
+        return 0
+    views = pipeline.teacher_stage(run, oracle, train, args.views, device)
+    student_cfg = WRNConfig(args.student_depth, args.student_width, train.input_shape[0], len(train.classes),
+                            args.stem_stride, mean=oracle.cfg.mean, std=oracle.cfg.std)
+    student = pipeline.library_stage(run, views, test, student_cfg,
+                                     Schedule(args.library_epochs, args.batch_size, args.lr, seed=args.seed), device)
+    if stages == ["library"]:
+        return 0
+    experts = pipeline.experts_stage(run, student, views, test, hier, args.expert_width,
+                                     Schedule(args.expert_epochs, args.batch_size, args.lr, seed=args.seed),
+                                     device, CKDSettings())
+    if stages == ["experts"]:
+        return 0
+    oracle_meta = json.loads((run / "oracle.json").read_text())
+    student_meta = json.loads((run / "student.json").read_text())
+    info = {"dataset": train.name, "input_shape": list(train.input_shape),
+            "oracle": {"params": oracle_meta["params"], "test_acc": oracle_meta.get("test_acc")},
+            "student": {"params": student_meta["params"], "test_acc": student_meta.get("test_acc")},
+            "train_log": "train.log"}
+    p = pipeline.assemble_pool(run, args.name, args.version, hier, experts, student, oracle, info)
+    out = pool_mod.save(p, args.out)
+    log = run / "train.log"
+    if log.exists():
+        (out / "train.log").write_text(log.read_text())
+    print(f"pool {p.ref} written to {out}")
+    return 0
+
+
+# -- compose / eval ------------------------------------------------------------------------------
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    classes, tasks = _class_refs(_split(args.classes)), _split(args.tasks)
+    if not args.local:
+        raise PoeError("composing through the composer service is not available yet; use --local POOL_DIR")
+    from poe import pool as pool_mod
+    from poe.compose import compose
+    from poe.export import metadata, to_torchscript_bytes
+
+    t0 = time.perf_counter()
+    pool = pool_mod.load(args.local, with_oracle=False)
+    t1 = time.perf_counter()
+    p, model = compose(pool, classes, tasks, fused=args.execution == "fused")
+    meta = metadata(pool, p, model, args.execution)
+    meta["dataset"] = pool.info.get("dataset", pool.hierarchy.dataset)
+    data = to_torchscript_bytes(model, meta)
+    t2 = time.perf_counter()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    summary = {"output": str(out), "pool": p.pool, "classes": list(p.class_names), "experts": list(p.tasks),
+               "params": meta["params"], "bytes": len(data), "sha256": meta["sha256"],
+               "load_ms": round((t1 - t0) * 1e3, 1), "compose_ms": round((t2 - t1) * 1e3, 1)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{out}: {', '.join(p.class_names)} from {p.pool} experts [{', '.join(p.tasks)}], "
+              f"{meta['params']:,} params, {len(data) / 1024:.0f} KiB, composed in {summary['compose_ms']} ms")
+    return 0
+
+
+def _find_pool_dir(ref: str, explicit: str | None) -> Path | None:
+    from poe.config import settings
+
+    if explicit:
+        return Path(explicit)
+    name = ref.split("@", 1)[0]
+    candidate = settings().pools_dir / name
+    return candidate if (candidate / "pool.json").exists() else None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from poe import pool as pool_mod
+    from poe.data import load_dataset
+    from poe.evaluate import evaluate_model, logits_of
+    from poe.export import load_torchscript
+
+    model, meta = load_torchscript(Path(args.model))
+    test = load_dataset(args.dataset or meta.get("dataset", "fashion-mnist"), "test")
+    if len(test.classes) <= max(meta["class_ids"]):
+        raise PoeError(f"{args.model}: class ids {meta['class_ids']} do not fit data set {test.name}")
+    oracle_logits, oracle_params = None, None
+    pool_dir = _find_pool_dir(meta["pool"], args.pool)
+    if pool_dir is not None:
+        pool = pool_mod.load(pool_dir)
+        if pool.oracle_state is not None:
+            oracle = pool.oracle()
+            oracle_logits = logits_of(oracle, test.images)
+            oracle_params = sum(p.numel() for p in oracle.parameters())
+    result = evaluate_model(model, meta["class_ids"], test, oracle_logits).as_dict()
+    result.update({"model": str(args.model), "pool": meta["pool"], "params": meta["params"],
+                   "oracle_params": oracle_params})
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model   {args.model}: {', '.join(meta['classes'])}")
+    print(f"images  {result['images']} test images of these classes ({test.name})")
+    ratio = f" ({meta['params'] / oracle_params:.1%} of the oracle's {oracle_params:,})" if oracle_params else ""
+    print(f"params  {meta['params']:,}{ratio}")
+    print(f"accuracy composed {result['accuracy']:.4f}", end="")
+    if result["oracle_accuracy"] is not None:
+        print(f"   oracle (restricted) {result['oracle_accuracy']:.4f}   delta {result['delta'] * 100:+.2f} pt")
+    else:
+        print("   (no oracle found: pass --pool POOL_DIR)")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poe", description="Pool of Experts: small task-specific classifiers, "
+                                     "composed train-free from a pool of distilled experts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an oracle, a library and experts into a pool (offline, slow)",
+                       description="Runs the offline pipeline in a run directory; every stage resumes from "
+                                   "its last checkpoint and is skipped when finished.")
+    t.add_argument("stage", choices=["oracle", "library", "experts", "pool", "all"])
+    t.add_argument("--run", required=True, help="run directory (checkpoints, logs)")
+    t.add_argument("--out", default="pools/fashion-mnist", help="pool directory to write (stage pool/all)")
+    t.add_argument("--name", default="fashion-mnist", help="pool name")
+    t.add_argument("--version", default="1", help="pool version")
+    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, an IDX folder, an image folder or .npz")
+    t.add_argument("--hierarchy", default="fashion-mnist", help="built-in hierarchy name or YAML/JSON file")
+    t.add_argument("--subset", type=int, default=0, help="train on this many images only (quick runs)")
+    t.add_argument("--oracle-depth", type=int, default=16)
+    t.add_argument("--oracle-width", type=int, default=4)
+    t.add_argument("--student-depth", type=int, default=16)
+    t.add_argument("--student-width", type=int, default=1)
+    t.add_argument("--expert-width", type=int, default=16)
+    t.add_argument("--stem-stride", type=int, default=1, choices=[1, 2])
+    t.add_argument("--oracle-epochs", type=int, default=15)
+    t.add_argument("--library-epochs", type=int, default=10)
+    t.add_argument("--expert-epochs", type=int, default=10)
+    t.add_argument("--views", type=int, default=4, help="fixed augmented views of the training set for KD/CKD")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu, cuda or auto (default: POE_DEVICE or auto)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compose", help="compose a TorchScript classifier for some classes")
+    c.add_argument("--local", metavar="POOL_DIR", help="build from a pool directory, without services")
+    c.add_argument("--classes", action="append", help="class names or ids, comma-separated (repeatable)")
+    c.add_argument("--tasks", action="append", help="primitive tasks, comma-separated (repeatable)")
+    c.add_argument("--execution", choices=["fused", "reference"], default="fused")
+    c.add_argument("-o", "--output", default="model.pt", help="output file (default model.pt)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.set_defaults(func=cmd_compose)
+
+    e = sub.add_parser("eval", help="accuracy of a composed model on the real test images of its classes")
+    e.add_argument("model", help="composed model file (TorchScript with poe.json)")
+    e.add_argument("--pool", help="pool directory with the oracle to compare against (default: shipped pool)")
+    e.add_argument("--dataset", help="data set to evaluate on (default: the model's)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PoeError as e:
+        print(f"poe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("poe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

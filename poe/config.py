@@ -1,0 +1,85 @@
+"""All configuration, read from `POE_*` environment variables, with the embedded defaults in code.
+
+A command-line flag always wins over the variable: the CLI passes its flags as overrides to
+`settings(**overrides)`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "poe"
+
+
+def _default_pools_dir() -> Path:
+    """The pools shipped in the source tree (pools/ beside the package)."""
+    return Path(__file__).resolve().parent.parent / "pools"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    data_dir: Path
+    pools_dir: Path
+    database_url: str
+    blob_url: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_secure: bool
+    registry_addr: str
+    composer_addr: str
+    extractor_addr: str
+    device: str
+    cache_bytes: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        home = Path(env.get("POE_HOME") or _default_home()).expanduser()
+        return cls(
+            home=home,
+            data_dir=Path(env.get("POE_DATA_DIR") or "/usr/share/datasets/fashion-mnist").expanduser(),
+            pools_dir=Path(env.get("POE_POOLS_DIR") or _default_pools_dir()).expanduser(),
+            database_url=env.get("POE_DATABASE_URL") or f"sqlite:///{home / 'registry.sqlite3'}",
+            blob_url=env.get("POE_BLOB_URL") or f"file://{home / 'blobs'}",
+            s3_endpoint=env.get("POE_S3_ENDPOINT", "127.0.0.1:9000"),
+            s3_access_key=env.get("POE_S3_ACCESS_KEY", ""),
+            s3_secret_key=env.get("POE_S3_SECRET_KEY", ""),
+            s3_secure=env.get("POE_S3_SECURE", "false").lower() in ("1", "true", "yes"),
+            registry_addr=env.get("POE_REGISTRY_ADDR", "127.0.0.1:50051"),
+            composer_addr=env.get("POE_COMPOSER_ADDR", "127.0.0.1:50051"),
+            extractor_addr=env.get("POE_EXTRACTOR_ADDR", "127.0.0.1:50051"),
+            device=env.get("POE_DEVICE", "auto"),
+            cache_bytes=int(env.get("POE_CACHE_BYTES", str(512 * 1024 * 1024))),
+            log_level=env.get("POE_LOG_LEVEL", "INFO"),
+        )
+
+
+def settings(**overrides) -> Settings:
+    """Current settings; keyword arguments that are not None replace the environment's values."""
+    base = Settings.from_env()
+    known = {f.name for f in fields(Settings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_device(name: str | None = None) -> str:
+    """`auto` picks CUDA when available, else CPU."""
+    import torch
+
+    name = name or settings().device
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from poe.errors import InvalidArgument
+
+        raise InvalidArgument(f"device {name!r} requested but CUDA is not available")
+    return name

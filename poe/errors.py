@@ -1,0 +1,47 @@
+"""Domain errors shared by the core library and the services.
+
+Each class names the gRPC status it maps to; the services translate them in one interceptor
+(`poe.grpc_errors`), the CLI prints the message on one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class PoeError(Exception):
+    """Base class: a failure with a message meant for the user."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(PoeError, ValueError):
+    code = "INVALID_ARGUMENT"
+
+
+class DataError(InvalidArgument):
+    """A data set file is missing, truncated or malformed."""
+
+
+class NotFound(PoeError, LookupError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(PoeError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(PoeError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(PoeError):
+    code = "UNAVAILABLE"
+
+
+class DataLoss(PoeError):
+    """Stored bytes do not match their recorded sha256."""
+
+    code = "DATA_LOSS"
+
+
+class Cancelled(PoeError):
+    code = "CANCELLED"

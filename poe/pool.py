@@ -1,0 +1,201 @@
+"""The pool: library, experts (and, for evaluation, the oracle) with their metadata.
+
+On disk a pool is a directory::
+
+    pool.json                 manifest (format poe.pool/v1): configs, sha256 of every file, metrics
+    hierarchy.yaml            the primitive tasks
+    library.safetensors       Library state dict (normalisation, stem, groups 1-2)
+    experts/<task>.safetensors  one Head state dict per primitive task
+    oracle.safetensors        the oracle (optional; used by `poe eval` and the benchmarks)
+
+Weights are safetensors only (nothing is unpickled) and every file's sha256 is checked on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from poe import hierarchy as hierarchy_mod
+from poe.errors import DataLoss, InvalidArgument, NotFound
+from poe.hierarchy import Hierarchy
+from poe.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, count_params, make_expert
+
+FORMAT = "poe.pool/v1"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes of a state dict (contiguous CPU tensors, sorted keys)."""
+    return st_save({k: v.detach().cpu().contiguous() for k, v in sorted(state.items())})
+
+
+def tensors_from_bytes(data: bytes, expected_sha256: str | None = None, what: str = "blob") -> dict[str, torch.Tensor]:
+    if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
+        raise DataLoss(f"{what}: sha256 mismatch (expected {expected_sha256[:12]}..., got {sha256_hex(data)[:12]}...)")
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise DataLoss(f"{what}: not a valid safetensors file ({e})") from None
+
+
+def wrn_config_from_dict(d: dict) -> WRNConfig:
+    d = dict(d)
+    for k in ("mean", "std"):
+        if k in d:
+            d[k] = tuple(d[k])
+    try:
+        return WRNConfig(**d)
+    except TypeError as e:
+        raise InvalidArgument(f"bad network config: {e}") from None
+
+
+def config_to_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+@dataclass
+class Expert:
+    task: str
+    class_ids: tuple[int, ...]  # in the expert's output order
+    config: ExpertConfig
+    state: dict[str, torch.Tensor]
+    metrics: dict = field(default_factory=dict)  # e.g. {"val_acc": 0.97}
+    loss: dict = field(default_factory=lambda: {"temperature": 4.0, "soft_weight": 1.0, "scale_weight": 0.3})
+
+    def module(self) -> Head:
+        m = make_expert(self.config)
+        m.load_state_dict(self.state)
+        return m.eval()
+
+    @property
+    def params(self) -> int:
+        return sum(v.numel() for k, v in self.state.items() if not _is_buffer_key(k))
+
+
+def _is_buffer_key(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked")) or key.startswith("norm.")
+
+
+@dataclass
+class Pool:
+    name: str
+    version: str
+    hierarchy: Hierarchy
+    library_config: WRNConfig  # the student the library was cut from
+    library_state: dict[str, torch.Tensor]
+    experts: dict[str, Expert]  # task name -> expert, hierarchy order
+    oracle_config: WRNConfig | None = None
+    oracle_state: dict[str, torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)  # training provenance, metrics
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.info.get("input_shape", (self.library_config.in_channels, 28, 28)))  # type: ignore[return-value]
+
+    def library(self) -> Library:
+        lib = Library(self.library_config)
+        lib.load_state_dict(self.library_state)
+        return lib.eval()
+
+    def oracle(self) -> WideResNet:
+        if self.oracle_state is None or self.oracle_config is None:
+            raise NotFound(f"pool {self.ref} ships no oracle")
+        m = WideResNet(self.oracle_config)
+        m.load_state_dict(self.oracle_state)
+        return m.eval()
+
+    @property
+    def library_params(self) -> int:
+        return sum(v.numel() for k, v in self.library_state.items() if not _is_buffer_key(k))
+
+
+def library_state_from_student(student: WideResNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in student.library.state_dict().items()}
+
+
+def save(pool: Pool, directory: str | Path) -> Path:
+    """Write the pool directory; files are written to temporaries and renamed into place."""
+    directory = Path(directory)
+    (directory / "experts").mkdir(parents=True, exist_ok=True)
+
+    def write(rel: str, data: bytes) -> dict:
+        path = directory / rel
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return {"file": rel, "sha256": sha256_hex(data), "bytes": len(data)}
+
+    manifest: dict = {"format": FORMAT, "name": pool.name, "version": pool.version,
+                      "hierarchy": "hierarchy.yaml", "info": pool.info}
+    (directory / "hierarchy.yaml").write_text(pool.hierarchy.dump())
+    manifest["library"] = {**write("library.safetensors", tensors_to_bytes(pool.library_state)),
+                           "student_config": config_to_dict(pool.library_config),
+                           "params": pool.library_params}
+    manifest["experts"] = []
+    for task, e in pool.experts.items():
+        manifest["experts"].append({
+            "task": task, "class_ids": list(e.class_ids), "config": config_to_dict(e.config),
+            "params": e.params, "metrics": e.metrics, "loss": e.loss,
+            **write(f"experts/{task}.safetensors", tensors_to_bytes(e.state))})
+    if pool.oracle_state is not None and pool.oracle_config is not None:
+        manifest["oracle"] = {**write("oracle.safetensors", tensors_to_bytes(pool.oracle_state)),
+                              "config": config_to_dict(pool.oracle_config),
+                              "params": count_params(WideResNet(pool.oracle_config))}
+    tmp = directory / "pool.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / "pool.json")
+    return directory
+
+
+def load(directory: str | Path, with_oracle: bool = True) -> Pool:
+    directory = Path(directory)
+    manifest_path = directory / "pool.json"
+    if not manifest_path.is_file():
+        raise NotFound(f"{directory}: not a pool directory (no pool.json)")
+    try:
+        m = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{manifest_path}: invalid JSON ({e})") from None
+    if m.get("format") != FORMAT:
+        raise InvalidArgument(f"{manifest_path}: unsupported format {m.get('format')!r} (expected {FORMAT})")
+
+    def read(entry: dict) -> dict[str, torch.Tensor]:
+        path = directory / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{path}: missing") from None
+        return tensors_from_bytes(data, entry["sha256"], str(path))
+
+    hier = hierarchy_mod.load(directory / m["hierarchy"])
+    experts = {}
+    for e in m["experts"]:
+        experts[e["task"]] = Expert(e["task"], tuple(e["class_ids"]), ExpertConfig(**e["config"]), read(e),
+                                    e.get("metrics", {}), e.get("loss", {}))
+    unknown = [t for t in experts if t not in hier.tasks]
+    if unknown:
+        raise InvalidArgument(f"{manifest_path}: experts for tasks not in the hierarchy: {', '.join(unknown)}")
+    oracle_cfg = oracle_state = None
+    if with_oracle and "oracle" in m:
+        oracle_cfg, oracle_state = wrn_config_from_dict(m["oracle"]["config"]), read(m["oracle"])
+    return Pool(m["name"], str(m["version"]), hier, wrn_config_from_dict(m["library"]["student_config"]),
+                read(m["library"]), {t: experts[t] for t in hier.tasks if t in experts},
+                oracle_cfg, oracle_state, m.get("info", {}))
+
