@@ -39,7 +39,7 @@ class Settings:
     log_level: str
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         home = Path(env.get("POE_HOME") or _default_home()).expanduser()
         return cls(

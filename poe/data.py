@@ -39,7 +39,8 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
-            raise DataError(f"{self.name}: images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(f"{self.name}: images must be uint8 [N, C, H, W], "
+                            f"got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: {self.images.shape[0]} images but {self.labels.numel()} labels")
         if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
@@ -52,10 +53,10 @@ class Dataset:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, indices: torch.Tensor) -> "Dataset":
+    def subset(self, indices: torch.Tensor) -> Dataset:
         return Dataset(self.name, self.images[indices], self.labels[indices], self.classes)
 
-    def stratified(self, per_class: int, seed: int = 0) -> "Dataset":
+    def stratified(self, per_class: int, seed: int = 0) -> Dataset:
         """The first `per_class` images of every class after a seeded shuffle."""
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=g)
@@ -122,7 +123,8 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
         raise InvalidArgument(f"split must be 'train' or 'test', got {split!r}")
     directory = Path(data_dir) if data_dir else default_data_dir()
     if not directory.is_dir():
-        raise DataError(f"{directory}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist, or set POE_DATA_DIR)")
+        raise DataError(f"{directory}: Fashion-MNIST not found "
+                        "(apt-get install dataset-fashion-mnist, or set POE_DATA_DIR)")
     return load_idx_pair(directory, "train" if split == "train" else "t10k", "fashion-mnist", FASHION_MNIST_CLASSES)
 
 

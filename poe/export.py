@@ -73,6 +73,8 @@ def to_torchscript_bytes(model: ComposedModel | torch.jit.ScriptModule, meta: di
 def load_torchscript(source: str | Path | bytes) -> tuple[torch.jit.ScriptModule, dict]:
     """Load a composed model file; returns the module (eval mode) and its poe.json."""
     extra = {EXTRA_FILE: ""}
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise InvalidArgument(f"{source}: no such file")
     try:
         with quiet_jit():
             if isinstance(source, bytes):

@@ -28,8 +28,18 @@ from poe.errors import FailedPrecondition, InvalidArgument
 from poe.hierarchy import Hierarchy
 from poe.nets import ExpertConfig, WideResNet, WRNConfig, count_params
 from poe.pool import Expert, Pool, config_to_dict, library_state_from_student, wrn_config_from_dict
-from poe.train import (CKDSettings, ProgressFn, Schedule, TeacherViews, accuracy, make_teacher_views,
-                       predict_logits, train_experts, train_library, train_oracle)
+from poe.train import (
+    CKDSettings,
+    ProgressFn,
+    Schedule,
+    TeacherViews,
+    accuracy,
+    make_teacher_views,
+    predict_logits,
+    train_experts,
+    train_library,
+    train_oracle,
+)
 
 
 def _save_module(run: Path, stem: str, state: dict, meta: dict) -> None:
