@@ -165,6 +165,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------------
+
+def cmd_bench_pool(args: argparse.Namespace) -> int:
+    from poe import pool as pool_mod
+    from poe.data import load_dataset
+    from poe.evaluate import evaluate_pool
+    from poe.nets import count_params
+
+    pool = pool_mod.load(args.pool)
+    test = load_dataset(args.dataset or pool.info.get("dataset", "fashion-mnist"), "test")
+    t0 = time.time()
+    rows = evaluate_pool(pool, test, args.max_tasks, fused=args.execution == "fused")
+    oracle_params = count_params(pool.oracle())
+    deltas = [r["delta"] for r in rows]
+    summary = {"pool": pool.ref, "queries": len(rows), "test_images": len(test),
+               "oracle_params": oracle_params, "oracle_test_acc": pool.info.get("oracle", {}).get("test_acc"),
+               "mean_delta_pt": round(100 * sum(deltas) / len(deltas), 3),
+               "worst_delta_pt": round(100 * min(deltas), 3),
+               "mean_accuracy": round(sum(r["accuracy"] for r in rows) / len(rows), 5),
+               "mean_oracle_accuracy": round(sum(r["oracle_accuracy"] for r in rows) / len(rows), 5),
+               "one_task_params_max": max(r["params"] for r in rows if r["n"] == 1),
+               "seconds": round(time.time() - t0, 1), "rows": rows}
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{'tasks':<58} {'params':>8} {'PoE':>7} {'oracle':>7} {'delta':>7}")
+    for r in rows:
+        print(f"{'+'.join(r['tasks']):<58} {r['params']:>8,} {r['accuracy']:>7.4f} {r['oracle_accuracy']:>7.4f} "
+              f"{100 * r['delta']:>+6.2f}")
+    print(f"{len(rows)} queries on {len(test)} test images: mean delta {summary['mean_delta_pt']:+.2f} pt, "
+          f"worst {summary['worst_delta_pt']:+.2f} pt; oracle {oracle_params:,} params, largest one-task model "
+          f"{summary['one_task_params_max']:,} ({summary['one_task_params_max'] / oracle_params:.1%})")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="data set to evaluate on (default: the model's)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bp = bsub.add_parser("pool", help="accuracy of every query of 1..5 primitive tasks against the restricted oracle")
+    bp.add_argument("--pool", default="pools/fashion-mnist", help="pool directory (default pools/fashion-mnist)")
+    bp.add_argument("--dataset", help="test data set (default: the pool's)")
+    bp.add_argument("--max-tasks", type=int, default=5)
+    bp.add_argument("--execution", choices=["fused", "reference"], default="fused")
+    bp.add_argument("--json-out", help="also write the full result to this JSON file")
+    bp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bp.set_defaults(func=cmd_bench_pool)
     return parser
 
 

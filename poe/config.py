@@ -37,6 +37,10 @@ class Settings:
     device: str
     cache_bytes: int
     log_level: str
+    # Registry: seconds between health probes of the database and blob store; migrate on start.
+    registry_health_interval: float = 5.0
+    registry_auto_migrate: bool = False
+    s3_region: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -58,6 +62,9 @@ class Settings:
             device=env.get("POE_DEVICE", "auto"),
             cache_bytes=int(env.get("POE_CACHE_BYTES", str(512 * 1024 * 1024))),
             log_level=env.get("POE_LOG_LEVEL", "INFO"),
+            registry_health_interval=float(env.get("POE_REGISTRY_HEALTH_INTERVAL", "5")),
+            registry_auto_migrate=env.get("POE_REGISTRY_AUTO_MIGRATE", "false").lower() in ("1", "true", "yes"),
+            s3_region=env.get("POE_S3_REGION", ""),
         )
 
 

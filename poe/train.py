@@ -216,15 +216,21 @@ def make_teacher_views(oracle: nn.Module, train: Dataset, views: int = 4, seed: 
 def train_library(
     student_cfg: WRNConfig, views: TeacherViews, test: Dataset | None, schedule: Schedule,
     out_dir: Path, device: str = "cpu", temperature: float = 4.0, progress: ProgressFn | None = None,
+    bf16: bool = True,
 ) -> WideResNet:
-    """Plain KD of a whole student; its front (stem + two groups) becomes the library."""
+    """Plain KD of a whole student; its front (stem + two groups) becomes the library.
+
+    bf16 autocast (on by default) only speeds up the convolutions during training; the library is
+    stored and run in fp32, and the experts are trained on its fp32 features."""
     torch.manual_seed(schedule.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     student = WideResNet(student_cfg).to(device)
 
     def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = _batch(views.images, idx, device)
-        return kd_loss(student(x), views.logits[idx].to(device), temperature)
+        with _autocast(device, bf16):
+            logits = student(x)
+        return kd_loss(logits.float(), views.logits[idx].to(device), temperature)
 
     def evaluate() -> dict:
         if test is None:
@@ -247,7 +253,7 @@ def train_experts(
     library: Library, tasks: dict[str, list[int]], expert_cfg: ExpertConfig, views: TeacherViews,
     test: Dataset | None, schedule: Schedule, out_dir: Path, device: str = "cpu",
     ckd: CKDSettings = CKDSettings(), progress: ProgressFn | None = None, stage: str = "experts",
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None, cache_features: bool = True,
 ) -> dict[str, Head]:
     """CKD of one expert per task on the whole training set; the library stays frozen in eval mode.
 
@@ -265,9 +271,20 @@ def train_experts(
                for name, cls in tasks.items()}
     task_ids = {name: torch.tensor(cls, device=device) for name, cls in tasks.items()}
 
-    def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    # The library is frozen, so its features for the fixed views are computed once (fp32, stored
+    # as fp16 to halve the memory: 3 GB for 4 views of Fashion-MNIST) instead of once per epoch.
+    cached = None
+    if cache_features:
         with torch.no_grad():
-            feats = library(_batch(views.images, idx, device))
+            cached = torch.cat([library(_batch(views.images, torch.arange(i, min(i + 1000, len(views))), device))
+                                .to("cpu", torch.float16) for i in range(0, len(views), 1000)])
+
+    def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if cached is not None:
+            feats = cached[idx].to(device, torch.float32)
+        else:
+            with torch.no_grad():
+                feats = library(_batch(views.images, idx, device))
         teacher = views.logits[idx].to(device)
         return sum(ckd_loss(e(feats), teacher, task_ids[n], ckd.temperature, ckd.scale_weight, ckd.soft_weight)
                    for n, e in experts.items())

@@ -84,3 +84,48 @@ def test_load_rejects_non_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InvalidArgument, match="not a TorchScript"):
         load_torchscript(tmp_path / "junk.pt")
+
+
+def test_script_cache_reuses_templates_and_stays_exact(random_pool):
+    """One scripted template per structure (number of experts); every composition, whatever
+    classes it keeps, exports to a file that computes exactly its own function."""
+    import itertools
+
+    from poe.compose import build as build_model
+    from poe.compose import plan
+    from poe.export import ScriptCache
+
+    cache = ScriptCache(copies=1)
+    x = torch.rand(4, 1, 28, 28)
+    tasks = list(random_pool.experts)
+    requests = [{"tasks": list(c)} for n in range(1, 6) for c in itertools.combinations(tasks, n)]
+    requests += [{"classes": ["Sandal", "Bag"]}, {"classes": ["Shirt", "Coat", "Ankle boot"]}, {"classes": [3]}]
+    for req in requests:
+        p = plan(random_pool, **req)
+        model = build_model(random_pool, p)
+        m, meta = load_torchscript(cache.export(model, metadata(random_pool, p, model, "fused")))
+        assert meta["class_ids"] == list(p.class_ids)
+        assert torch.allclose(m(x), model(x), atol=1e-6), req
+    assert cache.scripted == 5  # one per number of experts
+
+
+def test_script_cache_is_safe_under_concurrency(random_pool):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from poe.compose import build as build_model
+    from poe.compose import plan
+    from poe.export import ScriptCache
+
+    cache = ScriptCache(copies=2)
+    x = torch.rand(2, 1, 28, 28)
+    queries = [["Sandal", "Bag"], ["Trouser", "Coat"], ["Shirt", "Sneaker"], ["Dress", "Pullover"]] * 4
+
+    def one(classes):
+        p = plan(random_pool, classes)
+        model = build_model(random_pool, p)
+        m, meta = load_torchscript(cache.export(model, metadata(random_pool, p, model, "fused")))
+        return torch.allclose(m(x), model(x), atol=1e-6) and meta["classes"] == list(p.class_names)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(one, queries))
+    assert cache.scripted <= 2

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs (package poe.v1); `python -m poe.protogen`."""

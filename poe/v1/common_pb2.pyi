@@ -1,0 +1,85 @@
+import datetime
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExtractionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXTRACTION_STATE_UNSPECIFIED: _ClassVar[ExtractionState]
+    EXTRACTION_STATE_PENDING: _ClassVar[ExtractionState]
+    EXTRACTION_STATE_RUNNING: _ClassVar[ExtractionState]
+    EXTRACTION_STATE_SUCCEEDED: _ClassVar[ExtractionState]
+    EXTRACTION_STATE_FAILED: _ClassVar[ExtractionState]
+    EXTRACTION_STATE_CANCELLED: _ClassVar[ExtractionState]
+EXTRACTION_STATE_UNSPECIFIED: ExtractionState
+EXTRACTION_STATE_PENDING: ExtractionState
+EXTRACTION_STATE_RUNNING: ExtractionState
+EXTRACTION_STATE_SUCCEEDED: ExtractionState
+EXTRACTION_STATE_FAILED: ExtractionState
+EXTRACTION_STATE_CANCELLED: ExtractionState
+
+class BlobRef(_message.Message):
+    __slots__ = ("sha256", "size", "media_type")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    media_type: str
+    def __init__(self, sha256: str | None = ..., size: int | None = ..., media_type: str | None = ...) -> None: ...
+
+class PrimitiveTask(_message.Message):
+    __slots__ = ("name", "class_ids", "class_names")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    class_ids: _containers.RepeatedScalarFieldContainer[int]
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: str | None = ..., class_ids: _Iterable[int] | None = ..., class_names: _Iterable[str] | None = ...) -> None: ...
+
+class Hierarchy(_message.Message):
+    __slots__ = ("dataset", "version", "classes", "tasks")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    version: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    tasks: _containers.RepeatedCompositeFieldContainer[PrimitiveTask]
+    def __init__(self, dataset: str | None = ..., version: int | None = ..., classes: _Iterable[str] | None = ..., tasks: _Iterable[PrimitiveTask | _Mapping] | None = ...) -> None: ...
+
+class ExtractionJob(_message.Message):
+    __slots__ = ("id", "state", "progress", "stage", "message", "params_json", "error", "oracle_id", "pool", "create_time", "update_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ORACLE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: ExtractionState
+    progress: float
+    stage: str
+    message: str
+    params_json: str
+    error: str
+    oracle_id: int
+    pool: str
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: str | None = ..., state: ExtractionState | str | None = ..., progress: float | None = ..., stage: str | None = ..., message: str | None = ..., params_json: str | None = ..., error: str | None = ..., oracle_id: int | None = ..., pool: str | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., update_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
