@@ -1,0 +1,89 @@
+"""Every Prometheus metric the services export, defined in one place.
+
+Names carry the `poe_` prefix and base units; labels have low cardinality (never a class list or a
+model id). The dashboard (deploy/grafana) and the alert rules (deploy/prometheus) use exactly these
+names; a test scrapes a live composer and checks every PromQL expression against them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# 1 ms .. 10 s, roughly x2 per bucket.
+LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+COMPOSE_DURATION = Histogram(
+    "poe_compose_duration_seconds",
+    "ComposeModel latency from request to last byte streamed.",
+    ["cache", "format"],  # cache: hit | miss
+    buckets=LATENCY_BUCKETS,
+)
+COMPOSE_STAGE_DURATION = Histogram(
+    "poe_compose_stage_duration_seconds",
+    "Time spent in each stage of ComposeModel.",
+    ["stage"],  # resolve | fetch | consolidate | serialize | stream
+    buckets=LATENCY_BUCKETS,
+)
+COMPOSE_REQUESTS = Counter(
+    "poe_compose_requests_total",
+    "ComposeModel requests by final gRPC status code.",
+    ["code"],
+)
+COMPOSE_IN_FLIGHT = Gauge(
+    "poe_compose_in_flight_requests",
+    "ComposeModel requests being served right now.",
+)
+CACHE_HITS = Counter(
+    "poe_compose_cache_hits_total",
+    "Composer cache hits.",
+    ["cache"],  # model | tensor
+)
+CACHE_MISSES = Counter(
+    "poe_compose_cache_misses_total",
+    "Composer cache misses.",
+    ["cache"],  # model | tensor
+)
+CACHE_BYTES = Gauge(
+    "poe_compose_cache_bytes",
+    "Bytes held by the composer's in-memory caches.",
+    ["cache"],  # model | tensor
+)
+BYTES_STREAMED = Counter(
+    "poe_compose_streamed_bytes_total",
+    "Model bytes streamed to ComposeModel clients.",
+)
+GRPC_HANDLED = Counter(
+    "poe_grpc_server_handled_total",
+    "RPCs completed by the server, by service, method and gRPC status code.",
+    ["service", "method", "code"],
+)
+GRPC_DURATION = Histogram(
+    "poe_grpc_server_handling_seconds",
+    "RPC latency as seen by the server, until the last response message is sent.",
+    ["service", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+EXTRACTION_JOBS = Gauge(
+    "poe_extraction_jobs",
+    "Extraction jobs known to this extractor, by state.",
+    ["state"],  # queued | running | succeeded | failed | cancelled
+)
+EXTRACTION_PROGRESS = Gauge(
+    "poe_extraction_progress_ratio",
+    "Progress of the running extraction jobs, mean over jobs, in [0, 1].",
+)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> int:
+    """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port (port 0 picks one)."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server.server_address[1]
+
+
+ALL_METRIC_NAMES = (
+    "poe_compose_duration_seconds", "poe_compose_stage_duration_seconds", "poe_compose_requests_total",
+    "poe_compose_in_flight_requests", "poe_compose_cache_hits_total", "poe_compose_cache_misses_total",
+    "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_grpc_server_handled_total",
+    "poe_grpc_server_handling_seconds", "poe_extraction_jobs", "poe_extraction_progress_ratio",
+)
