@@ -187,6 +187,51 @@ def build(pool: Pool, p: Plan, fused: bool = True) -> ComposedModel:
     return model.eval()
 
 
+def composed_state(pool: Pool, p: Plan, fused: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict `build(pool, p, fused)` would have, made from the pool's tensors directly.
+
+    This is the composer's hot path: concatenating a few dozen small tensors costs well under a
+    millisecond, where constructing the modules costs 10-20 ms. Combined with a scripted template
+    of the same structure (`poe.export.ScriptCache`) it gives the same model file as `build`.
+    """
+    state = {f"library.{k}": v for k, v in pool.library_state.items()}
+    experts = [pool.experts[t] for t in p.tasks]
+    rows = [torch.tensor(r, dtype=torch.long) for r in p.keep]
+    concat_ids = [e.class_ids[r] for e, kept in zip(experts, p.keep, strict=True) for r in kept]
+    state["order"] = torch.tensor([concat_ids.index(c) for c in p.class_ids], dtype=torch.long)
+    if not fused:
+        for j, (e, r) in enumerate(zip(experts, rows, strict=True)):
+            for k, v in e.state.items():
+                if k in ("fc.weight", "fc.bias"):
+                    v = v.index_select(0, r)
+                state[f"experts.heads.{j}.{k}"] = v
+        return state
+    first = experts[0].state
+    for k in first:
+        if not k.startswith(("group.", "bn.")):
+            continue
+        if k.endswith("num_batches_tracked"):
+            state[f"experts.{_fused_name(k)}"] = first[k]
+        else:
+            state[f"experts.{_fused_name(k)}"] = torch.cat([e.state[k] for e in experts])
+    width = first["fc.weight"].shape[1]
+    total = sum(len(r) for r in rows)
+    weight = torch.zeros(total, width * len(experts))
+    row = 0
+    for i, (e, r) in enumerate(zip(experts, rows, strict=True)):
+        weight[row:row + len(r), i * width:(i + 1) * width] = e.state["fc.weight"].index_select(0, r)
+        row += len(r)
+    state["experts.fc.weight"] = weight
+    state["experts.fc.bias"] = torch.cat([e.state["fc.bias"].index_select(0, r) for e, r in zip(experts, rows,
+                                                                                               strict=True)])
+    return state
+
+
+def _fused_name(head_key: str) -> str:
+    """`group.1.conv2.weight` (a Head's key) -> `blocks.1.conv2.weight` (FusedExperts' key)."""
+    return "blocks." + head_key[len("group."):] if head_key.startswith("group.") else head_key
+
+
 def compose(pool: Pool, classes: list[str | int] | None = None, tasks: list[str] | None = None,
             fused: bool = True) -> tuple[Plan, ComposedModel]:
     p = plan(pool, classes, tasks)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import threading
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,15 +94,16 @@ def load_torchscript(source: str | Path | bytes) -> tuple[torch.jit.ScriptModule
     return m.eval(), json.loads(extra[EXTRA_FILE])
 
 
-def structure_key(model: ComposedModel) -> tuple:
-    """What a scripted ComposedModel's code depends on: everything but tensor values and shapes.
+def structure_key(state: dict[str, torch.Tensor]) -> tuple:
+    """What a scripted ComposedModel's code depends on, read off its state dict.
 
-    Two composed models with the same key differ only in their parameters and buffers (weights,
-    the number of kept classes, the column order), so one scripted module can serve both.
+    Two compositions with the same key differ only in tensor values and in shapes that TorchScript
+    does not type (the number of kept classes, the column order), so one scripted module serves
+    both. The key holds every tensor's name and the shapes of everything but the class-dependent
+    tensors (the experts' linear layers and `order`).
     """
-    shapes = tuple((name, tuple(t.shape)) for name, t in model.state_dict().items()
-                   if name != "order" and (not name.startswith("experts.") or "conv" in name or "shortcut" in name))
-    return (type(model.experts).__name__, shapes)
+    return tuple((name, () if name == "order" or ".fc." in name else tuple(t.shape))
+                 for name, t in sorted(state.items()))
 
 
 class ScriptCache:
@@ -112,18 +116,13 @@ class ScriptCache:
     """
 
     def __init__(self, copies: int = 4):
-        import queue
-        import threading
-
         self._copies = copies
         self._lock = threading.Lock()
         self._free: dict[tuple, queue.SimpleQueue] = {}
         self._made: dict[tuple, int] = {}
         self.scripted = 0  # how many times torch.jit.script ran (observability and tests)
 
-    def _acquire(self, key: tuple, model: ComposedModel) -> torch.jit.ScriptModule:
-        import queue
-
+    def _acquire(self, key: tuple, make_model: Callable[[], nn.Module]) -> torch.jit.ScriptModule:
         with self._lock:
             free = self._free.setdefault(key, queue.SimpleQueue())
             try:
@@ -132,27 +131,29 @@ class ScriptCache:
                 make = self._made.get(key, 0) < self._copies
                 if make:
                     self._made[key] = self._made.get(key, 0) + 1
+                    self.scripted += 1
         if make:
-            self.scripted += 1
-            return script(model)
-        return free.get()  # all copies busy: wait for one
+            return script(make_model())
+        return free.get()  # every copy is busy: wait for one
 
-    def export(self, model: ComposedModel, meta: dict) -> bytes:
-        key = structure_key(model)
-        template = self._acquire(key, model)
+    def export(self, model: nn.Module, meta: dict) -> bytes:
+        """TorchScript bytes of `model` with `meta` as poe.json."""
+        return self.export_state(model.state_dict(), meta, lambda: model)
+
+    def export_state(self, state: dict[str, torch.Tensor], meta: dict, make_model: Callable[[], nn.Module]) -> bytes:
+        """TorchScript bytes of the model whose state dict is `state`; `make_model` builds one of
+        the same structure and is called only when no scripted template exists yet."""
+        key = structure_key(state)
+        template = self._acquire(key, make_model)
         try:
-            _swap_tensors(template, model)
+            _swap_tensors(template, state)
             return to_torchscript_bytes(template, meta)
         finally:
             self._free[key].put(template)
 
-    def warm(self, model: ComposedModel) -> None:
-        """Script a template for `model`'s structure ahead of the first request."""
-        self.export(model, {})
 
-
-def _swap_tensors(scripted: torch.jit.ScriptModule, model: nn.Module) -> None:
-    for name, tensor in model.state_dict().items():
+def _swap_tensors(scripted: torch.jit.ScriptModule, state: dict[str, torch.Tensor]) -> None:
+    for name, tensor in state.items():
         *path, attr = name.split(".")
         target = scripted
         for part in path:

@@ -91,3 +91,18 @@ def test_composed_model_has_no_trainable_state(random_pool):
     _, model = compose(random_pool, classes=["Coat"])
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_composed_state_equals_built_model(random_pool, fused):
+    """The composer's hot path (tensors only) gives exactly the state of the built model."""
+    for req in ({"tasks": TASKS}, {"classes": ["Sandal", "Bag", "Shirt"]}, {"classes": ["Coat"]},
+                {"tasks": ["tops", "footwear"]}):
+        from poe.compose import composed_state
+
+        p = plan(random_pool, **req)
+        expected = build(random_pool, p, fused).state_dict()
+        got = composed_state(random_pool, p, fused)
+        assert sorted(got) == sorted(expected)
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), k

@@ -129,3 +129,21 @@ def test_script_cache_is_safe_under_concurrency(random_pool):
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(one, queries))
     assert cache.scripted <= 2
+
+
+def test_script_cache_from_state_matches_built_model(random_pool):
+    from poe.compose import build as build_model
+    from poe.compose import composed_state, plan
+    from poe.export import ScriptCache
+
+    cache = ScriptCache(copies=1)
+    x = torch.rand(3, 1, 28, 28)
+    for fused in (True, False):
+        for classes in (["Sandal", "Bag"], ["Shirt", "Trouser"], ["Coat", "Dress", "Sneaker", "Bag", "Shirt"]):
+            p = plan(random_pool, classes)
+            model = build_model(random_pool, p, fused)
+            data = cache.export_state(composed_state(random_pool, p, fused), {"classes": list(p.class_names)},
+                                      lambda model=model: model)
+            m, meta = load_torchscript(data)
+            assert torch.allclose(m(x), model(x), atol=1e-6)
+    assert cache.scripted == 4  # {fused, reference} x {2, 5 experts}; reused across class sets
