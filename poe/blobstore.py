@@ -78,6 +78,27 @@ class _Hasher:
         return self._h.hexdigest()
 
 
+class _SourceError(Exception):
+    """An exception raised by the caller's chunk iterator (an interrupted upload), carried through
+    the store's own error mapping so that it reaches the caller unchanged."""
+
+    def __init__(self, original: Exception):
+        super().__init__(str(original))
+        self.original = original
+
+
+def _source(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    it = iter(chunks)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _SourceError(e) from e
+        yield chunk
+
+
 def _mismatch(sha256: str, got: str) -> DataLoss:
     return DataLoss(f"blob {sha256[:12]}...: stored bytes hash to {got[:12]}... (corrupted; not served)")
 
@@ -250,11 +271,14 @@ class FileBlobStore(BlobStore):
         h = _Hasher()
         try:
             with open(tmp, "wb") as f:
-                for chunk in chunks:
+                for chunk in _source(chunks):
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
+        except _SourceError as e:
+            tmp.unlink(missing_ok=True)
+            raise e.original from None
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise Unavailable(f"blob store {self.url}: cannot write ({e})") from None
@@ -421,10 +445,13 @@ class S3BlobStore(BlobStore):
     def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
         self._ensure_bucket()
         key = f"{self.prefix}staging/{uuid.uuid4().hex}"
-        reader = _ChunkReader(chunks)
-        with self._errors("upload"):
-            self.client.put_object(self.bucket, key, reader, length=-1, part_size=S3_PART_SIZE,
-                                   num_parallel_uploads=1)
+        reader = _ChunkReader(_source(chunks))
+        try:
+            with self._errors("upload"):
+                self.client.put_object(self.bucket, key, reader, length=-1, part_size=S3_PART_SIZE,
+                                       num_parallel_uploads=1)
+        except _SourceError as e:  # the multipart upload was aborted by the SDK; nothing is visible
+            raise e.original from None
         return _S3Staged(self, BlobInfo(reader.hasher.sha256, reader.hasher.size), key)
 
     def _get(self, sha256: str, offset: int = 0, length: int | None = None):

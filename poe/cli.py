@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json-out", help="also write the full result to this JSON file")
     bp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bp.set_defaults(func=cmd_bench_pool)
+
+    from poe import cli_registry  # `poe registry ...` (migrate, import, list, serve)
+    cli_registry.add_parser(sub)
     return parser
 
 

@@ -1,13 +1,12 @@
 import datetime
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
 
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -34,7 +33,7 @@ class BlobRef(_message.Message):
     sha256: str
     size: int
     media_type: str
-    def __init__(self, sha256: str | None = ..., size: int | None = ..., media_type: str | None = ...) -> None: ...
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class PrimitiveTask(_message.Message):
     __slots__ = ("name", "class_ids", "class_names")
@@ -44,7 +43,7 @@ class PrimitiveTask(_message.Message):
     name: str
     class_ids: _containers.RepeatedScalarFieldContainer[int]
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: str | None = ..., class_ids: _Iterable[int] | None = ..., class_names: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hierarchy(_message.Message):
     __slots__ = ("dataset", "version", "classes", "tasks")
@@ -56,7 +55,7 @@ class Hierarchy(_message.Message):
     version: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     tasks: _containers.RepeatedCompositeFieldContainer[PrimitiveTask]
-    def __init__(self, dataset: str | None = ..., version: int | None = ..., classes: _Iterable[str] | None = ..., tasks: _Iterable[PrimitiveTask | _Mapping] | None = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., version: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., tasks: _Optional[_Iterable[_Union[PrimitiveTask, _Mapping]]] = ...) -> None: ...
 
 class ExtractionJob(_message.Message):
     __slots__ = ("id", "state", "progress", "stage", "message", "params_json", "error", "oracle_id", "pool", "create_time", "update_time")
@@ -82,4 +81,4 @@ class ExtractionJob(_message.Message):
     pool: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: str | None = ..., state: ExtractionState | str | None = ..., progress: float | None = ..., stage: str | None = ..., message: str | None = ..., params_json: str | None = ..., error: str | None = ..., oracle_id: int | None = ..., pool: str | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., update_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ExtractionState, str]] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., params_json: _Optional[str] = ..., error: _Optional[str] = ..., oracle_id: _Optional[int] = ..., pool: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

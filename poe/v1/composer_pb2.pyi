@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -30,7 +28,7 @@ class ComposeModelRequest(_message.Message):
     tasks: _containers.RepeatedScalarFieldContainer[str]
     execution: Execution
     format: str
-    def __init__(self, pool: str | None = ..., classes: _Iterable[str] | None = ..., tasks: _Iterable[str] | None = ..., execution: Execution | str | None = ..., format: str | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., tasks: _Optional[_Iterable[str]] = ..., execution: _Optional[_Union[Execution, str]] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ComposedModelHeader(_message.Message):
     __slots__ = ("pool", "classes", "class_ids", "experts", "params", "size", "sha256", "format", "input_shape", "metadata_json", "cache_hit")
@@ -56,7 +54,7 @@ class ComposedModelHeader(_message.Message):
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     metadata_json: str
     cache_hit: bool
-    def __init__(self, pool: str | None = ..., classes: _Iterable[str] | None = ..., class_ids: _Iterable[int] | None = ..., experts: _Iterable[str] | None = ..., params: int | None = ..., size: int | None = ..., sha256: str | None = ..., format: str | None = ..., input_shape: _Iterable[int] | None = ..., metadata_json: str | None = ..., cache_hit: bool | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_ids: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[str]] = ..., params: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., metadata_json: _Optional[str] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class ComposeModelResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -64,7 +62,7 @@ class ComposeModelResponse(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: ComposedModelHeader
     chunk: bytes
-    def __init__(self, header: ComposedModelHeader | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[ComposedModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class DescribeCompositionRequest(_message.Message):
     __slots__ = ("pool", "classes", "tasks", "execution")
@@ -76,7 +74,7 @@ class DescribeCompositionRequest(_message.Message):
     classes: _containers.RepeatedScalarFieldContainer[str]
     tasks: _containers.RepeatedScalarFieldContainer[str]
     execution: Execution
-    def __init__(self, pool: str | None = ..., classes: _Iterable[str] | None = ..., tasks: _Iterable[str] | None = ..., execution: Execution | str | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., tasks: _Optional[_Iterable[str]] = ..., execution: _Optional[_Union[Execution, str]] = ...) -> None: ...
 
 class DescribeCompositionResponse(_message.Message):
     __slots__ = ("pool", "classes", "class_ids", "experts", "params", "input_shape", "cached")
@@ -94,4 +92,4 @@ class DescribeCompositionResponse(_message.Message):
     params: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     cached: bool
-    def __init__(self, pool: str | None = ..., classes: _Iterable[str] | None = ..., class_ids: _Iterable[int] | None = ..., experts: _Iterable[str] | None = ..., params: int | None = ..., input_shape: _Iterable[int] | None = ..., cached: bool | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_ids: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[str]] = ..., params: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...

@@ -1,12 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from poe.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-
-from poe.v1 import common_pb2 as _common_pb2
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -46,7 +43,7 @@ class ExtractionParams(_message.Message):
     scale_weight: float
     seed: int
     subset: int
-    def __init__(self, oracle_id: int | None = ..., dataset: str | None = ..., hierarchy_version: int | None = ..., pool_name: str | None = ..., pool_version: str | None = ..., student_depth: int | None = ..., student_width: int | None = ..., expert_width: int | None = ..., library_epochs: int | None = ..., expert_epochs: int | None = ..., batch_size: int | None = ..., lr: float | None = ..., temperature: float | None = ..., soft_weight: float | None = ..., scale_weight: float | None = ..., seed: int | None = ..., subset: int | None = ...) -> None: ...
+    def __init__(self, oracle_id: _Optional[int] = ..., dataset: _Optional[str] = ..., hierarchy_version: _Optional[int] = ..., pool_name: _Optional[str] = ..., pool_version: _Optional[str] = ..., student_depth: _Optional[int] = ..., student_width: _Optional[int] = ..., expert_width: _Optional[int] = ..., library_epochs: _Optional[int] = ..., expert_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., temperature: _Optional[float] = ..., soft_weight: _Optional[float] = ..., scale_weight: _Optional[float] = ..., seed: _Optional[int] = ..., subset: _Optional[int] = ...) -> None: ...
 
 class StartExtractionRequest(_message.Message):
     __slots__ = ("params", "job_id")
@@ -54,37 +51,37 @@ class StartExtractionRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     params: ExtractionParams
     job_id: str
-    def __init__(self, params: ExtractionParams | _Mapping | None = ..., job_id: str | None = ...) -> None: ...
+    def __init__(self, params: _Optional[_Union[ExtractionParams, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class StartExtractionResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class WatchExtractionRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class WatchExtractionResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class GetExtractionRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetExtractionResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class ListExtractionsRequest(_message.Message):
     __slots__ = ("state", "page_size", "page_token")
@@ -94,7 +91,7 @@ class ListExtractionsRequest(_message.Message):
     state: _common_pb2.ExtractionState
     page_size: int
     page_token: str
-    def __init__(self, state: _common_pb2.ExtractionState | str | None = ..., page_size: int | None = ..., page_token: str | None = ...) -> None: ...
+    def __init__(self, state: _Optional[_Union[_common_pb2.ExtractionState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListExtractionsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")
@@ -102,16 +99,16 @@ class ListExtractionsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExtractionJob]
     next_page_token: str
-    def __init__(self, jobs: _Iterable[_common_pb2.ExtractionJob | _Mapping] | None = ..., next_page_token: str | None = ...) -> None: ...
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_common_pb2.ExtractionJob, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelExtractionRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class CancelExtractionResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...

@@ -1,14 +1,12 @@
 import datetime
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
 
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from poe.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from google.protobuf.internal import containers as _containers
-
-from poe.v1 import common_pb2 as _common_pb2
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -30,7 +28,7 @@ class Oracle(_message.Message):
     metrics_json: str
     blob: _common_pb2.BlobRef
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: int | None = ..., name: str | None = ..., dataset: str | None = ..., config_json: str | None = ..., params: int | None = ..., metrics_json: str | None = ..., blob: _common_pb2.BlobRef | _Mapping | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., metrics_json: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Library(_message.Message):
     __slots__ = ("id", "name", "dataset", "oracle_id", "config_json", "params", "metrics_json", "loss_json", "blob", "create_time")
@@ -54,7 +52,7 @@ class Library(_message.Message):
     loss_json: str
     blob: _common_pb2.BlobRef
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: int | None = ..., name: str | None = ..., dataset: str | None = ..., oracle_id: int | None = ..., config_json: str | None = ..., params: int | None = ..., metrics_json: str | None = ..., loss_json: str | None = ..., blob: _common_pb2.BlobRef | _Mapping | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., oracle_id: _Optional[int] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., metrics_json: _Optional[str] = ..., loss_json: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Expert(_message.Message):
     __slots__ = ("id", "library_id", "dataset", "hierarchy_version", "task", "class_ids", "class_names", "config_json", "params", "val_accuracy", "metrics_json", "loss_json", "blob", "create_time")
@@ -86,7 +84,7 @@ class Expert(_message.Message):
     loss_json: str
     blob: _common_pb2.BlobRef
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: int | None = ..., library_id: int | None = ..., dataset: str | None = ..., hierarchy_version: int | None = ..., task: str | None = ..., class_ids: _Iterable[int] | None = ..., class_names: _Iterable[str] | None = ..., config_json: str | None = ..., params: int | None = ..., val_accuracy: float | None = ..., metrics_json: str | None = ..., loss_json: str | None = ..., blob: _common_pb2.BlobRef | _Mapping | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., library_id: _Optional[int] = ..., dataset: _Optional[str] = ..., hierarchy_version: _Optional[int] = ..., task: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., metrics_json: _Optional[str] = ..., loss_json: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PoolVersion(_message.Message):
     __slots__ = ("name", "version", "aliases", "dataset", "hierarchy", "library", "experts", "info_json", "description", "publish_time", "params")
@@ -112,7 +110,7 @@ class PoolVersion(_message.Message):
     description: str
     publish_time: _timestamp_pb2.Timestamp
     params: int
-    def __init__(self, name: str | None = ..., version: str | None = ..., aliases: _Iterable[str] | None = ..., dataset: str | None = ..., hierarchy: _common_pb2.Hierarchy | _Mapping | None = ..., library: Library | _Mapping | None = ..., experts: _Iterable[Expert | _Mapping] | None = ..., info_json: str | None = ..., description: str | None = ..., publish_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., params: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., hierarchy: _Optional[_Union[_common_pb2.Hierarchy, _Mapping]] = ..., library: _Optional[_Union[Library, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[Expert, _Mapping]]] = ..., info_json: _Optional[str] = ..., description: _Optional[str] = ..., publish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., params: _Optional[int] = ...) -> None: ...
 
 class ComposedModel(_message.Message):
     __slots__ = ("pool", "class_ids", "format", "blob", "hits", "metadata_json", "create_time", "last_hit_time")
@@ -132,7 +130,7 @@ class ComposedModel(_message.Message):
     metadata_json: str
     create_time: _timestamp_pb2.Timestamp
     last_hit_time: _timestamp_pb2.Timestamp
-    def __init__(self, pool: str | None = ..., class_ids: _Iterable[int] | None = ..., format: str | None = ..., blob: _common_pb2.BlobRef | _Mapping | None = ..., hits: int | None = ..., metadata_json: str | None = ..., create_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., last_hit_time: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., format: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., hits: _Optional[int] = ..., metadata_json: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_hit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class LineageNode(_message.Message):
     __slots__ = ("kind", "id", "name", "blob")
@@ -144,13 +142,13 @@ class LineageNode(_message.Message):
     id: str
     name: str
     blob: _common_pb2.BlobRef
-    def __init__(self, kind: str | None = ..., id: str | None = ..., name: str | None = ..., blob: _common_pb2.BlobRef | _Mapping | None = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class RegisterHierarchyRequest(_message.Message):
     __slots__ = ("hierarchy",)
     HIERARCHY_FIELD_NUMBER: _ClassVar[int]
     hierarchy: _common_pb2.Hierarchy
-    def __init__(self, hierarchy: _common_pb2.Hierarchy | _Mapping | None = ...) -> None: ...
+    def __init__(self, hierarchy: _Optional[_Union[_common_pb2.Hierarchy, _Mapping]] = ...) -> None: ...
 
 class RegisterHierarchyResponse(_message.Message):
     __slots__ = ("hierarchy", "created")
@@ -158,7 +156,7 @@ class RegisterHierarchyResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     hierarchy: _common_pb2.Hierarchy
     created: bool
-    def __init__(self, hierarchy: _common_pb2.Hierarchy | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, hierarchy: _Optional[_Union[_common_pb2.Hierarchy, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetHierarchyRequest(_message.Message):
     __slots__ = ("dataset", "version")
@@ -166,13 +164,13 @@ class GetHierarchyRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     version: int
-    def __init__(self, dataset: str | None = ..., version: int | None = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetHierarchyResponse(_message.Message):
     __slots__ = ("hierarchy",)
     HIERARCHY_FIELD_NUMBER: _ClassVar[int]
     hierarchy: _common_pb2.Hierarchy
-    def __init__(self, hierarchy: _common_pb2.Hierarchy | _Mapping | None = ...) -> None: ...
+    def __init__(self, hierarchy: _Optional[_Union[_common_pb2.Hierarchy, _Mapping]] = ...) -> None: ...
 
 class OracleMetadata(_message.Message):
     __slots__ = ("name", "dataset", "config_json", "params", "metrics_json", "sha256", "size")
@@ -190,7 +188,7 @@ class OracleMetadata(_message.Message):
     metrics_json: str
     sha256: str
     size: int
-    def __init__(self, name: str | None = ..., dataset: str | None = ..., config_json: str | None = ..., params: int | None = ..., metrics_json: str | None = ..., sha256: str | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., metrics_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class RegisterOracleRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -198,7 +196,7 @@ class RegisterOracleRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     metadata: OracleMetadata
     chunk: bytes
-    def __init__(self, metadata: OracleMetadata | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
+    def __init__(self, metadata: _Optional[_Union[OracleMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class RegisterOracleResponse(_message.Message):
     __slots__ = ("oracle", "created")
@@ -206,19 +204,19 @@ class RegisterOracleResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     oracle: Oracle
     created: bool
-    def __init__(self, oracle: Oracle | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, oracle: _Optional[_Union[Oracle, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetOracleRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: int | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class GetOracleResponse(_message.Message):
     __slots__ = ("oracle",)
     ORACLE_FIELD_NUMBER: _ClassVar[int]
     oracle: Oracle
-    def __init__(self, oracle: Oracle | _Mapping | None = ...) -> None: ...
+    def __init__(self, oracle: _Optional[_Union[Oracle, _Mapping]] = ...) -> None: ...
 
 class LibraryMetadata(_message.Message):
     __slots__ = ("name", "dataset", "oracle_id", "config_json", "params", "metrics_json", "loss_json", "sha256", "size")
@@ -240,7 +238,7 @@ class LibraryMetadata(_message.Message):
     loss_json: str
     sha256: str
     size: int
-    def __init__(self, name: str | None = ..., dataset: str | None = ..., oracle_id: int | None = ..., config_json: str | None = ..., params: int | None = ..., metrics_json: str | None = ..., loss_json: str | None = ..., sha256: str | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., oracle_id: _Optional[int] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., metrics_json: _Optional[str] = ..., loss_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class RegisterLibraryRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -248,7 +246,7 @@ class RegisterLibraryRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     metadata: LibraryMetadata
     chunk: bytes
-    def __init__(self, metadata: LibraryMetadata | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
+    def __init__(self, metadata: _Optional[_Union[LibraryMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class RegisterLibraryResponse(_message.Message):
     __slots__ = ("library", "created")
@@ -256,19 +254,19 @@ class RegisterLibraryResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     library: Library
     created: bool
-    def __init__(self, library: Library | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, library: _Optional[_Union[Library, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetLibraryRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: int | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class GetLibraryResponse(_message.Message):
     __slots__ = ("library",)
     LIBRARY_FIELD_NUMBER: _ClassVar[int]
     library: Library
-    def __init__(self, library: Library | _Mapping | None = ...) -> None: ...
+    def __init__(self, library: _Optional[_Union[Library, _Mapping]] = ...) -> None: ...
 
 class ExpertMetadata(_message.Message):
     __slots__ = ("library_id", "hierarchy_version", "task", "class_ids", "config_json", "params", "val_accuracy", "metrics_json", "loss_json", "sha256", "size")
@@ -294,7 +292,7 @@ class ExpertMetadata(_message.Message):
     loss_json: str
     sha256: str
     size: int
-    def __init__(self, library_id: int | None = ..., hierarchy_version: int | None = ..., task: str | None = ..., class_ids: _Iterable[int] | None = ..., config_json: str | None = ..., params: int | None = ..., val_accuracy: float | None = ..., metrics_json: str | None = ..., loss_json: str | None = ..., sha256: str | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, library_id: _Optional[int] = ..., hierarchy_version: _Optional[int] = ..., task: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., params: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., metrics_json: _Optional[str] = ..., loss_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class RegisterExpertRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -302,7 +300,7 @@ class RegisterExpertRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     metadata: ExpertMetadata
     chunk: bytes
-    def __init__(self, metadata: ExpertMetadata | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
+    def __init__(self, metadata: _Optional[_Union[ExpertMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class RegisterExpertResponse(_message.Message):
     __slots__ = ("expert", "created")
@@ -310,19 +308,19 @@ class RegisterExpertResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     expert: Expert
     created: bool
-    def __init__(self, expert: Expert | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, expert: _Optional[_Union[Expert, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetExpertRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: int | None = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class GetExpertResponse(_message.Message):
     __slots__ = ("expert",)
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     expert: Expert
-    def __init__(self, expert: Expert | _Mapping | None = ...) -> None: ...
+    def __init__(self, expert: _Optional[_Union[Expert, _Mapping]] = ...) -> None: ...
 
 class ListExpertsRequest(_message.Message):
     __slots__ = ("dataset", "class_name", "task", "library_id", "pool", "page_size", "page_token")
@@ -340,7 +338,7 @@ class ListExpertsRequest(_message.Message):
     pool: str
     page_size: int
     page_token: str
-    def __init__(self, dataset: str | None = ..., class_name: str | None = ..., task: str | None = ..., library_id: int | None = ..., pool: str | None = ..., page_size: int | None = ..., page_token: str | None = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., class_name: _Optional[str] = ..., task: _Optional[str] = ..., library_id: _Optional[int] = ..., pool: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListExpertsResponse(_message.Message):
     __slots__ = ("experts", "next_page_token")
@@ -348,7 +346,7 @@ class ListExpertsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[Expert]
     next_page_token: str
-    def __init__(self, experts: _Iterable[Expert | _Mapping] | None = ..., next_page_token: str | None = ...) -> None: ...
+    def __init__(self, experts: _Optional[_Iterable[_Union[Expert, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PublishPoolRequest(_message.Message):
     __slots__ = ("name", "version", "library_id", "expert_ids", "info_json", "description", "aliases")
@@ -366,7 +364,7 @@ class PublishPoolRequest(_message.Message):
     info_json: str
     description: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: str | None = ..., version: str | None = ..., library_id: int | None = ..., expert_ids: _Iterable[int] | None = ..., info_json: str | None = ..., description: str | None = ..., aliases: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., library_id: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., info_json: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishPoolResponse(_message.Message):
     __slots__ = ("pool", "created")
@@ -374,19 +372,19 @@ class PublishPoolResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     pool: PoolVersion
     created: bool
-    def __init__(self, pool: PoolVersion | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[_Union[PoolVersion, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetPoolRequest(_message.Message):
     __slots__ = ("pool",)
     POOL_FIELD_NUMBER: _ClassVar[int]
     pool: str
-    def __init__(self, pool: str | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ...) -> None: ...
 
 class GetPoolResponse(_message.Message):
     __slots__ = ("pool",)
     POOL_FIELD_NUMBER: _ClassVar[int]
     pool: PoolVersion
-    def __init__(self, pool: PoolVersion | _Mapping | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[_Union[PoolVersion, _Mapping]] = ...) -> None: ...
 
 class ListPoolsRequest(_message.Message):
     __slots__ = ("name", "dataset", "class_name", "alias", "page_size", "page_token")
@@ -402,7 +400,7 @@ class ListPoolsRequest(_message.Message):
     alias: str
     page_size: int
     page_token: str
-    def __init__(self, name: str | None = ..., dataset: str | None = ..., class_name: str | None = ..., alias: str | None = ..., page_size: int | None = ..., page_token: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., class_name: _Optional[str] = ..., alias: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListPoolsResponse(_message.Message):
     __slots__ = ("pools", "next_page_token")
@@ -410,7 +408,7 @@ class ListPoolsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolVersion]
     next_page_token: str
-    def __init__(self, pools: _Iterable[PoolVersion | _Mapping] | None = ..., next_page_token: str | None = ...) -> None: ...
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SetPoolAliasRequest(_message.Message):
     __slots__ = ("name", "alias", "version")
@@ -420,13 +418,13 @@ class SetPoolAliasRequest(_message.Message):
     name: str
     alias: str
     version: str
-    def __init__(self, name: str | None = ..., alias: str | None = ..., version: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SetPoolAliasResponse(_message.Message):
     __slots__ = ("pool",)
     POOL_FIELD_NUMBER: _ClassVar[int]
     pool: PoolVersion
-    def __init__(self, pool: PoolVersion | _Mapping | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[_Union[PoolVersion, _Mapping]] = ...) -> None: ...
 
 class DeletePoolAliasRequest(_message.Message):
     __slots__ = ("name", "alias")
@@ -434,7 +432,7 @@ class DeletePoolAliasRequest(_message.Message):
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
-    def __init__(self, name: str | None = ..., alias: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class DeletePoolAliasResponse(_message.Message):
     __slots__ = ()
@@ -446,13 +444,13 @@ class DeletePoolVersionRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
-    def __init__(self, name: str | None = ..., version: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class DeletePoolVersionResponse(_message.Message):
     __slots__ = ("deleted_cache_entries",)
     DELETED_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     deleted_cache_entries: int
-    def __init__(self, deleted_cache_entries: int | None = ...) -> None: ...
+    def __init__(self, deleted_cache_entries: _Optional[int] = ...) -> None: ...
 
 class ResolveClassesRequest(_message.Message):
     __slots__ = ("pool", "classes", "tasks")
@@ -462,7 +460,7 @@ class ResolveClassesRequest(_message.Message):
     pool: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     tasks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, pool: str | None = ..., classes: _Iterable[str] | None = ..., tasks: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResolveClassesResponse(_message.Message):
     __slots__ = ("pool", "class_ids", "class_names", "library", "experts", "info_json")
@@ -478,7 +476,7 @@ class ResolveClassesResponse(_message.Message):
     library: Library
     experts: _containers.RepeatedCompositeFieldContainer[Expert]
     info_json: str
-    def __init__(self, pool: str | None = ..., class_ids: _Iterable[int] | None = ..., class_names: _Iterable[str] | None = ..., library: Library | _Mapping | None = ..., experts: _Iterable[Expert | _Mapping] | None = ..., info_json: str | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ..., library: _Optional[_Union[Library, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[Expert, _Mapping]]] = ..., info_json: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("sha256", "offset", "length")
@@ -488,7 +486,7 @@ class DownloadRequest(_message.Message):
     sha256: str
     offset: int
     length: int
-    def __init__(self, sha256: str | None = ..., offset: int | None = ..., length: int | None = ...) -> None: ...
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class DownloadResponse(_message.Message):
     __slots__ = ("blob", "offset", "data")
@@ -498,7 +496,7 @@ class DownloadResponse(_message.Message):
     blob: _common_pb2.BlobRef
     offset: int
     data: bytes
-    def __init__(self, blob: _common_pb2.BlobRef | _Mapping | None = ..., offset: int | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComposedModelMetadata(_message.Message):
     __slots__ = ("pool", "class_ids", "format", "metadata_json", "sha256", "size")
@@ -514,7 +512,7 @@ class ComposedModelMetadata(_message.Message):
     metadata_json: str
     sha256: str
     size: int
-    def __init__(self, pool: str | None = ..., class_ids: _Iterable[int] | None = ..., format: str | None = ..., metadata_json: str | None = ..., sha256: str | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., format: _Optional[str] = ..., metadata_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class PutComposedModelRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -522,7 +520,7 @@ class PutComposedModelRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     metadata: ComposedModelMetadata
     chunk: bytes
-    def __init__(self, metadata: ComposedModelMetadata | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
+    def __init__(self, metadata: _Optional[_Union[ComposedModelMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PutComposedModelResponse(_message.Message):
     __slots__ = ("model", "created")
@@ -530,7 +528,7 @@ class PutComposedModelResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     model: ComposedModel
     created: bool
-    def __init__(self, model: ComposedModel | _Mapping | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ComposedModel, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetComposedModelRequest(_message.Message):
     __slots__ = ("pool", "class_ids", "format")
@@ -540,13 +538,13 @@ class GetComposedModelRequest(_message.Message):
     pool: str
     class_ids: _containers.RepeatedScalarFieldContainer[int]
     format: str
-    def __init__(self, pool: str | None = ..., class_ids: _Iterable[int] | None = ..., format: str | None = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., class_ids: _Optional[_Iterable[int]] = ..., format: _Optional[str] = ...) -> None: ...
 
 class GetComposedModelResponse(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: ComposedModel
-    def __init__(self, model: ComposedModel | _Mapping | None = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ComposedModel, _Mapping]] = ...) -> None: ...
 
 class CreateExtractionJobRequest(_message.Message):
     __slots__ = ("job_id", "params_json", "oracle_id")
@@ -556,13 +554,13 @@ class CreateExtractionJobRequest(_message.Message):
     job_id: str
     params_json: str
     oracle_id: int
-    def __init__(self, job_id: str | None = ..., params_json: str | None = ..., oracle_id: int | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., params_json: _Optional[str] = ..., oracle_id: _Optional[int] = ...) -> None: ...
 
 class CreateExtractionJobResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class UpdateExtractionJobRequest(_message.Message):
     __slots__ = ("job_id", "state", "progress", "stage", "message", "error", "oracle_id", "pool")
@@ -582,25 +580,25 @@ class UpdateExtractionJobRequest(_message.Message):
     error: str
     oracle_id: int
     pool: str
-    def __init__(self, job_id: str | None = ..., state: _common_pb2.ExtractionState | str | None = ..., progress: float | None = ..., stage: str | None = ..., message: str | None = ..., error: str | None = ..., oracle_id: int | None = ..., pool: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ExtractionState, str]] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., error: _Optional[str] = ..., oracle_id: _Optional[int] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class UpdateExtractionJobResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class GetExtractionJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetExtractionJobResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.ExtractionJob
-    def __init__(self, job: _common_pb2.ExtractionJob | _Mapping | None = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_common_pb2.ExtractionJob, _Mapping]] = ...) -> None: ...
 
 class ListExtractionJobsRequest(_message.Message):
     __slots__ = ("state", "page_size", "page_token")
@@ -610,7 +608,7 @@ class ListExtractionJobsRequest(_message.Message):
     state: _common_pb2.ExtractionState
     page_size: int
     page_token: str
-    def __init__(self, state: _common_pb2.ExtractionState | str | None = ..., page_size: int | None = ..., page_token: str | None = ...) -> None: ...
+    def __init__(self, state: _Optional[_Union[_common_pb2.ExtractionState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListExtractionJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")
@@ -618,7 +616,7 @@ class ListExtractionJobsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExtractionJob]
     next_page_token: str
-    def __init__(self, jobs: _Iterable[_common_pb2.ExtractionJob | _Mapping] | None = ..., next_page_token: str | None = ...) -> None: ...
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_common_pb2.ExtractionJob, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetLineageRequest(_message.Message):
     __slots__ = ("kind", "id")
@@ -626,10 +624,10 @@ class GetLineageRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     id: str
-    def __init__(self, kind: str | None = ..., id: str | None = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
 class GetLineageResponse(_message.Message):
     __slots__ = ("nodes",)
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[LineageNode]
-    def __init__(self, nodes: _Iterable[LineageNode | _Mapping] | None = ...) -> None: ...
+    def __init__(self, nodes: _Optional[_Iterable[_Union[LineageNode, _Mapping]]] = ...) -> None: ...

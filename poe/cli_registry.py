@@ -1,0 +1,195 @@
+"""`poe registry ...` commands (and `poe serve registry`, via add_serve_parser).
+
+    poe registry migrate [--status]                 bring the database schema to head (Alembic)
+    poe registry import POOL_DIR [--target T]       register and publish a pool directory
+    poe registry list [--target T] [--class NAME]   published pool versions
+    poe registry serve [--port P]                   run the registry service
+
+`--target` is HOST:PORT of a running registry, or `embedded`: a registry started inside this
+process on a loopback port, on the configured database and blob store (POE_DATABASE_URL,
+POE_BLOB_URL; by default SQLite and files under POE_HOME) and reached over gRPC like any other.
+The embedded registry migrates a SQLite database by itself; any other database must be migrated
+with `poe registry migrate` first. Default target: POE_REGISTRY_ADDR when set, else embedded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+
+EMBEDDED = "embedded"
+
+
+def _settings(args: argparse.Namespace):
+    from poe.config import settings
+
+    return settings(database_url=getattr(args, "database_url", None), blob_url=getattr(args, "blob_url", None))
+
+
+def _default_target() -> str:
+    return os.environ.get("POE_REGISTRY_ADDR") or EMBEDDED
+
+
+@contextlib.contextmanager
+def registry_client(target: str, args: argparse.Namespace) -> Iterator:
+    """A RegistryClient for `target`; `embedded` starts a registry on a loopback port for the block."""
+    from poe.registry_client import RegistryClient
+
+    if target != EMBEDDED:
+        with RegistryClient(target) as client:
+            yield client
+        return
+    from poe_services.registry.server import create_server
+
+    cfg = _settings(args)
+    server, port = create_server("127.0.0.1:0", cfg, migrate=cfg.database_url.startswith("sqlite"))
+    server.start()
+    try:
+        with RegistryClient(f"127.0.0.1:{port}") as client:
+            yield client
+    finally:
+        server.stop(None)
+
+
+def _add_storage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: POE_DATABASE_URL or SQLite under POE_HOME)")
+    p.add_argument("--blob-url", help="file://DIR or s3://BUCKET[/PREFIX] (default: POE_BLOB_URL)")
+
+
+def _add_target_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, metavar="HOST:PORT|embedded",
+                   help="registry to talk to (default: POE_REGISTRY_ADDR if set, else embedded)")
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from poe_services.registry import db
+
+    cfg = _settings(args)
+    engine = db.make_engine(cfg.database_url)
+    where = db.redact(cfg.database_url)
+    try:
+        before = db.schema_status(engine)
+        if args.status:
+            state = "up to date" if before.up_to_date else f"needs `{db.MIGRATE_COMMAND}`"
+            print(f"{where}: schema {before.current or 'empty'}, head {before.head} ({state})")
+            return 0 if before.up_to_date else 1
+        if not before.known:
+            db.require_current_schema(engine)  # raises: migrated by a newer release
+        if before.up_to_date:
+            print(f"{where}: schema already at {before.head}")
+            return 0
+        after = db.upgrade(engine, args.revision)
+        print(f"{where}: schema {before.current or 'empty'} -> {after.current}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    target = args.target or _default_target()
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    print(f"importing {args.pool_dir} into the registry ({target})", file=sys.stderr, flush=True)
+    with registry_client(target, args) as client:
+        pv, created = client.import_pool(args.pool_dir, aliases=args.alias or (), progress=progress)
+    summary = {"pool": f"{pv.name}@{pv.version}", "created": created, "aliases": list(pv.aliases),
+               "dataset": pv.dataset, "experts": [x.task for x in pv.experts], "params": pv.params}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['pool']} {'published' if created else 'already published'}: {len(pv.experts)} experts "
+              f"on library {pv.library.id}, aliases {', '.join(pv.aliases)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    target = args.target or _default_target()
+    with registry_client(target, args) as client:
+        pools = list(client.list_pools(name=args.name or "", dataset=args.dataset or "",
+                                       class_name=args.class_name or "", alias=args.alias or ""))
+    rows = [{"pool": f"{p.name}@{p.version}", "aliases": list(p.aliases), "dataset": p.dataset,
+             "experts": [x.task for x in p.experts], "params": p.params,
+             "published": p.publish_time.ToDatetime().isoformat(timespec="seconds") + "Z"} for p in pools]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no pools")
+        return 0
+    print(f"{'POOL':<32} {'DATASET':<16} {'EXPERTS':>7} {'PARAMS':>10}  ALIASES")
+    for row in rows:
+        print(f"{row['pool']:<32} {row['dataset']:<16} {len(row['experts']):>7} {row['params']:>10,}  "
+              f"{', '.join(row['aliases'])}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from poe_services.registry.server import serve
+
+    cfg = _settings(args)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(cfg, port=args.port, host=args.host, migrate=True if args.migrate else None)
+
+
+# -- parsers -------------------------------------------------------------------------------------
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
+    p.add_argument("--migrate", action="store_true",
+                   help="migrate the database schema before starting (default: refuse an out-of-date schema)")
+    _add_storage_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `registry` command group to the `poe` parser's subparsers."""
+    reg = subparsers.add_parser("registry", help="the model registry: migrate, import pools, list",
+                                description=__doc__.split("\n\n")[1] if __doc__ else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = reg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+
+    m = sub.add_parser("migrate", help="bring the registry database schema to the current version")
+    m.add_argument("--status", action="store_true", help="only report; exit 1 when a migration is needed")
+    m.add_argument("--revision", default="head", help="target revision (default head)")
+    _add_storage_flags(m)
+    m.set_defaults(func=cmd_migrate)
+
+    i = sub.add_parser("import", help="register a pool directory (library, experts, oracle) and publish it")
+    i.add_argument("pool_dir", metavar="POOL_DIR", help="pool directory (pool.json + safetensors)")
+    _add_target_flag(i)
+    i.add_argument("--alias", action="append", help="also point this alias at the version (repeatable)")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_storage_flags(i)
+    i.set_defaults(func=cmd_import)
+
+    ls = sub.add_parser("list", help="published pool versions")
+    _add_target_flag(ls)
+    ls.add_argument("--name", help="only this pool")
+    ls.add_argument("--dataset", help="only pools of this data set")
+    ls.add_argument("--class", dest="class_name", help="only pools with an expert for this class")
+    ls.add_argument("--alias", help="only the versions this alias points at")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_flags(ls)
+    ls.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("serve", help="run the registry service (poe.v1.Registry)")
+    _serve_flags(s)
+    return reg
+
+
+def add_serve_parser(serve_subparsers) -> argparse.ArgumentParser:
+    """Add `registry` under a `poe serve` group (for whoever builds that group)."""
+    s = serve_subparsers.add_parser("registry", help="run the registry service (poe.v1.Registry)")
+    _serve_flags(s)
+    return s

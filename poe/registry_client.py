@@ -1,0 +1,360 @@
+"""A small typed client of `poe.v1.Registry`, used by the composer, the extractor and the CLI.
+
+    with RegistryClient("127.0.0.1:50051") as reg:
+        pv = reg.import_pool("pools/fashion-mnist")          # poe.v1.PoolVersion
+        res = reg.resolve_classes("fashion-mnist", ["Sandal", "Bag"])
+        weights = reg.download(res.library.blob.sha256)      # bytes, sha256 verified
+
+Every method raises `poe.errors` exceptions (NotFound, InvalidArgument, Unavailable, DataLoss, ...)
+instead of grpc.RpcError. Results are the generated protobuf messages (typed through the .pyi
+stubs). Uploads send the metadata first, then the bytes in chunks of 1 MiB. Downloads are checked
+against their sha256 here as well as on the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from poe.errors import DataLoss, InvalidArgument, NotFound
+from poe.grpc_errors import translate_rpc_errors
+from poe.v1 import common_pb2 as c
+from poe.v1 import registry_pb2 as r
+from poe.v1 import registry_pb2_grpc
+
+if TYPE_CHECKING:
+    import torch
+
+    from poe.hierarchy import Hierarchy
+
+CHUNK_SIZE = 1 << 20
+POOL_FORMAT = "poe.pool/v1"  # poe.pool.FORMAT (not imported here: poe.pool pulls in torch)
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+
+STATES = {
+    "pending": c.EXTRACTION_STATE_PENDING, "running": c.EXTRACTION_STATE_RUNNING,
+    "succeeded": c.EXTRACTION_STATE_SUCCEEDED, "failed": c.EXTRACTION_STATE_FAILED,
+    "cancelled": c.EXTRACTION_STATE_CANCELLED,
+}
+
+
+def _json(d: dict | None) -> str:
+    return json.dumps(d, sort_keys=True) if d else ""
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), CHUNK_SIZE):
+        yield data[i:i + CHUNK_SIZE]
+
+
+def hierarchy_message(h: Hierarchy) -> c.Hierarchy:
+    return c.Hierarchy(dataset=h.dataset, version=h.version, classes=list(h.classes),
+                       tasks=[c.PrimitiveTask(name=t, class_ids=list(ids)) for t, ids in h.tasks.items()])
+
+
+class RegistryClient:
+    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
+                 timeout: float | None = 60.0):
+        if target is None and channel is None:
+            from poe.config import settings
+
+            target = settings().registry_addr
+        self.target = target or "<channel>"
+        self._own_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        self.timeout = timeout
+        self._what = f"registry at {self.target}"
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: Callable, request, timeout: float | None = None):
+        with translate_rpc_errors(self._what):
+            return method(request, timeout=timeout or self.timeout)
+
+    def _upload(self, method: Callable, request_cls, metadata, data: bytes):
+        def requests() -> Iterator:
+            yield request_cls(metadata=metadata)
+            for chunk in _chunks(data):
+                yield request_cls(chunk=chunk)
+
+        with translate_rpc_errors(self._what):
+            return method(requests(), timeout=self.timeout)
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects (Unavailable after `timeout` seconds)."""
+        from poe.errors import Unavailable
+
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"{self._what}: not reachable within {timeout:.0f} s") from None
+
+    # -- hierarchies -------------------------------------------------------------------------------
+
+    def register_hierarchy(self, hierarchy: Hierarchy) -> tuple[c.Hierarchy, bool]:
+        resp = self._call(self.stub.RegisterHierarchy,
+                          r.RegisterHierarchyRequest(hierarchy=hierarchy_message(hierarchy)))
+        return resp.hierarchy, resp.created
+
+    def get_hierarchy(self, dataset: str, version: int = 0) -> c.Hierarchy:
+        return self._call(self.stub.GetHierarchy, r.GetHierarchyRequest(dataset=dataset, version=version)).hierarchy
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def register_oracle(self, name: str, dataset: str, config: dict, data: bytes, *, params: int = 0,
+                        metrics: dict | None = None) -> tuple[r.Oracle, bool]:
+        meta = r.OracleMetadata(name=name, dataset=dataset, config_json=_json(config), params=params,
+                                metrics_json=_json(metrics), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        resp = self._upload(self.stub.RegisterOracle, r.RegisterOracleRequest, meta, data)
+        return resp.oracle, resp.created
+
+    def register_library(self, name: str, dataset: str, config: dict, data: bytes, *, oracle_id: int | None = None,
+                         params: int = 0, metrics: dict | None = None,
+                         loss: dict | None = None) -> tuple[r.Library, bool]:
+        meta = r.LibraryMetadata(name=name, dataset=dataset, oracle_id=oracle_id or 0, config_json=_json(config),
+                                 params=params, metrics_json=_json(metrics), loss_json=_json(loss),
+                                 sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        resp = self._upload(self.stub.RegisterLibrary, r.RegisterLibraryRequest, meta, data)
+        return resp.library, resp.created
+
+    def register_expert(self, library_id: int, hierarchy_version: int, task: str, class_ids: Sequence[int],
+                        config: dict, data: bytes, *, params: int = 0, val_accuracy: float | None = None,
+                        metrics: dict | None = None, loss: dict | None = None) -> tuple[r.Expert, bool]:
+        meta = r.ExpertMetadata(library_id=library_id, hierarchy_version=hierarchy_version, task=task,
+                                class_ids=list(class_ids), config_json=_json(config), params=params,
+                                val_accuracy=val_accuracy, metrics_json=_json(metrics), loss_json=_json(loss),
+                                sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        resp = self._upload(self.stub.RegisterExpert, r.RegisterExpertRequest, meta, data)
+        return resp.expert, resp.created
+
+    def get_oracle(self, oracle_id: int) -> r.Oracle:
+        return self._call(self.stub.GetOracle, r.GetOracleRequest(id=oracle_id)).oracle
+
+    def get_library(self, library_id: int) -> r.Library:
+        return self._call(self.stub.GetLibrary, r.GetLibraryRequest(id=library_id)).library
+
+    def get_expert(self, expert_id: int) -> r.Expert:
+        return self._call(self.stub.GetExpert, r.GetExpertRequest(id=expert_id)).expert
+
+    def list_experts(self, *, dataset: str = "", class_name: str = "", task: str = "", library_id: int = 0,
+                     pool: str = "", page_size: int = 0) -> Iterator[r.Expert]:
+        """All matching experts (follows the pages)."""
+        token = ""
+        while True:
+            resp = self._call(self.stub.ListExperts, r.ListExpertsRequest(
+                dataset=dataset, class_name=class_name, task=task, library_id=library_id, pool=pool,
+                page_size=page_size, page_token=token))
+            yield from resp.experts
+            token = resp.next_page_token
+            if not token:
+                return
+
+    # -- pools -------------------------------------------------------------------------------------
+
+    def publish_pool(self, name: str, version: str, library_id: int, expert_ids: Iterable[int], *,
+                     info: dict | None = None, description: str = "",
+                     aliases: Iterable[str] = ()) -> tuple[r.PoolVersion, bool]:
+        resp = self._call(self.stub.PublishPool, r.PublishPoolRequest(
+            name=name, version=version, library_id=library_id, expert_ids=list(expert_ids), info_json=_json(info),
+            description=description, aliases=list(aliases)))
+        return resp.pool, resp.created
+
+    def get_pool(self, ref: str) -> r.PoolVersion:
+        """"name", "name@version" or "name@alias"."""
+        return self._call(self.stub.GetPool, r.GetPoolRequest(pool=ref)).pool
+
+    def list_pools(self, *, name: str = "", dataset: str = "", class_name: str = "", alias: str = "",
+                   page_size: int = 0) -> Iterator[r.PoolVersion]:
+        token = ""
+        while True:
+            resp = self._call(self.stub.ListPools, r.ListPoolsRequest(
+                name=name, dataset=dataset, class_name=class_name, alias=alias, page_size=page_size,
+                page_token=token))
+            yield from resp.pools
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def set_alias(self, name: str, alias: str, version: str) -> r.PoolVersion:
+        return self._call(self.stub.SetPoolAlias, r.SetPoolAliasRequest(name=name, alias=alias, version=version)).pool
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(self.stub.DeletePoolAlias, r.DeletePoolAliasRequest(name=name, alias=alias))
+
+    def delete_pool_version(self, name: str, version: str) -> int:
+        return self._call(self.stub.DeletePoolVersion,
+                          r.DeletePoolVersionRequest(name=name, version=version)).deleted_cache_entries
+
+    def resolve_classes(self, pool: str, classes: Iterable[str | int] = (),
+                        tasks: Iterable[str] = ()) -> r.ResolveClassesResponse:
+        """Class names (or ids) and task names -> class ids, library and covering experts."""
+        return self._call(self.stub.ResolveClasses, r.ResolveClassesRequest(
+            pool=pool, classes=[str(x) for x in classes], tasks=list(tasks)))
+
+    # -- blobs -------------------------------------------------------------------------------------
+
+    def download(self, sha256: str, *, offset: int = 0, length: int = 0) -> bytes:
+        """A blob's bytes; a whole download is verified against its sha256 (DataLoss otherwise)."""
+        parts: list[bytes] = []
+        with translate_rpc_errors(self._what):
+            for msg in self.stub.Download(r.DownloadRequest(sha256=sha256, offset=offset, length=length),
+                                          timeout=self.timeout):
+                parts.append(msg.data)
+        data = b"".join(parts)
+        if offset == 0 and length == 0 and hashlib.sha256(data).hexdigest() != sha256:
+            raise DataLoss(f"blob {sha256[:12]}...: downloaded bytes do not match their sha256")
+        return data
+
+    def download_tensors(self, sha256: str) -> dict[str, torch.Tensor]:
+        """A safetensors blob as a state dict (never unpickled)."""
+        from poe.pool import tensors_from_bytes
+
+        return tensors_from_bytes(self.download(sha256), sha256, f"blob {sha256[:12]}...")
+
+    # -- composed-model cache ----------------------------------------------------------------------
+
+    def put_composed_model(self, pool: str, class_ids: Sequence[int], fmt: str, data: bytes, *,
+                           metadata: dict | None = None) -> tuple[r.ComposedModel, bool]:
+        meta = r.ComposedModelMetadata(pool=pool, class_ids=list(class_ids), format=fmt, metadata_json=_json(metadata),
+                                       sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        resp = self._upload(self.stub.PutComposedModel, r.PutComposedModelRequest, meta, data)
+        return resp.model, resp.created
+
+    def get_composed_model(self, pool: str, class_ids: Sequence[int], fmt: str) -> r.ComposedModel | None:
+        """The cached entry (counting a hit), or None when nothing is cached for the key."""
+        try:
+            return self._call(self.stub.GetComposedModel,
+                              r.GetComposedModelRequest(pool=pool, class_ids=list(class_ids), format=fmt)).model
+        except NotFound:
+            return None
+
+    # -- extraction jobs ---------------------------------------------------------------------------
+
+    def create_job(self, params: dict, *, oracle_id: int | None = None, job_id: str = "") -> c.ExtractionJob:
+        return self._call(self.stub.CreateExtractionJob, r.CreateExtractionJobRequest(
+            job_id=job_id, params_json=_json(params), oracle_id=oracle_id or 0)).job
+
+    def update_job(self, job_id: str, *, state: str | None = None, progress: float | None = None,
+                   stage: str | None = None, message: str | None = None, error: str | None = None,
+                   oracle_id: int | None = None, pool: str | None = None) -> c.ExtractionJob:
+        if state is not None and state not in STATES:
+            raise InvalidArgument(f"state: expected one of {', '.join(STATES)}, got {state!r}")
+        req = r.UpdateExtractionJobRequest(job_id=job_id, state=STATES[state] if state else None, progress=progress,
+                                           stage=stage, message=message, error=error, oracle_id=oracle_id, pool=pool)
+        return self._call(self.stub.UpdateExtractionJob, req).job
+
+    def get_job(self, job_id: str) -> c.ExtractionJob:
+        return self._call(self.stub.GetExtractionJob, r.GetExtractionJobRequest(job_id=job_id)).job
+
+    def list_jobs(self, state: str | None = None, page_size: int = 0) -> Iterator[c.ExtractionJob]:
+        token = ""
+        while True:
+            resp = self._call(self.stub.ListExtractionJobs, r.ListExtractionJobsRequest(
+                state=STATES[state] if state else c.EXTRACTION_STATE_UNSPECIFIED, page_size=page_size,
+                page_token=token))
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def lineage(self, kind: str, ident: str | int) -> list[r.LineageNode]:
+        return list(self._call(self.stub.GetLineage, r.GetLineageRequest(kind=kind, id=str(ident))).nodes)
+
+    # -- pools from disk ---------------------------------------------------------------------------
+
+    def import_pool(self, directory: str | Path, *, aliases: Iterable[str] = (),
+                    progress: Callable[[str], None] | None = None) -> tuple[r.PoolVersion, bool]:
+        """Register a pool directory (pool.json + safetensors; see poe.pool) and publish it.
+
+        The files' bytes are uploaded as they are on disk, after checking them against the sha256
+        in pool.json (DataLoss on mismatch). Importing the same directory again is idempotent.
+        """
+        try:
+            return self._import_pool(Path(directory), tuple(aliases), progress)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise InvalidArgument(f"{directory}/pool.json: malformed manifest ({type(e).__name__}: {e})") from None
+
+    def _import_pool(self, root: Path, aliases: tuple[str, ...],
+                     progress: Callable[[str], None] | None) -> tuple[r.PoolVersion, bool]:
+        from poe import hierarchy as hierarchy_mod
+
+        manifest_path = root / "pool.json"
+        if not manifest_path.is_file():
+            raise NotFound(f"{root}: not a pool directory (no pool.json)")
+        try:
+            m = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{manifest_path}: invalid JSON ({e})") from None
+        if m.get("format") != POOL_FORMAT:
+            raise InvalidArgument(f"{manifest_path}: unsupported format {m.get('format')!r} (expected {POOL_FORMAT})")
+        name, version = str(m["name"]), str(m["version"])
+        info = dict(m.get("info") or {})
+        hier = hierarchy_mod.load(root / m.get("hierarchy", "hierarchy.yaml"))
+        say = progress or (lambda _msg: None)
+        steps = 3 + len(m["experts"]) + ("oracle" in m)
+        step = 0
+
+        def tick(msg: str) -> None:
+            nonlocal step
+            step += 1
+            say(f"[{step}/{steps}] {msg}")
+
+        def read(entry: dict) -> bytes:
+            path = root / entry["file"]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise NotFound(f"{path}: missing") from None
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise DataLoss(f"{path}: sha256 does not match pool.json (corrupted file)")
+            return data
+
+        self.register_hierarchy(hier)
+        tick(f"hierarchy {hier.dataset} v{hier.version}")
+        oracle_id = None
+        if "oracle" in m:
+            o = m["oracle"]
+            oracle, _ = self.register_oracle(f"{name}@{version}/oracle", hier.dataset, o["config"], read(o),
+                                             params=int(o.get("params", 0)), metrics=_metrics(info.get("oracle")))
+            oracle_id = oracle.id
+            tick(f"oracle {oracle.id} ({oracle.params:,} params)")
+        lib_entry = m["library"]
+        library, _ = self.register_library(f"{name}@{version}/library", hier.dataset, lib_entry["student_config"],
+                                           read(lib_entry), oracle_id=oracle_id,
+                                           params=int(lib_entry.get("params", 0)),
+                                           metrics=_metrics(info.get("student")))
+        tick(f"library {library.id} ({library.params:,} params)")
+        expert_ids = []
+        for x in m["experts"]:
+            metrics = dict(x.get("metrics") or {})
+            acc = metrics.get("val_acc")
+            expert, _ = self.register_expert(library.id, hier.version, x["task"], x["class_ids"], x["config"], read(x),
+                                             params=int(x.get("params", 0)),
+                                             val_accuracy=float(acc) if acc is not None else None,
+                                             metrics=metrics, loss=x.get("loss") or {})
+            expert_ids.append(expert.id)
+            tick(f"expert {x['task']}")
+        pv, created = self.publish_pool(name, version, library.id, expert_ids, info=info,
+                                        description=f"imported from {root.resolve()}", aliases=aliases)
+        tick(f"published {pv.name}@{pv.version}" + ("" if created else " (already published)"))
+        return pv, created
+
+
+def _metrics(d: dict | None) -> dict:
+    return {k: v for k, v in (d or {}).items() if v is not None and k != "params"}

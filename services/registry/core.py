@@ -1,0 +1,169 @@
+"""The registry's core: metadata store + blob store, with the upload and download protocol.
+
+Upload (every `register_*`): the spec is checked first; the bytes are streamed into the blob
+store's staging area while hashed; the declared sha256 (required) and size must match what
+arrived; then the store records the rows and, inside that same transaction after the rows are
+flushed, the staged bytes are committed under their hash. So:
+
+- an interrupted or mismatching upload leaves no row and no blob (the staging copy is dropped);
+- a rejected record (NotFound, AlreadyExists, ...) leaves no blob either;
+- only if the final database COMMIT itself fails after the blob was committed is the blob deleted
+  again, and only when this upload created it and no row references it.
+
+Registering identical content again returns the existing record and rewrites the (verified) bytes,
+which repairs a blob that was corrupted at rest.
+
+Download: the blob must be registered (NotFound otherwise); the whole blob is read and verified
+before the first byte is returned (DataLoss otherwise; a registered blob missing from the store is
+DataLoss too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from poe.blobstore import CHUNK_SIZE, BlobStore
+from poe.errors import DataLoss, NotFound, Unavailable
+from poe.grpc_errors import field_error
+from poe_services.registry import entities as e
+from poe_services.registry import validation as v
+from poe_services.registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BLOB_BYTES = 8 << 30  # refuse uploads beyond 8 GiB (a pool's weights are megabytes)
+
+
+def media_type_for(fmt: str) -> str:
+    return e.TORCHSCRIPT if fmt.startswith("torchscript") else "application/octet-stream"
+
+
+class Registry:
+    def __init__(self, store: RegistryStore, blobs: BlobStore):
+        self.store = store
+        self.blobs = blobs
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    def _register(self, add: Callable[[e.Blob, Callable[[], object]], tuple[T, bool]], sha256: str, size: int,
+                  chunks: Iterable[bytes], media_type: str) -> tuple[T, bool]:
+        v.sha256(sha256, "sha256")
+        v.non_negative(size, "size")
+        staged = self.blobs.stage(_bounded(chunks, size))
+        try:
+            if size and staged.size != size:
+                raise field_error("size", f"declared {size} bytes, received {staged.size}")
+            if staged.sha256 != sha256:
+                raise field_error("sha256", f"declared {sha256[:12]}..., the bytes received hash to "
+                                            f"{staged.sha256[:12]}... (corrupted or truncated upload)")
+            blob = e.Blob(staged.sha256, staged.size, media_type)
+            try:
+                entity, created = add(blob, staged.commit)
+            except BaseException:
+                if staged.committed and not staged.existed:
+                    self._undo_blob(blob.sha256)
+                raise
+            if not created and getattr(entity, "blob", None) is not None and entity.blob.sha256 == blob.sha256:
+                staged.commit()  # identical bytes, verified on arrival: rewriting repairs a corrupted copy
+            return entity, created
+        finally:
+            staged.discard()
+
+    def _undo_blob(self, sha256: str) -> None:
+        try:
+            if not self.store.blob_referenced(sha256):
+                self.blobs.delete(sha256)
+        except Exception:
+            log.warning("could not undo blob %s after a failed commit; it is unreferenced", sha256, exc_info=True)
+
+    def register_oracle(self, spec: e.OracleSpec, sha256: str, size: int,
+                        chunks: Iterable[bytes]) -> tuple[e.Oracle, bool]:
+        v.check_oracle_spec(spec)
+        return self._register(lambda b, hook: self.store.add_oracle(spec, b, hook), sha256, size, chunks,
+                              e.SAFETENSORS)
+
+    def register_library(self, spec: e.LibrarySpec, sha256: str, size: int,
+                         chunks: Iterable[bytes]) -> tuple[e.Library, bool]:
+        v.check_library_spec(spec)
+        return self._register(lambda b, hook: self.store.add_library(spec, b, hook), sha256, size, chunks,
+                              e.SAFETENSORS)
+
+    def register_expert(self, spec: e.ExpertSpec, sha256: str, size: int,
+                        chunks: Iterable[bytes]) -> tuple[e.Expert, bool]:
+        v.check_expert_spec(spec)
+        return self._register(lambda b, hook: self.store.add_expert(spec, b, hook), sha256, size, chunks,
+                              e.SAFETENSORS)
+
+    def put_composed_model(self, spec: e.ComposedModelSpec, sha256: str, size: int,
+                           chunks: Iterable[bytes]) -> tuple[e.ComposedModel, bool]:
+        v.check_composed_spec(spec)
+        return self._register(lambda b, hook: self.store.add_composed_model(spec, b, hook), sha256, size, chunks,
+                              media_type_for(spec.format))
+
+    # -- downloads -------------------------------------------------------------------------------
+
+    def download(self, sha256: str, offset: int = 0, length: int = 0) -> tuple[e.Blob, Iterator[tuple[int, bytes]]]:
+        """The blob's record and an iterator of (offset, chunk <= 1 MiB); verified before returning."""
+        v.sha256(sha256, "sha256")
+        blob = self.store.get_blob(sha256)
+        if offset < 0 or offset > blob.size:
+            raise field_error("offset", f"must be in [0, {blob.size}], got {offset}")
+        if length < 0:
+            raise field_error("length", f"must be >= 0, got {length}")
+        try:
+            f = self.blobs.open(sha256)  # reads and verifies the whole blob
+        except NotFound:
+            raise DataLoss(f"blob {sha256[:12]}... is registered but missing from the blob store") from None
+        end = blob.size if length == 0 else min(blob.size, offset + length)
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            with f:
+                f.seek(offset)
+                pos = offset
+                while pos < end:
+                    data = f.read(min(CHUNK_SIZE, end - pos))
+                    if not data:
+                        raise DataLoss(f"blob {sha256[:12]}... ended early at byte {pos}")
+                    yield pos, data
+                    pos += len(data)
+
+        return blob, chunks()
+
+    def read(self, sha256: str) -> bytes:
+        """A registered blob's verified bytes."""
+        _, chunks = self.download(sha256)
+        return b"".join(data for _, data in chunks)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Why the registry cannot serve right now (empty when it can)."""
+        out = []
+        for what, ping in (("database", self.store.ping), ("blob store", self.blobs.ping)):
+            try:
+                ping()
+            except Unavailable as err:
+                out.append(str(err))
+            except Exception as err:  # a probe must never kill the health loop
+                out.append(f"{what}: {type(err).__name__}: {err}")
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+        self.blobs.close()
+
+
+def _bounded(chunks: Iterable[bytes], declared: int) -> Iterator[bytes]:
+    """Pass chunks through, failing early once more bytes arrive than declared or allowed."""
+    limit = declared if declared else MAX_BLOB_BYTES
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            if declared:
+                raise field_error("size", f"declared {declared} bytes, received more")
+            raise field_error("size", f"blob larger than {MAX_BLOB_BYTES} bytes")
+        yield chunk

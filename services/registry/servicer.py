@@ -1,0 +1,307 @@
+"""The gRPC surface of `poe.v1.Registry`: convert messages, call `core.Registry`, convert back.
+
+No status codes here: domain errors propagate to `poe.grpc_errors.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from poe.blobstore import CHUNK_SIZE
+from poe.grpc_errors import field_error
+from poe.hierarchy import Hierarchy
+from poe.v1 import common_pb2 as c
+from poe.v1 import registry_pb2 as r
+from poe.v1 import registry_pb2_grpc
+from poe_services.registry import entities as e
+from poe_services.registry import validation as v
+from poe_services.registry.core import Registry
+
+SERVICE_NAME = r.DESCRIPTOR.services_by_name["Registry"].full_name  # "poe.v1.Registry"
+
+_STATE_TO_PB = {
+    e.JobState.PENDING: c.EXTRACTION_STATE_PENDING,
+    e.JobState.RUNNING: c.EXTRACTION_STATE_RUNNING,
+    e.JobState.SUCCEEDED: c.EXTRACTION_STATE_SUCCEEDED,
+    e.JobState.FAILED: c.EXTRACTION_STATE_FAILED,
+    e.JobState.CANCELLED: c.EXTRACTION_STATE_CANCELLED,
+}
+_STATE_FROM_PB = {pb: st for st, pb in _STATE_TO_PB.items()}
+
+
+# -- entity -> message ---------------------------------------------------------------------------
+
+def _ts(dt: datetime | None) -> Timestamp | None:
+    if dt is None:
+        return None
+    t = Timestamp()
+    t.FromDatetime(dt)
+    return t
+
+
+def _json(d: dict) -> str:
+    return json.dumps(d, sort_keys=True) if d else ""
+
+
+def blob_pb(b: e.Blob | None) -> c.BlobRef | None:
+    return c.BlobRef(sha256=b.sha256, size=b.size, media_type=b.media_type) if b else None
+
+
+def hierarchy_pb(h: Hierarchy) -> c.Hierarchy:
+    return c.Hierarchy(dataset=h.dataset, version=h.version, classes=list(h.classes),
+                       tasks=[c.PrimitiveTask(name=t, class_ids=list(ids), class_names=[h.classes[i] for i in ids])
+                              for t, ids in h.tasks.items()])
+
+
+def oracle_pb(o: e.Oracle) -> r.Oracle:
+    return r.Oracle(id=o.id, name=o.name, dataset=o.dataset, config_json=_json(o.config), params=o.params,
+                    metrics_json=_json(o.metrics), blob=blob_pb(o.blob), create_time=_ts(o.created_at))
+
+
+def library_pb(lib: e.Library) -> r.Library:
+    return r.Library(id=lib.id, name=lib.name, dataset=lib.dataset, oracle_id=lib.oracle_id or 0,
+                     config_json=_json(lib.config), params=lib.params, metrics_json=_json(lib.metrics),
+                     loss_json=_json(lib.loss), blob=blob_pb(lib.blob), create_time=_ts(lib.created_at))
+
+
+def expert_pb(x: e.Expert) -> r.Expert:
+    return r.Expert(id=x.id, library_id=x.library_id, dataset=x.dataset, hierarchy_version=x.hierarchy_version,
+                    task=x.task, class_ids=list(x.class_ids), class_names=list(x.class_names),
+                    config_json=_json(x.config), params=x.params, val_accuracy=x.val_accuracy,
+                    metrics_json=_json(x.metrics), loss_json=_json(x.loss), blob=blob_pb(x.blob),
+                    create_time=_ts(x.created_at))
+
+
+def pool_pb(p: e.PoolVersion) -> r.PoolVersion:
+    return r.PoolVersion(name=p.name, version=p.version, aliases=list(p.aliases), dataset=p.dataset,
+                         hierarchy=hierarchy_pb(p.hierarchy), library=library_pb(p.library),
+                         experts=[expert_pb(x) for x in p.experts], info_json=_json(p.info),
+                         description=p.description, publish_time=_ts(p.published_at), params=p.params)
+
+
+def composed_pb(m: e.ComposedModel) -> r.ComposedModel:
+    return r.ComposedModel(pool=m.pool, class_ids=list(m.class_ids), format=m.format, blob=blob_pb(m.blob),
+                           hits=m.hits, metadata_json=_json(m.metadata), create_time=_ts(m.created_at),
+                           last_hit_time=_ts(m.last_hit_at))
+
+
+def job_pb(j: e.ExtractionJob) -> c.ExtractionJob:
+    return c.ExtractionJob(id=j.id, state=_STATE_TO_PB[j.state], progress=j.progress, stage=j.stage,
+                           message=j.message, params_json=_json(j.params), error=j.error, oracle_id=j.oracle_id or 0,
+                           pool=j.pool or "", create_time=_ts(j.created_at), update_time=_ts(j.updated_at))
+
+
+# -- message -> domain ---------------------------------------------------------------------------
+
+def hierarchy_from_pb(msg: c.Hierarchy, field: str = "hierarchy") -> Hierarchy:
+    classes = tuple(msg.classes)
+    if not classes:
+        raise field_error(f"{field}.classes", "must not be empty")
+    index = {n.casefold(): i for i, n in enumerate(classes)}
+    tasks: dict[str, tuple[int, ...]] = {}
+    for t in msg.tasks:
+        if t.class_ids:
+            ids = tuple(t.class_ids)
+            bad = [i for i in ids if not 0 <= i < len(classes)]
+            if bad:
+                raise field_error(f"{field}.tasks",
+                                  f"task {t.name!r}: class ids {bad} out of range 0..{len(classes) - 1}")
+        else:  # names only
+            unknown = [n for n in t.class_names if n.casefold() not in index]
+            if unknown:
+                raise field_error(f"{field}.tasks", f"task {t.name!r}: unknown classes {unknown}")
+            ids = tuple(index[n.casefold()] for n in t.class_names)
+        if t.name in tasks:
+            raise field_error(f"{field}.tasks", f"task {t.name!r} listed twice")
+        tasks[t.name] = ids
+    try:
+        return Hierarchy(msg.dataset, msg.version or 1, classes, tasks)
+    except ValueError as err:  # InvalidArgument from the hierarchy's own validation
+        raise field_error(field, str(err)) from None
+
+
+def _upload(request_iterator, kind: str):
+    """(metadata, chunk iterator) of a client-streaming upload: metadata first, then chunks."""
+    it = iter(request_iterator)
+    first = next(it, None)
+    if first is None or first.WhichOneof("payload") != "metadata":
+        raise field_error("metadata", f"the first message of a {kind} upload must carry the metadata")
+
+    def chunks() -> Iterator[bytes]:
+        for msg in it:
+            if msg.WhichOneof("payload") != "chunk":
+                raise field_error("metadata", "sent more than once (only the first message carries it)")
+            if len(msg.chunk) > CHUNK_SIZE:
+                raise field_error("chunk", f"{len(msg.chunk)} bytes; at most {CHUNK_SIZE} (1 MiB) per message")
+            yield msg.chunk
+
+    return first.metadata, chunks()
+
+
+def _opt(value):
+    return value if value else None
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.store = registry.store
+
+    # -- hierarchies -------------------------------------------------------------------------------
+
+    def RegisterHierarchy(self, request, context):
+        if not request.HasField("hierarchy"):
+            raise field_error("hierarchy", "required")
+        h, created = self.store.add_hierarchy(hierarchy_from_pb(request.hierarchy))
+        return r.RegisterHierarchyResponse(hierarchy=hierarchy_pb(h), created=created)
+
+    def GetHierarchy(self, request, context):
+        v.name(request.dataset, "dataset", "data set name")
+        return r.GetHierarchyResponse(hierarchy=hierarchy_pb(self.store.get_hierarchy(request.dataset,
+                                                                                      request.version or None)))
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def RegisterOracle(self, request_iterator, context):
+        m, chunks = _upload(request_iterator, "oracle")
+        spec = e.OracleSpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"), m.params,
+                            v.parse_json_object(m.metrics_json, "metrics_json"))
+        oracle, created = self.registry.register_oracle(spec, m.sha256, m.size, chunks)
+        return r.RegisterOracleResponse(oracle=oracle_pb(oracle), created=created)
+
+    def GetOracle(self, request, context):
+        return r.GetOracleResponse(oracle=oracle_pb(self.store.get_oracle(v.positive_id(request.id, "id"))))
+
+    def RegisterLibrary(self, request_iterator, context):
+        m, chunks = _upload(request_iterator, "library")
+        spec = e.LibrarySpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"),
+                             m.oracle_id or None, m.params, v.parse_json_object(m.metrics_json, "metrics_json"),
+                             v.parse_json_object(m.loss_json, "loss_json"))
+        lib, created = self.registry.register_library(spec, m.sha256, m.size, chunks)
+        return r.RegisterLibraryResponse(library=library_pb(lib), created=created)
+
+    def GetLibrary(self, request, context):
+        return r.GetLibraryResponse(library=library_pb(self.store.get_library(v.positive_id(request.id, "id"))))
+
+    def RegisterExpert(self, request_iterator, context):
+        m, chunks = _upload(request_iterator, "expert")
+        spec = e.ExpertSpec(m.library_id, m.hierarchy_version, m.task, tuple(m.class_ids),
+                            v.parse_json_object(m.config_json, "config_json"), m.params,
+                            m.val_accuracy if m.HasField("val_accuracy") else None,
+                            v.parse_json_object(m.metrics_json, "metrics_json"),
+                            v.parse_json_object(m.loss_json, "loss_json"))
+        x, created = self.registry.register_expert(spec, m.sha256, m.size, chunks)
+        return r.RegisterExpertResponse(expert=expert_pb(x), created=created)
+
+    def GetExpert(self, request, context):
+        return r.GetExpertResponse(expert=expert_pb(self.store.get_expert(v.positive_id(request.id, "id"))))
+
+    def ListExperts(self, request, context):
+        flt = e.ExpertFilter(_opt(request.dataset), _opt(request.class_name), _opt(request.task),
+                             _opt(request.library_id), _opt(request.pool))
+        page = self.store.list_experts(flt, request.page_size, request.page_token)
+        return r.ListExpertsResponse(experts=[expert_pb(x) for x in page.items], next_page_token=page.next_page_token)
+
+    # -- pools -------------------------------------------------------------------------------------
+
+    def PublishPool(self, request, context):
+        spec = e.PoolSpec(request.name, request.version, request.library_id, tuple(request.expert_ids),
+                          v.parse_json_object(request.info_json, "info_json"), request.description,
+                          tuple(request.aliases))
+        pool, created = self.store.publish_pool(spec)
+        return r.PublishPoolResponse(pool=pool_pb(pool), created=created)
+
+    def GetPool(self, request, context):
+        return r.GetPoolResponse(pool=pool_pb(self.store.get_pool(request.pool)))
+
+    def ListPools(self, request, context):
+        flt = e.PoolFilter(_opt(request.name), _opt(request.dataset), _opt(request.class_name), _opt(request.alias))
+        page = self.store.list_pools(flt, request.page_size, request.page_token)
+        return r.ListPoolsResponse(pools=[pool_pb(p) for p in page.items], next_page_token=page.next_page_token)
+
+    def SetPoolAlias(self, request, context):
+        return r.SetPoolAliasResponse(pool=pool_pb(self.store.set_alias(request.name, request.alias, request.version)))
+
+    def DeletePoolAlias(self, request, context):
+        self.store.delete_alias(request.name, request.alias)
+        return r.DeletePoolAliasResponse()
+
+    def DeletePoolVersion(self, request, context):
+        dropped = self.store.delete_pool_version(request.name, request.version)
+        return r.DeletePoolVersionResponse(deleted_cache_entries=dropped)
+
+    def ResolveClasses(self, request, context):
+        res = self.store.resolve(request.pool, list(request.classes), list(request.tasks))
+        return r.ResolveClassesResponse(pool=res.pool.ref, class_ids=list(res.class_ids),
+                                        class_names=list(res.class_names), library=library_pb(res.pool.library),
+                                        experts=[expert_pb(x) for x in res.experts], info_json=_json(res.pool.info))
+
+    # -- blobs -------------------------------------------------------------------------------------
+
+    def Download(self, request, context):
+        blob, chunks = self.registry.download(request.sha256, request.offset, request.length)
+        first = True
+        for offset, data in chunks:
+            yield r.DownloadResponse(blob=blob_pb(blob) if first else None, offset=offset, data=data)
+            first = False
+        if first:  # empty blob or empty range: still say what the blob is
+            yield r.DownloadResponse(blob=blob_pb(blob), offset=request.offset)
+
+    # -- composed-model cache ----------------------------------------------------------------------
+
+    def PutComposedModel(self, request_iterator, context):
+        m, chunks = _upload(request_iterator, "composed model")
+        spec = e.ComposedModelSpec(m.pool, tuple(m.class_ids), m.format,
+                                   v.parse_json_object(m.metadata_json, "metadata_json"))
+        model, created = self.registry.put_composed_model(spec, m.sha256, m.size, chunks)
+        return r.PutComposedModelResponse(model=composed_pb(model), created=created)
+
+    def GetComposedModel(self, request, context):
+        model = self.store.get_composed_model(request.pool, list(request.class_ids), request.format)
+        return r.GetComposedModelResponse(model=composed_pb(model))
+
+    # -- extraction jobs ---------------------------------------------------------------------------
+
+    def CreateExtractionJob(self, request, context):
+        job = self.store.create_job(v.parse_json_object(request.params_json, "params_json"),
+                                    request.oracle_id or None, request.job_id or None)
+        return r.CreateExtractionJobResponse(job=job_pb(job))
+
+    def UpdateExtractionJob(self, request, context):
+        state = None
+        if request.HasField("state"):
+            if request.state not in _STATE_FROM_PB:
+                raise field_error("state", f"unknown or unspecified state {request.state}")
+            state = _STATE_FROM_PB[request.state]
+        upd = e.JobUpdate(
+            state=state,
+            progress=request.progress if request.HasField("progress") else None,
+            stage=request.stage if request.HasField("stage") else None,
+            message=request.message if request.HasField("message") else None,
+            error=request.error if request.HasField("error") else None,
+            oracle_id=request.oracle_id if request.HasField("oracle_id") else None,
+            pool=request.pool if request.HasField("pool") else None)
+        return r.UpdateExtractionJobResponse(job=job_pb(self.store.update_job(request.job_id, upd)))
+
+    def GetExtractionJob(self, request, context):
+        return r.GetExtractionJobResponse(job=job_pb(self.store.get_job(request.job_id)))
+
+    def ListExtractionJobs(self, request, context):
+        state = None
+        if request.state != c.EXTRACTION_STATE_UNSPECIFIED:
+            if request.state not in _STATE_FROM_PB:
+                raise field_error("state", f"unknown state {request.state}")
+            state = _STATE_FROM_PB[request.state]
+        page = self.store.list_jobs(state, request.page_size, request.page_token)
+        return r.ListExtractionJobsResponse(jobs=[job_pb(j) for j in page.items], next_page_token=page.next_page_token)
+
+    # -- lineage -----------------------------------------------------------------------------------
+
+    def GetLineage(self, request, context):
+        nodes = self.store.lineage(request.kind, request.id)
+        return r.GetLineageResponse(nodes=[r.LineageNode(kind=n.kind, id=n.id, name=n.name, blob=blob_pb(n.blob))
+                                           for n in nodes])

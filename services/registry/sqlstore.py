@@ -1,0 +1,739 @@
+"""`RegistryStore` on SQLAlchemy 2 (SQLite or PostgreSQL).
+
+Every operation runs in one managed session (`db.session_scope`). "Create or return the identical
+record" operations first look for the record, then insert it; when a concurrent writer wins the
+race the insert fails with a unique violation (AlreadyExists from the session scope), and the
+operation looks again and returns the winner's record if it is identical. Blob rows are inserted
+with ON CONFLICT DO NOTHING, so any number of artifacts may share one blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from sqlalchemy import Engine, delete, exists, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from poe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from poe.grpc_errors import field_error
+from poe.hierarchy import Hierarchy
+from poe_services.registry import db
+from poe_services.registry import entities as e
+from poe_services.registry import validation as v
+from poe_services.registry.models import (
+    BlobRow,
+    ComposedModelRow,
+    DatasetClassRow,
+    DatasetRow,
+    ExpertRow,
+    ExtractionJobRow,
+    HierarchyRow,
+    LibraryRow,
+    OracleRow,
+    PoolAliasRow,
+    PoolRow,
+    PoolVersionExpertRow,
+    PoolVersionRow,
+    TaskClassRow,
+    TaskRow,
+    utcnow,
+)
+from poe_services.registry.store import DEFAULT_PAGE_SIZE, LATEST, MAX_PAGE_SIZE, BeforeCommit, RegistryStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def class_set_key(class_ids: Sequence[int]) -> str:
+    return hashlib.sha256(",".join(str(i) for i in sorted(class_ids)).encode()).hexdigest()
+
+
+class SqlRegistryStore(RegistryStore):
+    def __init__(self, url_or_engine: str | Engine, *, require_current: bool = True):
+        self.engine = db.make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+        self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        if require_current:
+            db.require_current_schema(self.engine)
+
+    def _session(self, write: bool = False):
+        return db.session_scope(self._factory, write=write)
+
+    def _create_or_get(self, find: Callable[[Session], T | None], create: Callable[[Session], T]) -> tuple[T, bool]:
+        """find() returns an identical existing record (or raises AlreadyExists on a conflicting one)."""
+        for attempt in range(3):
+            try:
+                with self._session(write=True) as s:
+                    found = find(s)
+                    if found is not None:
+                        return found, False
+                    return create(s), True
+            except AlreadyExists:  # a concurrent writer inserted the same key first
+                with self._session() as s:
+                    found = find(s)
+                if found is not None:
+                    return found, False
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        db.ping(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _dataset(s: Session, name: str, field: str = "dataset") -> DatasetRow:
+        row = s.scalar(select(DatasetRow).where(DatasetRow.name == name))
+        if row is None:
+            raise NotFound(f"{field}: data set {name!r} is not registered (register a hierarchy for it first)")
+        return row
+
+    @staticmethod
+    def _insert_blob(s: Session, blob: e.Blob) -> None:
+        v.sha256(blob.sha256, "sha256")
+        v.non_negative(blob.size, "size")
+        values = {"sha256": blob.sha256, "size": blob.size, "media_type": blob.media_type, "created_at": utcnow()}
+        dialect = s.get_bind().dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert
+            s.execute(insert(BlobRow).values(**values).on_conflict_do_nothing(index_elements=["sha256"]))
+        elif s.get(BlobRow, blob.sha256) is None:
+            s.add(BlobRow(**values))
+        row = s.get(BlobRow, blob.sha256)
+        if row is not None and row.size != blob.size:  # same hash, different size: cannot happen unless corrupt
+            raise FailedPrecondition(f"blob {blob.sha256[:12]}... is recorded with {row.size} bytes, not {blob.size}")
+
+    @staticmethod
+    def _pool_version(s: Session, ref: str, field: str = "pool") -> PoolVersionRow:
+        name, tag = v.pool_ref(ref, field)
+        pool = s.scalar(select(PoolRow).where(PoolRow.name == name))
+        if pool is None:
+            raise NotFound(f"{field}: no pool named {name!r}")
+        if tag is not None:
+            row = s.scalar(select(PoolVersionRow).where(PoolVersionRow.pool_id == pool.id,
+                                                        PoolVersionRow.version == tag))
+            if row is not None:
+                return row
+        alias_name = tag or LATEST
+        row = s.scalar(select(PoolVersionRow).join(PoolAliasRow, PoolAliasRow.pool_version_id == PoolVersionRow.id)
+                       .where(PoolAliasRow.pool_id == pool.id, PoolAliasRow.alias == alias_name))
+        if row is None:
+            versions = s.scalars(select(PoolVersionRow.version).where(PoolVersionRow.pool_id == pool.id)).all()
+            aliases = s.scalars(select(PoolAliasRow.alias).where(PoolAliasRow.pool_id == pool.id)).all()
+            raise NotFound(f"{field}: pool {name!r} has no version or alias {alias_name!r} "
+                           f"(versions: {', '.join(versions) or 'none'}; aliases: {', '.join(aliases) or 'none'})")
+        return row
+
+    @staticmethod
+    def _set_alias_row(s: Session, pool_id: int, alias: str, version_id: int) -> None:
+        row = s.get(PoolAliasRow, (pool_id, alias))
+        if row is None:
+            s.add(PoolAliasRow(pool_id=pool_id, alias=alias, pool_version_id=version_id))
+        else:
+            row.pool_version_id = version_id
+
+    # -- data sets and hierarchies -------------------------------------------------------------
+
+    def add_hierarchy(self, hierarchy: Hierarchy) -> tuple[Hierarchy, bool]:
+        v.name(hierarchy.dataset, "hierarchy.dataset", "data set name")
+        if hierarchy.version < 1:
+            raise field_error("hierarchy.version", f"must be >= 1, got {hierarchy.version}")
+
+        def find(s: Session) -> Hierarchy | None:
+            ds = s.scalar(select(DatasetRow).where(DatasetRow.name == hierarchy.dataset))
+            if ds is None:
+                return None
+            registered = tuple(c.name for c in ds.classes)
+            if registered != tuple(hierarchy.classes):
+                raise FailedPrecondition(f"hierarchy.classes: data set {hierarchy.dataset!r} is registered with "
+                                         f"classes {list(registered)}, not {list(hierarchy.classes)}")
+            row = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == ds.id,
+                                                      HierarchyRow.version == hierarchy.version))
+            if row is None:
+                return None
+            existing = row.to_entity()
+            if existing != hierarchy:
+                raise AlreadyExists(f"hierarchy {hierarchy.dataset} v{hierarchy.version} is already registered with "
+                                    "different tasks; register a new version")
+            return existing
+
+        def create(s: Session) -> Hierarchy:
+            ds = s.scalar(select(DatasetRow).where(DatasetRow.name == hierarchy.dataset))
+            if ds is None:
+                ds = DatasetRow(name=hierarchy.dataset)
+                s.add(ds)
+                s.flush()
+                for label, cname in enumerate(hierarchy.classes):
+                    s.add(DatasetClassRow(dataset_id=ds.id, label=label, name=cname, name_key=cname.casefold()))
+            row = HierarchyRow(dataset_id=ds.id, version=hierarchy.version)
+            s.add(row)
+            s.flush()
+            for pos, (task, ids) in enumerate(hierarchy.tasks.items()):
+                t = TaskRow(hierarchy_id=row.id, name=task, position=pos)
+                s.add(t)
+                s.flush()
+                for i, label in enumerate(ids):
+                    s.add(TaskClassRow(task_id=t.id, label=label, position=i))
+            s.flush()
+            s.expire_all()
+            return s.get(HierarchyRow, row.id).to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_hierarchy(self, dataset: str, version: int | None = None) -> Hierarchy:
+        with self._session() as s:
+            ds = self._dataset(s, dataset)
+            q = select(HierarchyRow).where(HierarchyRow.dataset_id == ds.id)
+            q = q.where(HierarchyRow.version == version) if version else q.order_by(HierarchyRow.version.desc())
+            row = s.scalars(q.limit(1)).first()
+            if row is None:
+                raise NotFound(f"version: data set {dataset!r} has no hierarchy"
+                               + (f" version {version}" if version else ""))
+            return row.to_entity()
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def get_blob(self, sha256: str) -> e.Blob:
+        v.sha256(sha256)
+        with self._session() as s:
+            row = s.get(BlobRow, sha256)
+            if row is None:
+                raise NotFound(f"sha256: no registered blob {sha256[:12]}...")
+            return row.to_entity()
+
+    def blob_referenced(self, sha256: str) -> bool:
+        with self._session() as s:
+            return s.get(BlobRow, sha256) is not None
+
+    # -- artifacts -----------------------------------------------------------------------------
+
+    def add_oracle(self, spec: e.OracleSpec, blob: e.Blob, before_commit: BeforeCommit = None) -> tuple[e.Oracle, bool]:
+        v.check_oracle_spec(spec)
+        v.sha256(blob.sha256)
+
+        def find(s: Session) -> e.Oracle | None:
+            row = s.scalar(select(OracleRow).where(OracleRow.blob_sha256 == blob.sha256))
+            if row is None:
+                return None
+            if row.dataset.name != spec.dataset or row.config != spec.config:
+                raise AlreadyExists(f"oracle {row.id} ({row.name}) already holds these weights with a different "
+                                    "data set or config")
+            return row.to_entity()
+
+        def create(s: Session) -> e.Oracle:
+            ds = self._dataset(s, spec.dataset)
+            self._insert_blob(s, blob)
+            row = OracleRow(name=spec.name, dataset_id=ds.id, config=spec.config, params=spec.params,
+                            metrics=spec.metrics, blob_sha256=blob.sha256)
+            s.add(row)
+            s.flush()
+            if before_commit:
+                before_commit()
+            return row.to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_oracle(self, oracle_id: int) -> e.Oracle:
+        with self._session() as s:
+            row = s.get(OracleRow, oracle_id)
+            if row is None:
+                raise NotFound(f"id: no oracle {oracle_id}")
+            return row.to_entity()
+
+    def add_library(self, spec: e.LibrarySpec, blob: e.Blob,
+                    before_commit: BeforeCommit = None) -> tuple[e.Library, bool]:
+        v.check_library_spec(spec)
+        v.sha256(blob.sha256)
+
+        def find(s: Session) -> e.Library | None:
+            row = s.scalar(select(LibraryRow).where(LibraryRow.blob_sha256 == blob.sha256))
+            if row is None:
+                return None
+            if row.dataset.name != spec.dataset or row.config != spec.config or row.oracle_id != spec.oracle_id:
+                raise AlreadyExists(f"library {row.id} ({row.name}) already holds these weights with a different "
+                                    "data set, config or oracle")
+            return row.to_entity()
+
+        def create(s: Session) -> e.Library:
+            ds = self._dataset(s, spec.dataset)
+            if spec.oracle_id is not None:
+                oracle = s.get(OracleRow, spec.oracle_id)
+                if oracle is None:
+                    raise NotFound(f"oracle_id: no oracle {spec.oracle_id}")
+                if oracle.dataset_id != ds.id:
+                    raise FailedPrecondition(f"oracle_id: oracle {oracle.id} is for data set {oracle.dataset.name!r}, "
+                                             f"not {spec.dataset!r}")
+            self._insert_blob(s, blob)
+            row = LibraryRow(name=spec.name, dataset_id=ds.id, oracle_id=spec.oracle_id, config=spec.config,
+                             params=spec.params, metrics=spec.metrics, loss=spec.loss, blob_sha256=blob.sha256)
+            s.add(row)
+            s.flush()
+            if before_commit:
+                before_commit()
+            return row.to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_library(self, library_id: int) -> e.Library:
+        with self._session() as s:
+            row = s.get(LibraryRow, library_id)
+            if row is None:
+                raise NotFound(f"id: no library {library_id}")
+            return row.to_entity()
+
+    @staticmethod
+    def _expert_task(s: Session, spec: e.ExpertSpec) -> tuple[LibraryRow, TaskRow]:
+        lib = s.get(LibraryRow, spec.library_id)
+        if lib is None:
+            raise NotFound(f"library_id: no library {spec.library_id}")
+        h = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == lib.dataset_id,
+                                                HierarchyRow.version == spec.hierarchy_version))
+        if h is None:
+            raise NotFound(f"hierarchy_version: data set {lib.dataset.name!r} has no hierarchy version "
+                           f"{spec.hierarchy_version}")
+        task = next((t for t in h.tasks if t.name == spec.task), None)
+        if task is None:
+            raise field_error("task", f"hierarchy {lib.dataset.name} v{h.version} has no task {spec.task!r} "
+                                      f"(tasks: {', '.join(t.name for t in h.tasks)})")
+        expected = sorted(c.label for c in task.classes)
+        if sorted(spec.class_ids) != expected:
+            raise field_error("class_ids", f"task {spec.task!r} has classes {expected}, got {list(spec.class_ids)}")
+        return lib, task
+
+    def add_expert(self, spec: e.ExpertSpec, blob: e.Blob,
+                   before_commit: BeforeCommit = None) -> tuple[e.Expert, bool]:
+        v.check_expert_spec(spec)
+        ids = tuple(spec.class_ids)
+        v.sha256(blob.sha256)
+
+        def find(s: Session) -> e.Expert | None:
+            lib, task = self._expert_task(s, spec)
+            row = s.scalar(select(ExpertRow).where(ExpertRow.library_id == lib.id, ExpertRow.task_id == task.id,
+                                                   ExpertRow.blob_sha256 == blob.sha256))
+            if row is None:
+                return None
+            if tuple(row.class_ids) != ids or row.config != spec.config:
+                raise AlreadyExists(f"expert {row.id} already holds these weights for task {spec.task!r} with a "
+                                    "different class order or config")
+            return row.to_entity()
+
+        def create(s: Session) -> e.Expert:
+            lib, task = self._expert_task(s, spec)
+            self._insert_blob(s, blob)
+            row = ExpertRow(library_id=lib.id, task_id=task.id, class_ids=list(ids), config=spec.config,
+                            params=spec.params, val_accuracy=spec.val_accuracy, metrics=spec.metrics,
+                            loss=spec.loss, blob_sha256=blob.sha256)
+            s.add(row)
+            s.flush()
+            if before_commit:
+                before_commit()
+            return row.to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_expert(self, expert_id: int) -> e.Expert:
+        with self._session() as s:
+            row = s.get(ExpertRow, expert_id)
+            if row is None:
+                raise NotFound(f"id: no expert {expert_id}")
+            return row.to_entity()
+
+    def list_experts(self, flt: e.ExpertFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.Expert]:
+        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = v.decode_page_token(page_token, flt)
+        with self._session() as s:
+            q = (select(ExpertRow).join(TaskRow, ExpertRow.task_id == TaskRow.id)
+                 .join(HierarchyRow, TaskRow.hierarchy_id == HierarchyRow.id)
+                 .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
+            if flt.dataset:
+                q = q.where(DatasetRow.name == flt.dataset)
+            if flt.task:
+                q = q.where(TaskRow.name == flt.task)
+            if flt.library_id:
+                q = q.where(ExpertRow.library_id == flt.library_id)
+            if flt.class_name:
+                q = q.where(exists().where(
+                    TaskClassRow.task_id == ExpertRow.task_id,
+                    DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
+                    DatasetClassRow.label == TaskClassRow.label,
+                    DatasetClassRow.name_key == flt.class_name.strip().casefold()))
+            if flt.pool:
+                pv = self._pool_version(s, flt.pool)
+                q = q.where(ExpertRow.id.in_(select(PoolVersionExpertRow.expert_id)
+                                             .where(PoolVersionExpertRow.pool_version_id == pv.id)))
+            rows = s.scalars(q.order_by(ExpertRow.id).offset(offset).limit(size + 1)).unique().all()
+            items = tuple(r.to_entity() for r in rows[:size])
+        token = v.encode_page_token(offset + size, flt) if len(rows) > size else ""
+        return e.Page(items, token)
+
+    # -- pools ---------------------------------------------------------------------------------
+
+    def publish_pool(self, spec: e.PoolSpec) -> tuple[e.PoolVersion, bool]:
+        v.name(spec.name, "name", "pool name")
+        v.version(spec.version)
+        v.positive_id(spec.library_id, "library_id")
+        if not spec.expert_ids:
+            raise field_error("expert_ids", "a pool needs at least one expert")
+        for i in spec.expert_ids:
+            v.positive_id(i, "expert_ids")
+        if len(set(spec.expert_ids)) != len(spec.expert_ids):
+            raise field_error("expert_ids", f"duplicate expert ids in {list(spec.expert_ids)}")
+        for a in spec.aliases:
+            v.alias(a, "aliases")
+            if a == LATEST:
+                raise field_error("aliases", "'latest' always moves to the newest version; do not list it")
+        v.mapping(spec.info, "info_json")
+
+        def find(s: Session) -> e.PoolVersion | None:
+            row = s.scalar(select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
+                           .where(PoolRow.name == spec.name, PoolVersionRow.version == spec.version))
+            if row is None:
+                return None
+            same = (row.library_id == spec.library_id
+                    and sorted(m.expert_id for m in row.members) == sorted(spec.expert_ids))
+            if not same:
+                raise AlreadyExists(f"pool {spec.name}@{spec.version} is already published with a different library "
+                                    "or experts; published versions are immutable: publish a new version")
+            return row.to_entity()
+
+        def create(s: Session) -> e.PoolVersion:
+            lib = s.get(LibraryRow, spec.library_id)
+            if lib is None:
+                raise NotFound(f"library_id: no library {spec.library_id}")
+            experts = s.scalars(select(ExpertRow).where(ExpertRow.id.in_(spec.expert_ids))).unique().all()
+            missing = sorted(set(spec.expert_ids) - {x.id for x in experts})
+            if missing:
+                raise NotFound(f"expert_ids: no expert(s) {', '.join(map(str, missing))}")
+            by_task: dict[int, ExpertRow] = {}
+            for x in experts:
+                if x.library_id != lib.id:
+                    raise field_error("expert_ids", f"expert {x.id} is on library {x.library_id}, not {lib.id}")
+                if x.task_id in by_task:
+                    raise field_error("expert_ids", f"experts {by_task[x.task_id].id} and {x.id} are both for task "
+                                                    f"{x.task.name!r}")
+                by_task[x.task_id] = x
+            hierarchies = {x.task.hierarchy_id for x in experts}
+            if len(hierarchies) != 1:
+                raise field_error("expert_ids", "experts come from different hierarchies")
+            pool = s.scalar(select(PoolRow).where(PoolRow.name == spec.name))
+            if pool is None:
+                pool = PoolRow(name=spec.name)
+                s.add(pool)
+                s.flush()
+            row = PoolVersionRow(pool_id=pool.id, version=spec.version, library_id=lib.id,
+                                 hierarchy_id=hierarchies.pop(), info=spec.info, description=spec.description or "")
+            row.members = [PoolVersionExpertRow(task_id=t, expert_id=x.id) for t, x in by_task.items()]
+            s.add(row)
+            s.flush()
+            for a in (LATEST, *spec.aliases):
+                self._set_alias_row(s, pool.id, a, row.id)
+            s.flush()
+            s.expire(row)
+            return s.get(PoolVersionRow, row.id).to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_pool(self, ref: str) -> e.PoolVersion:
+        with self._session() as s:
+            return self._pool_version(s, ref).to_entity()
+
+    def list_pools(self, flt: e.PoolFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.PoolVersion]:
+        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = v.decode_page_token(page_token, flt)
+        with self._session() as s:
+            q = (select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
+                 .join(HierarchyRow, PoolVersionRow.hierarchy_id == HierarchyRow.id)
+                 .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
+            if flt.name:
+                q = q.where(PoolRow.name == flt.name)
+            if flt.dataset:
+                q = q.where(DatasetRow.name == flt.dataset)
+            if flt.alias:
+                q = q.where(exists().where(PoolAliasRow.pool_version_id == PoolVersionRow.id,
+                                           PoolAliasRow.alias == flt.alias))
+            if flt.class_name:
+                q = q.where(exists().where(
+                    PoolVersionExpertRow.pool_version_id == PoolVersionRow.id,
+                    TaskClassRow.task_id == PoolVersionExpertRow.task_id,
+                    DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
+                    DatasetClassRow.label == TaskClassRow.label,
+                    DatasetClassRow.name_key == flt.class_name.strip().casefold()))
+            rows = s.scalars(q.order_by(PoolRow.name, PoolVersionRow.id).offset(offset).limit(size + 1)).unique().all()
+            items = tuple(r.to_entity() for r in rows[:size])
+        token = v.encode_page_token(offset + size, flt) if len(rows) > size else ""
+        return e.Page(items, token)
+
+    def set_alias(self, name: str, alias: str, version: str) -> e.PoolVersion:
+        v.name(name, "name", "pool name")
+        v.alias(alias)
+        v.version(version)
+        if alias == LATEST:
+            raise field_error("alias", "'latest' is managed by the registry (it moves to each new version)")
+        with self._session(write=True) as s:
+            row = self._pool_version(s, f"{name}@{version}", "version")
+            if row.version != version:  # `version` named an alias
+                raise NotFound(f"version: pool {name!r} has no version {version!r}")
+            self._set_alias_row(s, row.pool_id, alias, row.id)
+            s.flush()
+            s.expire(row)
+            return s.get(PoolVersionRow, row.id).to_entity()
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        v.name(name, "name", "pool name")
+        v.alias(alias)
+        if alias == LATEST:
+            raise field_error("alias", "'latest' is managed by the registry and cannot be deleted")
+        with self._session(write=True) as s:
+            pool = s.scalar(select(PoolRow).where(PoolRow.name == name))
+            row = s.get(PoolAliasRow, (pool.id, alias)) if pool else None
+            if row is None:
+                raise NotFound(f"alias: pool {name!r} has no alias {alias!r}")
+            s.delete(row)
+
+    def delete_pool_version(self, name: str, version: str) -> int:
+        v.name(name, "name", "pool name")
+        v.version(version)
+        with self._session(write=True) as s:
+            row = s.scalar(select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
+                           .where(PoolRow.name == name, PoolVersionRow.version == version))
+            if row is None:
+                raise NotFound(f"version: pool {name!r} has no version {version!r}")
+            pinned = s.scalars(select(PoolAliasRow.alias).where(PoolAliasRow.pool_version_id == row.id,
+                                                                PoolAliasRow.alias != LATEST)).all()
+            if pinned:
+                raise FailedPrecondition(f"pool {name}@{version} is referenced by alias(es) "
+                                         f"{', '.join(sorted(pinned))}; move or delete them first")
+            pool_id = row.pool_id
+            dropped = s.execute(delete(ComposedModelRow).where(ComposedModelRow.pool_version_id == row.id)).rowcount
+            s.execute(update(ExtractionJobRow).where(ExtractionJobRow.pool_version_id == row.id)
+                      .values(pool_version_id=None))
+            s.execute(delete(PoolAliasRow).where(PoolAliasRow.pool_version_id == row.id))
+            s.delete(row)
+            s.flush()
+            newest = s.scalar(select(func.max(PoolVersionRow.id)).where(PoolVersionRow.pool_id == pool_id))
+            if newest is None:
+                s.execute(delete(PoolRow).where(PoolRow.id == pool_id))
+            else:
+                self._set_alias_row(s, pool_id, LATEST, newest)
+            return int(dropped or 0)
+
+    def resolve(self, ref: str, classes: Sequence[str | int], tasks: Sequence[str] = ()) -> e.Resolution:
+        if not classes and not tasks:
+            raise field_error("classes", "name at least one class or task")
+        with self._session() as s:
+            pv = self._pool_version(s, ref)
+            pool = pv.to_entity()
+        h = pool.hierarchy
+        try:
+            ids = set(h.resolve_classes(list(classes))) if classes else set()
+        except InvalidArgument as err:
+            raise field_error("classes", str(err)) from None
+        try:
+            for t in h.resolve_tasks(list(tasks)):
+                ids.update(h.tasks[t])
+        except InvalidArgument as err:
+            raise field_error("tasks", str(err)) from None
+        by_task = {x.task: x for x in pool.experts}
+        needed = h.covering_tasks(ids)
+        missing = [t for t in needed if t not in by_task]
+        if missing:
+            wanted = [h.classes[i] for i in sorted(ids) if h.task_of(i) in missing]
+            raise FailedPrecondition(f"pool {pool.ref} has no expert for task(s) {', '.join(missing)} "
+                                     f"(needed for {', '.join(wanted)})")
+        ordered = tuple(sorted(ids))
+        return e.Resolution(pool, ordered, tuple(h.classes[i] for i in ordered), tuple(by_task[t] for t in needed))
+
+    # -- composed-model cache ------------------------------------------------------------------
+
+    def add_composed_model(self, spec: e.ComposedModelSpec, blob: e.Blob,
+                           before_commit: BeforeCommit = None) -> tuple[e.ComposedModel, bool]:
+        v.check_composed_spec(spec)
+        ids = tuple(sorted(spec.class_ids))
+        v.sha256(blob.sha256)
+        key = class_set_key(ids)
+
+        def lookup(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
+            pv = self._pool_version(s, spec.pool)
+            n = len(pv.hierarchy.dataset.classes)
+            if ids[-1] >= n:
+                raise field_error("class_ids", f"data set {pv.hierarchy.dataset.name!r} has class ids 0..{n - 1}")
+            row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
+                                                          ComposedModelRow.class_set == key,
+                                                          ComposedModelRow.format == spec.format))
+            return pv, row
+
+        def find(s: Session) -> e.ComposedModel | None:
+            _, row = lookup(s)
+            return row.to_entity() if row is not None else None  # first entry for a key wins
+
+        def create(s: Session) -> e.ComposedModel:
+            pv, _ = lookup(s)
+            self._insert_blob(s, blob)
+            row = ComposedModelRow(pool_version_id=pv.id, class_set=key, class_ids=list(ids), format=spec.format,
+                                   blob_sha256=blob.sha256, meta=spec.metadata, hits=0)
+            s.add(row)
+            s.flush()
+            if before_commit:
+                before_commit()
+            return row.to_entity()
+
+        return self._create_or_get(find, create)
+
+    def get_composed_model(self, ref: str, class_ids: Sequence[int], fmt: str,
+                           count_hit: bool = True) -> e.ComposedModel:
+        ids = tuple(sorted(v.class_ids(class_ids)))
+        with self._session(write=count_hit) as s:
+            pv = self._pool_version(s, ref)
+            row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
+                                                          ComposedModelRow.class_set == class_set_key(ids),
+                                                          ComposedModelRow.format == fmt))
+            if row is None:
+                raise NotFound(f"no composed model cached for {pv.pool.name}@{pv.version} classes {list(ids)} "
+                               f"format {fmt!r}")
+            if count_hit:
+                s.execute(update(ComposedModelRow).where(ComposedModelRow.id == row.id)
+                          .values(hits=ComposedModelRow.hits + 1, last_hit_at=utcnow()))
+                s.refresh(row)
+            return row.to_entity()
+
+    # -- extraction jobs -----------------------------------------------------------------------
+
+    def create_job(self, params: dict, oracle_id: int | None = None, job_id: str | None = None) -> e.ExtractionJob:
+        v.mapping(params, "params_json")
+        if job_id:
+            if not v.JOB_ID.match(job_id):
+                raise field_error("job_id", f"{job_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        else:
+            job_id = uuid.uuid4().hex
+        if oracle_id is not None:
+            v.positive_id(oracle_id, "oracle_id")
+        try:
+            with self._session(write=True) as s:
+                if oracle_id is not None and s.get(OracleRow, oracle_id) is None:
+                    raise NotFound(f"oracle_id: no oracle {oracle_id}")
+                if s.get(ExtractionJobRow, job_id) is not None:
+                    raise AlreadyExists(f"job_id: job {job_id!r} already exists")
+                now = utcnow()
+                row = ExtractionJobRow(id=job_id, state=e.JobState.PENDING.value, progress=0.0, stage="", message="",
+                                       params=params, error="", oracle_id=oracle_id, created_at=now, updated_at=now)
+                s.add(row)
+                s.flush()
+                return row.to_entity()
+        except AlreadyExists:
+            raise AlreadyExists(f"job_id: job {job_id!r} already exists") from None
+
+    def update_job(self, job_id: str, update_: e.JobUpdate) -> e.ExtractionJob:
+        v.fraction(update_.progress, "progress")
+        with self._session(write=True) as s:
+            row = s.get(ExtractionJobRow, job_id)
+            if row is None:
+                raise NotFound(f"job_id: no job {job_id!r}")
+            current = e.JobState(row.state)
+            if current.terminal:
+                raise FailedPrecondition(f"job {job_id} is {current.value}; a finished job cannot change")
+            if update_.state is not None:
+                row.state = e.JobState(update_.state).value
+            for attr in ("progress", "stage", "message", "error"):
+                value = getattr(update_, attr)
+                if value is not None:
+                    setattr(row, attr, value)
+            if update_.oracle_id is not None:
+                if s.get(OracleRow, update_.oracle_id) is None:
+                    raise NotFound(f"oracle_id: no oracle {update_.oracle_id}")
+                row.oracle_id = update_.oracle_id
+            if update_.pool is not None:
+                row.pool_version_id = self._pool_version(s, update_.pool).id
+            row.updated_at = utcnow()
+            s.flush()
+            s.expire(row)
+            return s.get(ExtractionJobRow, job_id).to_entity()
+
+    def get_job(self, job_id: str) -> e.ExtractionJob:
+        with self._session() as s:
+            row = s.get(ExtractionJobRow, job_id)
+            if row is None:
+                raise NotFound(f"job_id: no job {job_id!r}")
+            return row.to_entity()
+
+    def list_jobs(self, state: e.JobState | None = None, page_size: int = 0,
+                  page_token: str = "") -> e.Page[e.ExtractionJob]:
+        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = v.decode_page_token(page_token, ("jobs", state))
+        with self._session() as s:
+            q = select(ExtractionJobRow)
+            if state is not None:
+                q = q.where(ExtractionJobRow.state == e.JobState(state).value)
+            q = q.order_by(ExtractionJobRow.created_at.desc(), ExtractionJobRow.id).offset(offset).limit(size + 1)
+            rows = s.scalars(q).unique().all()
+            items = tuple(r.to_entity() for r in rows[:size])
+        token = v.encode_page_token(offset + size, ("jobs", state)) if len(rows) > size else ""
+        return e.Page(items, token)
+
+    # -- lineage -------------------------------------------------------------------------------
+
+    LINEAGE_KINDS = ("composed_model", "pool", "expert", "library", "oracle")
+
+    def lineage(self, kind: str, ident: str) -> list[e.LineageNode]:
+        if kind not in self.LINEAGE_KINDS:
+            raise field_error("kind", f"expected one of {', '.join(self.LINEAGE_KINDS)}, got {kind!r}")
+        if kind in ("expert", "library", "oracle"):
+            try:
+                num = int(ident)
+            except (TypeError, ValueError):
+                raise field_error("id", f"{kind} ids are numbers, got {ident!r}") from None
+        nodes: list[e.LineageNode] = []
+        with self._session() as s:
+            library: LibraryRow | None = None
+            oracle: OracleRow | None = None
+            dataset = ""
+            if kind == "composed_model":
+                v.sha256(ident, "id")
+                cm = s.scalar(select(ComposedModelRow).where(ComposedModelRow.blob_sha256 == ident)
+                              .order_by(ComposedModelRow.id).limit(1))
+                if cm is None:
+                    raise NotFound(f"id: no composed model with sha256 {ident[:12]}...")
+                ent = cm.to_entity()
+                nodes.append(e.LineageNode("composed_model", ident, f"{ent.pool} {list(ent.class_ids)} {ent.format}",
+                                           ent.blob))
+                kind, pv = "pool", cm.pool_version
+            elif kind == "pool":
+                pv = self._pool_version(s, ident, "id")
+            if kind == "pool":
+                nodes.append(e.LineageNode("pool", f"{pv.pool.name}@{pv.version}", pv.pool.name))
+                library = pv.library
+            elif kind == "expert":
+                x = s.get(ExpertRow, num)
+                if x is None:
+                    raise NotFound(f"id: no expert {num}")
+                nodes.append(e.LineageNode("expert", str(x.id), x.task.name, x.blob.to_entity()))
+                library = x.library
+            elif kind == "library":
+                library = s.get(LibraryRow, num)
+                if library is None:
+                    raise NotFound(f"id: no library {num}")
+            elif kind == "oracle":
+                oracle = s.get(OracleRow, num)
+                if oracle is None:
+                    raise NotFound(f"id: no oracle {num}")
+            if library is not None:
+                nodes.append(e.LineageNode("library", str(library.id), library.name, library.blob.to_entity()))
+                oracle = s.get(OracleRow, library.oracle_id) if library.oracle_id else None
+                dataset = library.dataset.name
+            if oracle is not None:
+                nodes.append(e.LineageNode("oracle", str(oracle.id), oracle.name, oracle.blob.to_entity()))
+                dataset = oracle.dataset.name
+            nodes.append(e.LineageNode("dataset", dataset, dataset))
+        return nodes
+
