@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compose(args: argparse.Namespace) -> int:
     classes, tasks = _class_refs(_split(args.classes)), _split(args.tasks)
     if not args.local:
-        raise PoeError("composing through the composer service is not available yet; use --local POOL_DIR")
+        return _compose_remote(args, classes, tasks)
     from poe import pool as pool_mod
     from poe.compose import compose
     from poe.export import metadata, to_torchscript_bytes
@@ -116,6 +116,65 @@ def cmd_compose(args: argparse.Namespace) -> int:
     else:
         print(f"{out}: {', '.join(p.class_names)} from {p.pool} experts [{', '.join(p.tasks)}], "
               f"{meta['params']:,} params, {len(data) / 1024:.0f} KiB, composed in {summary['compose_ms']} ms")
+    return 0
+
+
+def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -> int:
+    from poe.client import Composer
+    from poe.config import settings
+
+    target = args.target or settings().composer_addr
+    with Composer(target, timeout=args.timeout) as c:
+        result = c.compose(classes, tasks=tasks, pool=args.pool or "", execution=args.execution, format=args.format)
+    out = result.save(args.output)
+    h = result.header
+    summary = {"output": str(out), "model_id": h["model_id"], "pool": h["pool"], "classes": h["classes"],
+               "experts": h["tasks"], "params": h["params"], "flops": h["flops"], "bytes": h["size"],
+               "sha256": h["sha256"], "expected_accuracy": round(h["expected_accuracy"], 4),
+               "cache_hit": h["cache_hit"], "ms": round(result.seconds * 1e3, 1)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{out}: {', '.join(h['classes'])} from {h['pool']} experts [{', '.join(h['tasks'])}], "
+              f"{h['params']:,} params, {h['flops'] / 1e6:.1f} MFLOPs, {h['size'] / 1024:.0f} KiB, expected accuracy "
+              f"{h['expected_accuracy']:.3f}, {summary['ms']} ms{' (cached)' if h['cache_hit'] else ''}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from poe.export import load_torchscript
+
+    model, meta = load_torchscript(Path(args.model))
+    c, h, w = meta["input"]["shape"]
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except FileNotFoundError:
+            raise PoeError(f"{path}: no such file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise PoeError(f"{path}: not a readable image ({e})") from None
+        if args.invert:
+            arr = 1.0 - arr
+        images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(np.stack(images))), dim=1)
+    rows = []
+    for path, p in zip(args.images, probs, strict=True):
+        k = int(p.argmax())
+        rows.append({"image": path, "class": meta["classes"][k], "class_id": meta["class_ids"][k],
+                     "probability": round(float(p[k]), 4)})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}")
     return 0
 
 
@@ -239,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compose", help="compose a TorchScript classifier for some classes")
     c.add_argument("--local", metavar="POOL_DIR", help="build from a pool directory, without services")
+    c.add_argument("--target", metavar="HOST:PORT", help="composer to ask (default POE_COMPOSER_ADDR)")
+    c.add_argument("--pool", help="pool: name, name@version or name@alias (default: the composer's default)")
+    c.add_argument("--format", choices=["torchscript", "safetensors"], default="torchscript",
+                   help="model file format (through the composer)")
+    c.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (through the composer)")
     c.add_argument("--classes", action="append", help="class names or ids, comma-separated (repeatable)")
     c.add_argument("--tasks", action="append", help="primitive tasks, comma-separated (repeatable)")
     c.add_argument("--execution", choices=["fused", "reference"], default="fused")
@@ -264,8 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bp.set_defaults(func=cmd_bench_pool)
 
+    pr = sub.add_parser("predict", help="classify image files with a composed model")
+    pr.add_argument("model", help="composed model file (TorchScript with poe.json)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the model's input)")
+    pr.add_argument("--invert", action="store_true",
+                    help="invert pixel values (Fashion-MNIST items are light on a black background)")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.set_defaults(func=cmd_predict)
+
     from poe import cli_registry  # `poe registry ...` (migrate, import, list, serve)
     cli_registry.add_parser(sub)
+    from poe import cli_serve  # `poe serve NAME`, `poe up`
+    cli_serve.add_parsers(sub)
     return parser
 
 

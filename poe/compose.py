@@ -232,6 +232,22 @@ def _fused_name(head_key: str) -> str:
     return "blocks." + head_key[len("group."):] if head_key.startswith("group.") else head_key
 
 
+def plan_params(pool: Pool, p: Plan, library_params: int | None = None,
+                expert_params: dict[str, int] | None = None) -> int:
+    """Parameters of the composed model: library + chosen experts with their sliced linear layers
+    (the same for both executions; the fused layout's zero off-diagonal blocks are not counted).
+
+    The counts come from the pool's tensors, or from `library_params` / `expert_params` (task ->
+    parameters of the whole expert) when the caller knows them without the tensors.
+    """
+    total = pool.library_params if library_params is None else library_params
+    for task, kept in zip(p.tasks, p.keep, strict=True):
+        e = pool.experts[task]
+        full = e.params if expert_params is None else expert_params[task]
+        total += full - (e.config.num_classes - len(kept)) * (e.config.width + 1)
+    return total
+
+
 def compose(pool: Pool, classes: list[str | int] | None = None, tasks: list[str] | None = None,
             fused: bool = True) -> tuple[Plan, ComposedModel]:
     p = plan(pool, classes, tasks)

@@ -41,6 +41,12 @@ class Settings:
     registry_health_interval: float = 5.0
     registry_auto_migrate: bool = False
     s3_region: str = ""
+    # Composer: pool used when a request names none; bound of the in-memory composed-model cache;
+    # how long an alias ("name" = name@latest) stays resolved; record compositions in the registry.
+    default_pool: str = "fashion-mnist"
+    model_cache_bytes: int = 256 * 1024 * 1024
+    alias_ttl: float = 5.0
+    record_compositions: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -65,6 +71,10 @@ class Settings:
             registry_health_interval=float(env.get("POE_REGISTRY_HEALTH_INTERVAL", "5")),
             registry_auto_migrate=env.get("POE_REGISTRY_AUTO_MIGRATE", "false").lower() in ("1", "true", "yes"),
             s3_region=env.get("POE_S3_REGION", ""),
+            default_pool=env.get("POE_DEFAULT_POOL", "fashion-mnist"),
+            model_cache_bytes=int(env.get("POE_MODEL_CACHE_BYTES", str(256 * 1024 * 1024))),
+            alias_ttl=float(env.get("POE_ALIAS_TTL", "5")),
+            record_compositions=env.get("POE_RECORD_COMPOSITIONS", "true").lower() in ("1", "true", "yes"),
         )
 
 

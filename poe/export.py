@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from poe.compose import ComposedModel, Plan
+from poe.compose import ComposedModel, Plan, plan_params
 from poe.errors import InvalidArgument
-from poe.nets import count_params
 from poe.pool import Pool, sha256_hex, tensors_to_bytes
 
 EXTRA_FILE = "poe.json"
@@ -41,7 +40,9 @@ def quiet_jit():
         yield
 
 
-def metadata(pool: Pool, p: Plan, model: nn.Module, execution: str) -> dict:
+def metadata(pool: Pool, p: Plan, model: nn.Module | None, execution: str,
+             weights_sha256_hex: str | None = None) -> dict:
+    """poe.json for a composition; pass the weights' sha256 when there is no model object."""
     return {
         "format": "poe.model/v1",
         "classes": list(p.class_names),
@@ -51,8 +52,8 @@ def metadata(pool: Pool, p: Plan, model: nn.Module, execution: str) -> dict:
         "experts": [f"{p.pool}/{t}" for t in p.tasks],
         "tasks": list(p.tasks),
         "execution": execution,
-        "params": count_params(model),
-        "sha256": weights_sha256(model),
+        "params": plan_params(pool, p),
+        "sha256": weights_sha256_hex or weights_sha256(model),
     }
 
 

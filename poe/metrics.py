@@ -7,6 +7,9 @@ names; a test scrapes a live composer and checks every PromQL expression against
 
 from __future__ import annotations
 
+import time
+
+import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # 1 ms .. 10 s, roughly x2 per bucket.
@@ -87,3 +90,83 @@ ALL_METRIC_NAMES = (
     "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_grpc_server_handled_total",
     "poe_grpc_server_handling_seconds", "poe_extraction_jobs", "poe_extraction_progress_ratio",
 )
+
+
+# -- per-RPC metrics for every service ------------------------------------------------------------
+
+def _split_method(full: str) -> tuple[str, str]:
+    # "/poe.v1.Composer/ComposeModel" -> ("poe.v1.Composer", "ComposeModel")
+    service, _, method = full.lstrip("/").partition("/")
+    return service, method
+
+
+def _code_name(context) -> str:
+    code = context.code()
+    return "OK" if code is None else code.name
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Server interceptor recording poe_grpc_server_handled_total and _handling_seconds.
+
+    A server-streaming RPC is timed until its response iterator is exhausted (or fails), not
+    until the handler returns its generator. Install it *outside* the error interceptor, so that
+    the status code it reads from the context is the one the client receives.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if service.startswith("grpc."):  # health checks and reflection stay out
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_timed_unary(handler.unary_unary, service, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_timed_unary(handler.stream_unary, service, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_timed_stream(handler.unary_stream, service, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_timed_stream(handler.stream_stream, service, method))
+        return handler
+
+
+def _record(service: str, method: str, code: str, seconds: float) -> None:
+    GRPC_HANDLED.labels(service, method, code).inc()
+    GRPC_DURATION.labels(service, method).observe(seconds)
+
+
+def _timed_unary(behavior, service: str, method: str):
+    def handler(request, context):
+        t0 = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            result = behavior(request, context)
+            code = _code_name(context)
+            return result
+        except BaseException:
+            code = _code_name(context) if context.code() is not None else "UNKNOWN"
+            raise
+        finally:
+            _record(service, method, code, time.perf_counter() - t0)
+
+    return handler
+
+
+def _timed_stream(behavior, service: str, method: str):
+    def handler(request, context):
+        t0 = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            yield from behavior(request, context)
+            code = _code_name(context)
+        except GeneratorExit:  # the client cancelled mid-stream
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_name(context) if context.code() is not None else "UNKNOWN"
+            raise
+        finally:
+            _record(service, method, code, time.perf_counter() - t0)
+
+    return handler

@@ -50,14 +50,14 @@ class ComposerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ComposeModel(self, request, context):
-        """Streams a header first, then the model file in chunks, then nothing else.
+        """Streams a header, then the model file in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DescribeComposition(self, request, context):
-        """What ComposeModel would build, without building it.
+        """What ComposeModel would return in its header, without building the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,342 @@
+"""The composer's core: resolve a request against a pool in the registry, fetch tensors, compose.
+
+Per request, on the hot path (a class set not composed before, experts already in memory):
+resolve (pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan
+the experts locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
+sha256-verified), consolidate (`poe.compose.composed_state`: concatenating tensors, no module
+construction), serialize (`ScriptCache`: a scripted template of the same structure gets the new
+tensors, then `torch.jit.save`). Composed files are kept in a byte-bounded LRU and recorded in the
+registry in the background, so repeated requests (also on other replicas) are not rebuilt, and
+concurrent identical requests build once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save as st_save
+
+from poe import metrics
+from poe.compose import Plan, build, composed_state, plan, plan_params
+from poe.config import Settings
+from poe.errors import InvalidArgument, NotFound, PoeError
+from poe.export import ScriptCache, metadata
+from poe.hierarchy import Hierarchy
+from poe.nets import ExpertConfig, Library, count_flops, make_expert
+from poe.pool import Expert, Pool, sha256_hex, tensors_to_bytes, wrn_config_from_dict
+from poe.registry_client import RegistryClient
+from poe_services.composer.caches import ByteLRU, SingleFlight
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "safetensors")
+EXECUTIONS = ("fused", "reference")
+
+
+@dataclass(frozen=True)
+class ComposeRequest:
+    pool: str = ""
+    classes: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    execution: str = "fused"
+    format: str = "torchscript"
+
+    def __post_init__(self) -> None:
+        if self.execution not in EXECUTIONS:
+            raise InvalidArgument(f"execution: expected one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        if self.format not in FORMATS:
+            raise InvalidArgument(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+
+
+@dataclass
+class Composition:
+    header: dict  # the ComposedModelHeader fields
+    data: bytes | None = None  # None for DescribeComposition of an uncached model
+
+
+@dataclass
+class PoolView:
+    """One published pool version, as the composer needs it (immutable, like the version)."""
+
+    ref: str  # name@version
+    pool: Pool  # expert states empty: tensors live in the tensor cache
+    library_sha256: str
+    expert_sha256: dict[str, str]
+    expert_ids: dict[str, int]
+    library_params: int = 0
+    expert_params: dict[str, int] = field(default_factory=dict)
+    flops_library: int = 0
+    flops_expert_convs: dict[str, int] = field(default_factory=dict)
+
+
+def _class_refs(values) -> list[str | int]:
+    return [int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in values]
+
+
+class StageTimer:
+    """Times the stages of one request into poe_compose_stage_duration_seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            metrics.COMPOSE_STAGE_DURATION.labels(name).observe(dt)
+
+
+class ComposerEngine:
+    def __init__(self, registry: RegistryClient, settings: Settings, script_copies: int = 4):
+        self.registry = registry
+        self.settings = settings
+        self.scripts = ScriptCache(copies=script_copies)
+        self._tensors = ByteLRUTensors(settings.cache_bytes)
+        self._models: ByteLRU[Composition] = ByteLRU(
+            settings.model_cache_bytes, lambda n: metrics.CACHE_BYTES.labels("model").set(n))
+        self._views: dict[str, PoolView] = {}  # name@version -> view (immutable)
+        self._aliases: dict[str, tuple[str, float]] = {}  # ref -> (name@version, resolved at)
+        self._lock = threading.Lock()
+        self._flight = SingleFlight()
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="compose-record")
+        self._record_slots = threading.BoundedSemaphore(64)
+
+    def close(self) -> None:
+        self._recorder.shutdown(wait=True, cancel_futures=True)
+
+    # -- resolve ---------------------------------------------------------------------------------
+    def view(self, ref: str) -> PoolView:
+        ref = (ref or self.settings.default_pool).strip()
+        if not ref:
+            raise InvalidArgument("pool: empty, and no default pool is configured")
+        now = time.monotonic()
+        with self._lock:
+            pinned = self._aliases.get(ref)
+            if pinned and now - pinned[1] < self.settings.alias_ttl and pinned[0] in self._views:
+                return self._views[pinned[0]]
+        pv = self.registry.get_pool(ref)
+        key = f"{pv.name}@{pv.version}"
+        with self._lock:
+            view = self._views.get(key)
+        if view is None:
+            view = self._make_view(pv)
+            with self._lock:
+                self._views.setdefault(key, view)
+                view = self._views[key]
+        with self._lock:
+            self._aliases[ref] = (key, now)
+        return view
+
+    def _make_view(self, pv) -> PoolView:
+        h = pv.hierarchy
+        hier = Hierarchy(h.dataset, h.version, tuple(h.classes), {t.name: tuple(t.class_ids) for t in h.tasks})
+        info = json.loads(pv.info_json or "{}")
+        experts, shas, ids = {}, {}, {}
+        for e in pv.experts:
+            cfg = ExpertConfig(**json.loads(e.config_json))
+            metrics_ = {"val_acc": e.val_accuracy} if e.HasField("val_accuracy") else {}
+            experts[e.task] = Expert(e.task, tuple(e.class_ids), cfg, {}, metrics_, json.loads(e.loss_json or "{}"))
+            shas[e.task] = e.blob.sha256
+            ids[e.task] = e.id
+        lib_cfg = wrn_config_from_dict(json.loads(pv.library.config_json))
+        if "input_shape" not in info:
+            info["input_shape"] = [lib_cfg.in_channels, 28, 28]
+        pool = Pool(pv.name, pv.version, hier, lib_cfg, {}, {t: experts[t] for t in hier.tasks if t in experts},
+                    info=info)
+        view = PoolView(pool.ref, pool, pv.library.blob.sha256, shas, ids, pv.library.params,
+                        {e.task: e.params for e in pv.experts})
+        # FLOPs do not depend on weights: count them once per pool version on fresh modules.
+        c, hh, ww = pool.input_shape
+        lib = Library(lib_cfg)
+        view.flops_library = count_flops(lib, (c, hh, ww))
+        feat = lib(torch.zeros(1, c, hh, ww)).shape[1:]
+        for t, e in pool.experts.items():
+            view.flops_expert_convs[t] = count_flops(make_expert(e.config), tuple(feat)) - \
+                e.config.width * e.config.num_classes
+        return view
+
+    # -- fetch -----------------------------------------------------------------------------------
+    def tensors(self, sha256: str) -> dict[str, torch.Tensor]:
+        cached = self._tensors.get(sha256)
+        if cached is not None:
+            metrics.CACHE_HITS.labels("tensor").inc()
+            return cached
+        metrics.CACHE_MISSES.labels("tensor").inc()
+
+        def fetch() -> dict[str, torch.Tensor]:
+            state = self.registry.download_tensors(sha256)  # sha256-verified
+            self._tensors.put(sha256, state, sum(t.numel() * t.element_size() for t in state.values()))
+            return state
+
+        return self._flight.do(("tensors", sha256), fetch)[0]
+
+    def _pool_with_tensors(self, view: PoolView, p: Plan) -> Pool:
+        experts = dict(view.pool.experts)
+        for t in p.tasks:
+            experts[t] = dataclasses.replace(experts[t], state=self.tensors(view.expert_sha256[t]))
+        return dataclasses.replace(view.pool, library_state=self.tensors(view.library_sha256), experts=experts)
+
+    # -- compose ---------------------------------------------------------------------------------
+    def _plan(self, req: ComposeRequest, timer: StageTimer) -> tuple[PoolView, Plan]:
+        with timer.stage("resolve"):
+            if not req.classes and not req.tasks:
+                raise InvalidArgument("classes: empty request: name at least one class or primitive task")
+            view = self.view(req.pool)
+            return view, plan(view.pool, _class_refs(req.classes), list(req.tasks))
+
+    def _header(self, view: PoolView, p: Plan, req: ComposeRequest) -> dict:
+        kept = {t: len(k) for t, k in zip(p.tasks, p.keep, strict=True)}
+        accs = [(view.pool.experts[t].metrics.get("val_acc"), n) for t, n in kept.items()]
+        expected = (sum(a * n for a, n in accs) / sum(n for _, n in accs)) if all(a is not None for a, _ in accs) \
+            else 0.0
+        flops = view.flops_library + sum(view.flops_expert_convs[t] + view.pool.experts[t].config.width * n
+                                         for t, n in kept.items())
+        key = f"{view.ref}|{','.join(map(str, p.class_ids))}|{req.format}|{req.execution}"
+        return {"model_id": hashlib.sha256(key.encode()).hexdigest()[:16], "pool": view.ref,
+                "classes": list(p.class_names), "class_ids": list(p.class_ids), "tasks": list(p.tasks),
+                "expert_ids": [view.expert_ids[t] for t in p.tasks],
+                "params": plan_params(view.pool, p, view.library_params, view.expert_params),
+                "flops": flops, "format": req.format, "execution": req.execution,
+                "input_shape": list(view.pool.input_shape), "expected_accuracy": expected,
+                "size": 0, "sha256": "", "cache_hit": False, "metadata_json": ""}
+
+    def describe(self, req: ComposeRequest) -> Composition:
+        view, p = self._plan(req, StageTimer())
+        header = self._header(view, p, req)
+        cached = self._models.get(header["model_id"])
+        if cached is not None:
+            header.update(size=cached.header["size"], sha256=cached.header["sha256"],
+                          metadata_json=cached.header["metadata_json"], cache_hit=True)
+        return Composition(header)
+
+    def compose(self, req: ComposeRequest, timer: StageTimer | None = None,
+                check: Callable[[], None] = lambda: None) -> Composition:
+        """Header and bytes for a request; `check` raises when the client has gone away."""
+        timer = timer or StageTimer()
+        view, p = self._plan(req, timer)
+        header = self._header(view, p, req)
+        model_id = header["model_id"]
+        cached = self._models.get(model_id)
+        if cached is not None:
+            metrics.CACHE_HITS.labels("model").inc()
+            return Composition({**cached.header, "cache_hit": True}, cached.data)
+        metrics.CACHE_MISSES.labels("model").inc()
+        check()
+        comp, shared = self._flight.do(("model", model_id), lambda: self._build(view, p, req, header, timer, check))
+        return Composition({**comp.header, "cache_hit": shared or comp.header["cache_hit"]}, comp.data)
+
+    def _build(self, view: PoolView, p: Plan, req: ComposeRequest, header: dict, timer: StageTimer,
+               check: Callable[[], None]) -> Composition:
+        recorded = self._from_registry(view, p, req, header, timer)
+        if recorded is not None:
+            return recorded
+        fused = req.execution == "fused"
+        with timer.stage("fetch"):
+            pool = self._pool_with_tensors(view, p)
+        check()
+        with timer.stage("consolidate"):
+            state = composed_state(pool, p, fused)
+            weights_sha = sha256_hex(tensors_to_bytes(state))
+            meta = metadata(pool, p, None, req.execution, weights_sha)
+            meta["dataset"] = pool.hierarchy.dataset
+        with timer.stage("serialize"):
+            if req.format == "torchscript":
+                data = self.scripts.export_state(state, meta, lambda: build(pool, p, fused))
+            else:
+                data = st_save({k: v.contiguous() for k, v in state.items()},
+                               metadata={"poe.json": json.dumps(meta, sort_keys=True),
+                                         "spec": json.dumps(self._spec(pool, p, req.execution), sort_keys=True)})
+        header = {**header, "size": len(data), "sha256": sha256_hex(data),
+                  "metadata_json": json.dumps(meta, sort_keys=True)}
+        comp = Composition(header, data)
+        self._models.put(header["model_id"], comp, len(data))
+        self._record(view, p, req, comp)
+        return comp
+
+    @staticmethod
+    def _spec(pool: Pool, p: Plan, execution: str) -> dict:
+        return {"execution": execution, "library": dataclasses.asdict(pool.library_config),
+                "experts": [{"task": t, "config": dataclasses.asdict(pool.experts[t].config), "keep": list(k)}
+                            for t, k in zip(p.tasks, p.keep, strict=True)],
+                "class_ids": list(p.class_ids)}
+
+    # -- the registry's composed-model cache -----------------------------------------------------
+    @staticmethod
+    def _cache_format(req: ComposeRequest) -> str:
+        return f"{req.format}.{req.execution}"
+
+    def _from_registry(self, view: PoolView, p: Plan, req: ComposeRequest, header: dict,
+                       timer: StageTimer) -> Composition | None:
+        if not self.settings.record_compositions:
+            return None
+        with timer.stage("fetch"):
+            try:
+                entry = self.registry.get_composed_model(view.ref, p.class_ids, self._cache_format(req))
+                if entry is None:
+                    return None
+                data = self.registry.download(entry.blob.sha256)  # verified
+            except PoeError as e:
+                log.warning("composer: registry cache lookup failed (%s); building", e)
+                return None
+        comp = Composition({**header, "size": len(data), "sha256": entry.blob.sha256,
+                            "metadata_json": entry.metadata_json, "cache_hit": True}, data)
+        self._models.put(header["model_id"], comp, len(data))
+        return comp
+
+    def _record(self, view: PoolView, p: Plan, req: ComposeRequest, comp: Composition) -> None:
+        """Record the file in the registry in the background; never blocks or fails a request."""
+        if not self.settings.record_compositions or not self._record_slots.acquire(blocking=False):
+            return
+
+        def put() -> None:
+            try:
+                self.registry.put_composed_model(view.ref, p.class_ids, self._cache_format(req), comp.data,
+                                                 metadata=json.loads(comp.header["metadata_json"]))
+            except Exception as e:  # best effort: the composer keeps serving from memory
+                log.warning("composer: could not record %s in the registry: %s", comp.header["model_id"], e)
+            finally:
+                self._record_slots.release()
+
+        try:
+            self._recorder.submit(put)
+        except RuntimeError:  # shutting down
+            self._record_slots.release()
+
+    # -- warm-up ---------------------------------------------------------------------------------
+    def warm(self, ref: str = "") -> PoolView:
+        """Fetch a pool's tensors and script a template per number of experts (fused), so that the
+        first requests meet the latency target."""
+        view = self.view(ref)
+        tasks = list(view.pool.experts)
+        if not tasks:
+            raise NotFound(f"pool {view.ref} has no experts")
+        self.tensors(view.library_sha256)
+        for t in tasks:
+            self.tensors(view.expert_sha256[t])
+        for n in range(1, len(tasks) + 1):
+            p = plan(view.pool, tasks=tasks[:n])
+            pool = self._pool_with_tensors(view, p)
+            self.scripts.export_state(composed_state(pool, p, True), {}, lambda pool=pool, p=p: build(pool, p, True))
+        return view
+
+
+class ByteLRUTensors(ByteLRU):
+    """ByteLRU of state dicts, reporting its size as poe_compose_cache_bytes{cache="tensor"}."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(max_bytes, lambda n: metrics.CACHE_BYTES.labels("tensor").set(n))
+

@@ -1,0 +1,80 @@
+"""The composer as a running service: engine, health (NOT_SERVING until warm) and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from poe.config import Settings
+from poe.errors import NotFound, PoeError
+from poe.registry_client import RegistryClient
+from poe_services.composer.engine import ComposerEngine
+from poe_services.composer.servicer import SERVICE_NAME, add_to_server
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ComposerRuntime:
+    """Owns the engine and its registry client; reports SERVING once the default pool is warm
+    (or known not to exist: other pools can still be served)."""
+
+    def __init__(self, settings: Settings, registry_target: str | None = None, warm: bool = True):
+        self.settings = settings
+        self.registry = RegistryClient(registry_target or settings.registry_addr, timeout=30.0)
+        self.engine = ComposerEngine(self.registry, settings)
+        self._warm = warm
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.health: health.HealthServicer | None = None
+        self._services: tuple[str, ...] = ()
+
+    def attach(self, server: grpc.Server, health_servicer: health.HealthServicer, *, overall: bool = False) -> None:
+        add_to_server(self.engine, server)
+        self.health = health_servicer
+        self._services = (SERVICE_NAME, "") if overall else (SERVICE_NAME,)
+        self._set(NOT_SERVING)
+
+    def start(self) -> None:
+        """Warm up in the background (call after the server has started: in `poe up` the registry
+        this composer reads from is served by the same server)."""
+        threading.Thread(target=self._warm_up, name="composer-warm", daemon=True).start()
+
+    def _set(self, status) -> None:
+        if self.health is not None:
+            for name in self._services:
+                self.health.set(name, status)
+
+    def _warm_up(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                if self._warm:
+                    view = self.engine.warm()
+                    log.info("composer: warm (%s, %d experts)", view.ref, len(view.pool.experts))
+                else:
+                    self.registry.wait_ready(timeout=5.0)
+                break
+            except NotFound as e:
+                log.warning("composer: default pool not warmed: %s", e)
+                break
+            except PoeError as e:
+                log.info("composer: waiting for the registry (%s)", e)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        if not self._stop.is_set():
+            self.ready.set()
+            self._set(SERVING)
+
+    def begin_shutdown(self) -> None:
+        self._stop.set()
+        self._set(NOT_SERVING)
+
+    def close(self) -> None:
+        self.begin_shutdown()
+        self.engine.close()
+        self.registry.close()

@@ -1,0 +1,226 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from poe.client import Composer
+from poe.compose import compose
+from poe.errors import InvalidArgument, NotFound, Unavailable
+from poe.metrics import serve_metrics
+from poe.v1 import composer_pb2 as pb
+from poe.v1 import composer_pb2_grpc
+
+
+def test_compose_returns_a_verified_model_equal_to_local_composition(stack, random_pool):
+    _, target = stack
+    with Composer(target) as c:
+        result = c.compose(["Sandal", "sneaker", "8"])
+    h = result.header
+    assert h["pool"] == "test-pool@1" and h["classes"] == ["Sandal", "Sneaker", "Bag"] and h["class_ids"] == [5, 7, 8]
+    assert h["tasks"] == ["footwear", "bags"] and len(h["expert_ids"]) == 2 and h["format"] == "torchscript"
+    assert h["input_shape"] == [1, 28, 28] and h["size"] == len(result.data) and h["flops"] > 0
+    assert 0 < h["expected_accuracy"] <= 1
+    model, meta = result.load()
+    assert meta["classes"] == h["classes"] and meta["pool"] == "test-pool@1"
+    _, local = compose(random_pool, ["Sandal", "Sneaker", "Bag"])
+    assert meta["params"] == h["params"] == sum(p.numel() for p in compose(random_pool, ["Sandal", "Sneaker", "Bag"],
+                                                                           fused=False)[1].parameters())
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(model(x), local(x), atol=1e-5)
+
+
+def test_client_in_another_process_loads_with_plain_torch(stack, tmp_path, random_pool):
+    _, target = stack
+    out = subprocess.run([sys.executable, "-m", "poe.cli", "compose", "--target", target, "--classes",
+                          "Coat,Trouser", "-o", str(tmp_path / "m.pt"), "--json"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["classes"] == ["Trouser", "Coat"]
+    x = torch.rand(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent("""
+        import sys, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch
+        m = torch.jit.load(sys.argv[1] + "/m.pt")
+        y = m(torch.load(sys.argv[1] + "/x.pt", weights_only=True))
+        print(",".join(f"{v:.6f}" for v in y.flatten().tolist()))
+    """)
+    res = subprocess.run([sys.executable, "-I", "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = torch.tensor([float(v) for v in res.stdout.strip().split(",")]).view(3, 2)
+    assert torch.allclose(got, compose(random_pool, ["Coat", "Trouser"])[1](x), atol=1e-5)
+
+
+def test_repeated_request_is_a_cache_hit_with_the_same_bytes(stack):
+    _, target = stack
+    with Composer(target) as c:
+        first = c.compose(tasks=["warm-layers"], pool="test-pool@stable")
+        second = c.compose(tasks=["warm-layers"], pool="test-pool@1")
+    assert not first.header["cache_hit"] and second.header["cache_hit"]
+    assert first.data == second.data and first.header["model_id"] == second.header["model_id"]
+
+
+def test_concurrent_identical_requests_build_once(stack):
+    host, target = stack
+    engine = host.runtimes["composer"].engine
+    builds = []
+    original = engine._build
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    engine._build = counting
+    try:
+        barrier = threading.Barrier(8)
+
+        def one(_):
+            with Composer(target) as c:
+                barrier.wait()
+                return c.compose(["Shirt", "Dress", "Ankle boot"])
+
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(one, range(8)))
+    finally:
+        engine._build = original
+    assert len(builds) == 1
+    assert len({r.header["sha256"] for r in results}) == 1
+
+
+def test_reference_execution_and_safetensors_format(stack, random_pool):
+    from safetensors import safe_open
+
+    _, target = stack
+    with Composer(target) as c:
+        ref = c.compose(["Pullover", "Bag"], execution="reference")
+        st = c.compose(["Pullover", "Bag"], format="safetensors")
+    assert ref.header["execution"] == "reference" and ref.header["params"] == st.header["params"]
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(ref.load()[0](x), compose(random_pool, ["Pullover", "Bag"])[1](x), atol=1e-5)
+    from safetensors.torch import load as st_load
+
+    tensors = st_load(st.data)
+    assert "experts.fc.weight" in tensors and tensors["order"].tolist() == [0, 1]
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(st.data)
+        f.flush()
+        with safe_open(f.name, "pt") as sf:
+            meta = sf.metadata()
+    assert json.loads(meta["poe.json"])["classes"] == ["Pullover", "Bag"] and json.loads(meta["spec"])["experts"]
+
+
+def test_describe_matches_compose_without_building(stack):
+    _, target = stack
+    with Composer(target) as c:
+        d = c.describe(["T-shirt/top", "Sandal"])
+        assert d["size"] == 0 and not d["cache_hit"]
+        r = c.compose(["T-shirt/top", "Sandal"])
+        d2 = c.describe(["T-shirt/top", "Sandal"])
+    for k in ("model_id", "pool", "classes", "class_ids", "tasks", "params", "flops", "expected_accuracy"):
+        assert d[k] == r.header[k], k
+    assert d2["cache_hit"] and d2["sha256"] == r.header["sha256"]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"classes": ["Sandal", "Boots", "Hats"]}, InvalidArgument, "'Boots', 'Hats'"),
+    ({"classes": []}, InvalidArgument, "empty request"),
+    ({"tasks": ["hats"]}, InvalidArgument, "unknown primitive tasks"),
+    ({"classes": ["Bag"], "pool": "no-such-pool"}, NotFound, "no-such-pool"),
+    ({"classes": ["Bag"], "pool": "test-pool@9"}, NotFound, "test-pool"),
+])
+def test_errors_have_the_right_status(stack, kwargs, error, message):
+    _, target = stack
+    with Composer(target, retries=0) as c, pytest.raises(error, match=message):
+        c.compose(**kwargs)
+
+
+def test_raw_status_codes(stack):
+    _, target = stack
+    with grpc.insecure_channel(target) as ch:
+        stub = composer_pb2_grpc.ComposerStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ComposeModel(pb.ComposeModelRequest(classes=["Boots"])))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Boots" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ComposeModel(pb.ComposeModelRequest(pool="nope", classes=["Bag"])))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ComposeModel(pb.ComposeModelRequest(classes=["Bag", "Coat", "Shirt"]), timeout=0.0005))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_registry_down_is_unavailable(tmp_path):
+    import socket
+
+    from poe.config import Settings
+    from poe_services.host import create_server
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    settings = Settings.from_env({"POE_HOME": str(tmp_path)})
+    host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=f"127.0.0.1:{dead}", warm=False)
+    host.runtimes["composer"].registry.timeout = 2.0
+    host.start()
+    try:
+        with Composer(f"127.0.0.1:{host.port}", retries=0) as c, pytest.raises(Unavailable):
+            c.compose(["Bag"], pool="fashion-mnist")
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="poe.v1.Composer"))
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        host.stop(0).wait()
+
+
+def test_health_and_reflection(stack):
+    _, target = stack
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("poe.v1.Composer", "poe.v1.Registry"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_are_exported(stack):
+    _, target = stack
+    port = serve_metrics(0, "127.0.0.1")
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def value(text: str, prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    before = scrape()
+    with Composer(target, retries=0) as c:
+        r = c.compose(["Coat", "Sneaker", "Dress"])
+        c.compose(["Coat", "Sneaker", "Dress"])
+        with pytest.raises(InvalidArgument):
+            c.compose(["Unicorn"])
+    after = scrape()
+    miss = 'poe_compose_duration_seconds_count{cache="miss",format="torchscript"}'
+    hit = 'poe_compose_duration_seconds_count{cache="hit",format="torchscript"}'
+    assert value(after, miss) - value(before, miss) == 1
+    assert value(after, hit) - value(before, hit) == 1
+    bad = 'poe_compose_requests_total{code="INVALID_ARGUMENT"}'
+    assert value(after, bad) - value(before, bad) == 1
+    streamed = "poe_compose_streamed_bytes_total"
+    assert value(after, streamed) - value(before, streamed) == 2 * r.header["size"]
+    for stage in ("resolve", "fetch", "consolidate", "serialize", "stream"):
+        assert f'poe_compose_stage_duration_seconds_count{{stage="{stage}"}}' in after
+    assert value(after, "poe_compose_in_flight_requests") == 0
+    rpc = 'poe_grpc_server_handled_total{code="OK",method="ComposeModel",service="poe.v1.Composer"}'
+    assert value(after, rpc) - value(before, rpc) == 2
