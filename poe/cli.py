@@ -262,6 +262,26 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_compose(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from poe import bench
+
+    quick = args.quick
+    with tempfile.TemporaryDirectory(prefix="poe-bench-") as home:
+        result = bench.run(args.pool, Path(home), per_case=5 if quick else args.per_case,
+                           cold=3 if quick else args.cold, clients=4 if quick else args.clients,
+                           throughput_requests=20 if quick else args.requests, s3=not args.file_blobs,
+                           record=not args.no_record,
+                           progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json-out", help="also write the full result to this JSON file")
     bp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bp.set_defaults(func=cmd_bench_pool)
+    bc = bsub.add_parser("compose", help="ComposeModel latency and throughput over gRPC on loopback")
+    bc.add_argument("--pool", default="pools/fashion-mnist", help="pool directory to import (default shipped pool)")
+    bc.add_argument("--per-case", type=int, default=40, help="requests per number of primitive tasks (warm)")
+    bc.add_argument("--cold", type=int, default=20, help="requests with empty caches (experts fetched from S3)")
+    bc.add_argument("--clients", type=int, default=16, help="concurrent clients for the throughput case")
+    bc.add_argument("--requests", type=int, default=400, help="distinct compositions in the throughput case")
+    bc.add_argument("--file-blobs", action="store_true", help="filesystem blob store instead of S3 (moto)")
+    bc.add_argument("--no-record", action="store_true", help="do not record compositions in the registry")
+    bc.add_argument("--quick", action="store_true", help="a few requests per case (seconds; used by the tests)")
+    bc.add_argument("--json-out", help="also write the result to this JSON file")
+    bc.set_defaults(func=cmd_bench_compose)
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")
     pr.add_argument("model", help="composed model file (TorchScript with poe.json)")

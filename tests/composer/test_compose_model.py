@@ -224,3 +224,34 @@ def test_metrics_are_exported(stack):
     assert value(after, "poe_compose_in_flight_requests") == 0
     rpc = 'poe_grpc_server_handled_total{code="OK",method="ComposeModel",service="poe.v1.Composer"}'
     assert value(after, rpc) - value(before, rpc) == 2
+
+
+def test_compositions_are_recorded_in_the_registry(stack):
+    import time
+
+    from poe.registry_client import RegistryClient
+
+    _, target = stack
+    with Composer(target) as c:
+        r = c.compose(["Trouser", "Sneaker"])
+    with RegistryClient(target) as reg:
+        deadline = time.monotonic() + 10
+        entry = None
+        while entry is None and time.monotonic() < deadline:
+            entry = reg.get_composed_model("test-pool@1", r.header["class_ids"], "torchscript.fused")
+            time.sleep(0.05)
+        assert entry is not None and entry.blob.sha256 == r.header["sha256"]
+        assert reg.download(entry.blob.sha256) == r.data
+
+
+def test_bench_compose_quick_runs(pool_dir, tmp_path):
+    """The benchmark harness itself (tiny request counts) against a real S3 server (moto)."""
+    from poe import bench
+
+    result = bench.run(pool_dir, tmp_path, per_case=2, cold=2, clients=2, throughput_requests=6, s3=True)
+    assert result["blob_store"] == "s3 (moto)"
+    assert set(result["cases"]) == {"warm_1", "warm_2", "warm_3", "warm_4", "warm_5", "cold"}
+    for case in result["cases"].values():
+        assert 0 < case["p50_ms"] <= case["p99_ms"]
+    assert result["cases"]["warm_3"]["jit_save_floor_ms"] > 0
+    assert result["throughput"]["compositions_per_s"] > 0 and result["throughput"]["n"] == 6

@@ -1,0 +1,171 @@
+"""`poe bench compose`: ComposeModel end to end over gRPC on loopback (DESIGN.md's targets).
+
+Cases:
+- warm: experts already in the composer's memory, each request a class set not composed before,
+  for 1..5 primitive tasks: p50 / p99 latency as the client sees it, next to the floor: the time
+  `torch.jit.save` alone takes for the same model (a pre-scripted module, saved to memory).
+- cold: the composer's caches emptied before every request, so library and experts are fetched
+  from the registry's blob store (an S3 server: moto's, on loopback) and verified: p50 / p99.
+- throughput: distinct compositions per second with N concurrent clients.
+
+Everything runs in this process except the network hop: registry and composer on a real gRPC
+server on 127.0.0.1, clients on real channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from poe.client import Composer
+from poe.compose import build, plan
+from poe.config import Settings
+from poe.export import quiet_jit, script
+from poe.pool import load as load_pool
+from poe.registry_client import RegistryClient
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def _summary(seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {"n": len(ms), "p50_ms": round(_pct(ms, 0.5), 3), "p99_ms": round(_pct(ms, 0.99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3)}
+
+
+def class_sets_by_tasks(pool, n_tasks: int, rng: random.Random) -> list[tuple[str, ...]]:
+    """Every class set whose covering tasks number exactly `n_tasks`, shuffled."""
+    tasks = list(pool.experts)
+    out = []
+    for combo in itertools.combinations(tasks, n_tasks):
+        per_task = [[c for r in range(1, len(ids) + 1) for c in itertools.combinations(ids, r)]
+                    for ids in (pool.hierarchy.tasks[t] for t in combo)]
+        for pick in itertools.product(*per_task):
+            out.append(tuple(pool.hierarchy.classes[i] for part in pick for i in part))
+    rng.shuffle(out)
+    return out
+
+
+def _start_stack(settings: Settings, pool_dir: Path):
+    from poe_services.host import create_server
+
+    host = create_server("127.0.0.1:0", settings, ("registry", "composer"), migrate=True, warm=False)
+    host.start()
+    target = f"127.0.0.1:{host.port}"
+    with RegistryClient(target) as reg:
+        pv, _ = reg.import_pool(pool_dir)
+    return host, target, f"{pv.name}@{pv.version}"
+
+
+def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
+    p = plan(pool, list(classes))
+    scripted = script(build(pool, p))
+    best = float("inf")
+    for _ in range(3):
+        buf = io.BytesIO()
+        t0 = time.perf_counter()
+        with quiet_jit():
+            torch.jit.save(scripted, buf, _extra_files={"poe.json": "{}"})
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, clients: int = 16,
+        throughput_requests: int = 400, s3: bool = True, seed: int = 0, record: bool = True,
+        progress=lambda msg: None) -> dict:
+    pool_dir = Path(pool_dir)
+    pool = load_pool(pool_dir, with_oracle=False)
+    rng = random.Random(seed)
+    moto = None
+    env = {"POE_HOME": str(home)}
+    if s3:
+        from moto.server import ThreadedMotoServer
+
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        host_, port_ = moto.get_host_and_port()
+        env.update(POE_BLOB_URL="s3://poe-bench", POE_S3_ENDPOINT=f"{host_}:{port_}",
+                   POE_S3_ACCESS_KEY="bench", POE_S3_SECRET_KEY="bench-secret")
+    settings = dataclasses.replace(Settings.from_env(env), record_compositions=record)
+    host, target, ref = _start_stack(settings, pool_dir)
+    engine = host.runtimes["composer"].engine
+    result: dict = {"pool": ref, "blob_store": "s3 (moto)" if s3 else "file", "record_compositions": record,
+                    "torch_threads": torch.get_num_threads(), "cases": {}}
+    try:
+        progress("warming the composer")
+        engine.warm(ref)
+        sets = {n: class_sets_by_tasks(pool, n, rng) for n in range(1, len(pool.experts) + 1)}
+        used: set[tuple[str, ...]] = set()
+
+        def fresh(n: int) -> tuple[str, ...]:
+            for cs in sets[n]:
+                if cs not in used:
+                    used.add(cs)
+                    return cs
+            raise RuntimeError(f"ran out of distinct class sets for {n} tasks")
+
+        with Composer(target, retries=0) as c:
+            for n in sorted(sets):
+                progress(f"warm case: {n} primitive task(s)")
+                lat, floors = [], []
+                for i in range(per_case):
+                    cs = fresh(n)
+                    r = c.compose(cs, pool=ref)
+                    assert not r.header["cache_hit"]
+                    lat.append(r.seconds)
+                    if i < 5:
+                        floors.append(jit_save_floor(pool, cs))
+                s = _summary(lat)
+                s["jit_save_floor_ms"] = round(statistics.median(floors) * 1e3, 3)
+                s["p50_over_floor"] = round(s["p50_ms"] / s["jit_save_floor_ms"], 2)
+                result["cases"][f"warm_{n}"] = s
+            progress("cold case")
+            lat = []
+            for _ in range(cold):
+                n = rng.randint(1, len(sets))
+                engine._tensors = type(engine._tensors)(settings.cache_bytes)
+                cs = fresh(n)
+                r = c.compose(cs, pool=ref)
+                lat.append(r.seconds)
+            result["cases"]["cold"] = _summary(lat)
+        progress(f"throughput: {throughput_requests} distinct compositions, {clients} clients")
+        todo = [fresh(rng.randint(1, len(sets))) for _ in range(throughput_requests)]
+        lock = threading.Lock()
+        channels = [Composer(target, retries=0) for _ in range(clients)]
+        seconds: list[float] = []
+
+        def worker(k: int) -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    cs = todo.pop()
+                r = channels[k].compose(cs, pool=ref)
+                with lock:
+                    seconds.append(r.seconds)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as ex:
+            list(ex.map(worker, range(clients)))
+        wall = time.perf_counter() - t0
+        for ch in channels:
+            ch.close()
+        result["throughput"] = {"clients": clients, "requests": throughput_requests,
+                                "compositions_per_s": round(throughput_requests / wall, 1), **_summary(seconds)}
+    finally:
+        host.stop(0).wait()
+        if moto is not None:
+            moto.stop()
+    return result
