@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 FMNIST := /usr/share/datasets/fashion-mnist
 POOL := pools/fashion-mnist
-DEMO_CLASSES ?= Sandal,Sneaker,Ankle boot,Bag
 
 .PHONY: demo test venv data protos check-protos lint bench clean
 
@@ -37,12 +36,13 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: venv data
+	bash .ci/install-deploy-tools.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# poe up, import the shipped pool, compose through ComposeModel, evaluate on the real test images.
 demo: venv data
-	$(VENV)/bin/poe compose --local $(POOL) --classes "$(DEMO_CLASSES)" -o out/demo-model.pt
-	$(VENV)/bin/poe eval out/demo-model.pt
+	$(PY) -m poe.demo --pool $(POOL) --out out
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info out

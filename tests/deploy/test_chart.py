@@ -1,0 +1,409 @@
+"""The Helm chart (deploy/helm/poe), rendered and linted offline with helm-python-sdk (Helm's own
+Go SDK, no helm binary and no cluster), every object validated against the Kubernetes 1.30 schemas
+(kubernetes-validate, strict), and the behaviour of the values checked on the rendered objects."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import helm_python
+import pytest
+import yaml
+from deploy_paths import CHART, PROMETHEUS
+from k8s_checks import (
+    custom_resource_problems,
+    load_docs,
+    probe_problems,
+    reference_problems,
+    schema_problems,
+    security_problems,
+    validate_strict,
+)
+
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+CASES = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
+RELEASE, NAMESPACE = "poe", "poe-test"
+
+
+def test_ci_values_cover_the_features():
+    assert {"default", "dev", "prod", "in-cluster-deps", "monitoring"} <= set(CASES)
+
+
+@functools.cache
+def _chart() -> helm_python.Chart:
+    return helm_python.Chart.load(CHART)
+
+
+def values_of(case: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / f"{case}-values.yaml").read_text()) or {}
+
+
+def render(values: dict, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
+    return _chart().render(values, name=name, namespace=namespace)
+
+
+@functools.cache
+def _rendered_case(case: str) -> tuple[str, ...]:
+    out = render(values_of(case))
+    return tuple(text for path, text in sorted(out.items()) if path.endswith(".yaml"))
+
+
+def objects(case: str) -> list[dict]:
+    return load_docs(_rendered_case(case))
+
+
+def merged(case: str) -> dict:
+    return _chart().merge_values(values_of(case))
+
+
+def externals(case: str) -> dict:
+    """Names the operator supplies, by the case's values."""
+    v = merged(case)
+    secrets = [s for s in (v["database"]["auth"]["existingSecret"], v["objectStore"]["auth"]["existingSecret"]) if s]
+    claims = [v["extractor"]["persistence"]["existingClaim"]] if v["extractor"]["persistence"]["existingClaim"] else []
+    accounts = [] if v["serviceAccount"]["create"] else [v["serviceAccount"]["name"] or "default"]
+    return {"external_secrets": secrets, "external_claims": claims, "external_accounts": accounts}
+
+
+def by_name(objs: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def container(obj: dict, name: str) -> dict:
+    (c,) = [c for c in obj["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return c
+
+
+def env_of(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+# -- every values file ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_is_clean(case):
+    report = helm_python.lint(CHART, values_of(case), strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []  # no warnings, no errors
+    assert report["total_charts_linted"] == 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_objects_are_valid_kubernetes_1_30(case):
+    objs = objects(case)
+    assert len(objs) >= 10
+    assert schema_problems(objs) == []
+    assert custom_resource_problems(objs) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pods_are_unprivileged_with_resources(case):
+    assert security_problems(objects(case)) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_native_grpc_probes(case):
+    assert probe_problems(objects(case)) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_references_resolve(case):
+    assert reference_problems(objects(case), **externals(case)) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_names_are_namespaced_and_labelled(case):
+    for obj in objects(case):
+        meta = obj["metadata"]
+        if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):
+            continue  # may live in the monitoring namespace
+        assert meta.get("namespace") == NAMESPACE, obj["kind"]
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "poe"
+        assert len(meta["name"]) <= 63
+
+
+def test_the_validator_is_not_vacuous():
+    (deploy,) = [o for o in objects("default") if o["kind"] == "Deployment" and o["metadata"]["name"] == "poe-composer"]
+    assert validate_strict(deploy) is None
+    typo = json.loads(json.dumps(deploy))
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    assert "imagePullPolice" in (validate_strict(typo) or "")
+    wrong = json.loads(json.dumps(deploy))
+    wrong["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
+    assert validate_strict(wrong) is not None  # GRPCAction.port is an integer, never a name
+    assert security_problems([_without_drop_all(deploy)]) != []
+
+
+def _without_drop_all(deploy: dict) -> dict:
+    d = json.loads(json.dumps(deploy))
+    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"] = {}
+    return d
+
+
+# -- what the values do ---------------------------------------------------------------------------
+
+def test_default_is_production_shaped():
+    objs = objects("default")
+    kinds = sorted({o["kind"] for o in objs})
+    assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
+                            "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount"])
+    assert not by_name(objs, "Secret")  # credentials only by reference
+    deployments = by_name(objs, "Deployment")
+    assert set(deployments) == {"poe-registry", "poe-composer", "poe-extractor"}
+    assert "replicas" not in deployments["poe-composer"]["spec"]  # the HPA owns it
+    assert deployments["poe-extractor"]["spec"]["strategy"]["type"] == "Recreate"
+
+    cm = by_name(objs, "ConfigMap")["poe-config"]["data"]
+    assert cm["POE_REGISTRY_ADDR"] == "poe-registry:50051"
+    assert cm["POE_BLOB_URL"] == "s3://poe"
+    assert cm["POE_S3_ENDPOINT"] == "minio:9000"
+    assert not any("PASSWORD" in k or "SECRET" in k or "ACCESS_KEY" in k for k in cm)
+
+    reg = env_of(container(deployments["poe-registry"], "registry"))
+    assert reg["POE_DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "poe-postgresql", "key": "password"}
+    assert reg["POE_DATABASE_URL"]["value"] == (
+        "postgresql+psycopg://$(POE_DATABASE_USERNAME):$(POE_DATABASE_PASSWORD)@postgresql:5432/poe")
+    assert reg["POE_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "poe-minio", "key": "secret-key"}
+    # Only the registry (and its migration) hold storage credentials.
+    for name in ("composer", "extractor"):
+        env = env_of(container(deployments[f"poe-{name}"], name))
+        assert not any(k.startswith(("POE_DATABASE", "POE_S3_ACCESS", "POE_S3_SECRET")) for k in env), name
+    assert env_of(container(deployments["poe-composer"], "composer"))["POE_CACHE_BYTES"]["value"] == "536870912"
+
+    job = by_name(objs, "Job")["poe-migrate"]
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert "hook-succeeded" in ann["helm.sh/hook-delete-policy"]
+    mig = container(job, "migrate")
+    assert mig["command"] + mig["args"] == ["poe", "registry", "migrate"]
+    assert "serviceAccountName" not in job["spec"]["template"]["spec"]  # the chart's SA is not there yet
+    assert "envFrom" not in mig  # nor is the ConfigMap
+
+    hpa = by_name(objs, "HorizontalPodAutoscaler")["poe-composer"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 10)
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+    assert set(by_name(objs, "PodDisruptionBudget")) == {"poe-registry", "poe-composer"}
+    assert set(by_name(objs, "NetworkPolicy")) == {"poe-registry", "poe-composer", "poe-extractor", "poe-migrate"}
+
+
+def _grpc_ingress_from(objs, name):
+    rules = by_name(objs, "NetworkPolicy")[name]["spec"]["ingress"]
+    (grpc,) = [r for r in rules if r["ports"][0]["port"] == "grpc"]
+    return grpc.get("from")
+
+
+def test_network_policy_opens_the_registry_only_to_the_release():
+    objs = objects("default")
+    assert _grpc_ingress_from(objs, "poe-composer") is None  # allowExternal: anyone may compose
+    peers = _grpc_ingress_from(objs, "poe-registry")
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "poe", "app.kubernetes.io/instance": "poe"}}} \
+        in peers
+    prod = objects("prod")
+    peers = _grpc_ingress_from(prod, "poe-composer")
+    assert {"namespaceSelector": {"matchLabels": {"poe-client": "true"}}} in peers
+    egress = by_name(prod, "NetworkPolicy")["poe-registry"]["spec"]["egress"]
+    assert {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+            "ports": [{"port": 5432, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]} in egress
+    assert any(p.get("port") == 53 for rule in egress for p in rule.get("ports", []))
+
+
+def test_in_cluster_dependencies_for_a_trial():
+    objs = objects("in-cluster-deps")
+    sts = by_name(objs, "StatefulSet")
+    assert set(sts) == {"poe-postgresql", "poe-minio"}
+    cm = by_name(objs, "ConfigMap")["poe-config"]["data"]
+    assert cm["POE_S3_ENDPOINT"] == "poe-minio:9000"
+    assert set(by_name(objs, "Service")) >= {"poe-postgresql", "poe-minio"}
+    reg = env_of(container(by_name(objs, "Deployment")["poe-registry"], "registry"))
+    assert "@poe-postgresql:5432/poe" in reg["POE_DATABASE_URL"]["value"]
+    secrets = by_name(objs, "Secret")
+    assert set(secrets) == {"poe-database", "poe-object-store"}
+    assert secrets["poe-database"]["stringData"] == {"username": "poe", "password": "trial-password"}
+    # The database exists only after the install: the migration runs post-install there, and the
+    # chart-made Secrets are hooks that come before it.
+    job_ann = by_name(objs, "Job")["poe-migrate"]["metadata"]["annotations"]
+    assert job_ann["helm.sh/hook"] == "post-install,pre-upgrade"
+    for s in secrets.values():
+        assert "pre-install" in s["metadata"]["annotations"]["helm.sh/hook"]
+        assert int(s["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(job_ann["helm.sh/hook-weight"])
+    pg = env_of(container(sts["poe-postgresql"], "postgresql"))
+    assert pg["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "poe-database"
+    assert set(by_name(objs, "NetworkPolicy")) >= {"poe-postgresql", "poe-minio"}
+    # With egress restricted, the registry may still reach both.
+    egress = by_name(objs, "NetworkPolicy")["poe-registry"]["spec"]["egress"]
+    assert {5432, 9000} <= {p["port"] for rule in egress for p in rule.get("ports", [])}
+
+
+def test_prod_values():
+    objs = objects("prod")
+    deployments = by_name(objs, "Deployment")
+    image = container(deployments["poe-composer"], "composer")["image"]
+    assert image == "registry.example.com/poe/poe:0.1.0"
+    reg = env_of(container(deployments["poe-registry"], "registry"))
+    assert reg["POE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "poe-postgresql", "key": "database-url"}
+    assert "POE_DATABASE_PASSWORD" not in reg
+    cm = by_name(objs, "ConfigMap")["poe-config"]["data"]
+    assert cm["POE_BLOB_URL"] == "s3://poe-prod/registry"
+    assert cm["POE_S3_SECURE"] == "true"
+    assert by_name(objs, "PodDisruptionBudget")["poe-composer"]["spec"] == {
+        "minAvailable": "50%",
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "poe", "app.kubernetes.io/instance": "poe",
+                                     "app.kubernetes.io/component": "composer"}}}
+    assert deployments["poe-registry"]["spec"]["replicas"] == 3
+    assert by_name(objs, "ServiceMonitor") and by_name(objs, "PrometheusRule")
+    for d in deployments.values():
+        assert d["spec"]["template"]["metadata"]["labels"]["team"] == "ml-platform"
+
+
+def test_dev_values_run_small():
+    objs = objects("dev")
+    assert "HorizontalPodAutoscaler" not in {o["kind"] for o in objs}
+    assert by_name(objs, "Deployment")["poe-composer"]["spec"]["replicas"] == 1
+    assert by_name(objs, "ConfigMap")["poe-config"]["data"]["POE_LOG_LEVEL"] == "DEBUG"
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objs}
+
+
+def test_fixed_replicas_values():
+    objs = objects("fixed-replicas")
+    kinds = {o["kind"] for o in objs}
+    assert "HorizontalPodAutoscaler" not in kinds and "NetworkPolicy" not in kinds and "Job" not in kinds
+    assert by_name(objs, "Deployment")["poe-composer"]["spec"]["replicas"] == 4
+    assert "poe-composer-headless" not in by_name(objs, "Service")
+    assert by_name(objs, "Service")["poe-composer"]["spec"]["type"] == "LoadBalancer"
+    ext = by_name(objs, "Deployment")["poe-extractor"]["spec"]["template"]["spec"]
+    assert {"name": "home", "persistentVolumeClaim": {"claimName": "poe-runs"}} in ext["volumes"]
+    assert ext["serviceAccountName"] == "poe-runner"
+    assert "initContainers" not in by_name(objs, "Deployment")["poe-registry"]["spec"]["template"]["spec"]
+
+
+def test_monitoring_objects_are_switched():
+    assert not any(o["kind"] in ("ServiceMonitor", "PrometheusRule") for o in objects("default"))
+    objs = objects("monitoring")
+    (sm,) = by_name(objs, "ServiceMonitor").values()
+    assert sm["metadata"]["namespace"] == "monitoring"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (ep,) = sm["spec"]["endpoints"]
+    assert ep["port"] == "metrics" and ep["interval"] == "15s"
+    # job = poe-<component>, the names the alert rules select on.
+    assert {"sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_component"],
+            "targetLabel": "job", "replacement": "poe-$1"} in ep["relabelings"]
+    alerts = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    exprs = [r["expr"] for g in alerts["groups"] for r in g["rules"]]
+    assert any('job=~"poe-(registry|composer|extractor)"' in e for e in exprs)
+    # The headless Service has no metrics port, so it is not scraped twice.
+    headless = by_name(objs, "Service")["poe-composer-headless"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+    pod_ann = by_name(objs, "Deployment")["poe-composer"]["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.io/scrape" not in pod_ann
+
+
+def test_prometheus_rule_carries_the_alerts_file_verbatim():
+    source = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    (rule,) = by_name(objects("monitoring"), "PrometheusRule").values()
+    assert rule["spec"]["groups"] == source["groups"]
+    assert rule["metadata"]["namespace"] == "monitoring"
+    # One source: the chart's copy is a link to deploy/prometheus/alerts.yaml (or, where links are
+    # not kept, byte-identical to it).
+    linked = CHART / "files" / "alerts.yaml"
+    assert linked.resolve() == (PROMETHEUS / "alerts.yaml").resolve() or \
+        linked.read_bytes() == (PROMETHEUS / "alerts.yaml").read_bytes()
+
+
+def _checksums(values: dict) -> dict[str, dict[str, str]]:
+    objs = load_docs(t for p, t in render(values).items() if p.endswith(".yaml"))
+    return {n: {k: v for k, v in d["spec"]["template"]["metadata"]["annotations"].items() if k.startswith("checksum/")}
+            for n, d in by_name(objs, "Deployment").items()}
+
+
+def test_checksum_annotations_restart_pods_on_config_or_secret_change():
+    base = _checksums({})
+    assert base == _checksums({})  # stable
+    assert set(base["poe-composer"]) == {"checksum/config", "checksum/secret", "checksum/secret-ref"}
+    debug = _checksums({"config": {"logLevel": "DEBUG"}})
+    for name in base:
+        assert debug[name]["checksum/config"] != base[name]["checksum/config"]
+        assert debug[name]["checksum/secret"] == base[name]["checksum/secret"]
+    moved = _checksums({"database": {"auth": {"existingSecret": "other-secret"}}})
+    assert all(moved[n]["checksum/secret-ref"] != base[n]["checksum/secret-ref"] for n in base)
+    trial = {"database": {"auth": {"existingSecret": "", "password": "a"}}}
+    rotated = {"database": {"auth": {"existingSecret": "", "password": "b"}}}
+    assert _checksums(trial)["poe-registry"]["checksum/secret"] != \
+        _checksums(rotated)["poe-registry"]["checksum/secret"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"database": {"auth": {"existingSecret": ""}}}, "database.auth.password"),
+    ({"objectStore": {"auth": {"existingSecret": ""}}}, "objectStore.auth"),
+    ({"database": {"host": ""}}, "database.host is required"),
+    ({"composer": {"resources": {"requests": {"cpu": None}}}}, "composer.resources.requests.cpu"),
+])
+def test_incomplete_values_fail_with_a_reason(values, message):
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
+        render(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"composer": {"replicaz": 3}},
+    {"composer": {"replicas": "three"}},
+    {"config": {"logLevel": "LOUD"}},
+    {"image": {"pullPolicy": "Sometimes"}},
+    {"objectStore": {"bucket": "Not_A_Bucket"}},
+    {"ports": {"grpc": 70000}},
+])
+def test_schema_rejects_bad_values(values):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(values)
+
+
+def test_every_values_key_is_commented():
+    """Each key of values.yaml has a comment line right above it, except inside Kubernetes
+    structures that are passed through verbatim (security contexts, resources, probe timings)."""
+    verbatim = {"podSecurityContext", "containerSecurityContext", "resources", "startup", "liveness", "readiness"}
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][\w-]*):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack] + [key]
+        stack.append((indent, key))
+        if any(p in verbatim for p in path[:-1]):
+            continue
+        if not lines[i - 1].strip().startswith("#"):
+            missing.append(".".join(path))
+    assert missing == []
+    # ... and every key is known to the schema (additionalProperties: false at the top).
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(yaml.safe_load((CHART / "values.yaml").read_text())) <= set(schema["properties"])
+
+
+def test_notes_tell_which_secrets_must_exist():
+    notes = render({})["poe/templates/NOTES.txt"]
+    assert "poe-postgresql: keys username, password" in notes
+    assert "poe-minio: keys access-key, secret-key" in notes
+    assert "port-forward svc/poe-composer 50051:50051" in notes
+
+
+def test_fullname_follows_the_release():
+    objs = load_docs(t for p, t in render({}, name="acme").items() if p.endswith(".yaml"))
+    assert "acme-poe-composer" in by_name(objs, "Deployment")
+    cm = by_name(objs, "ConfigMap")["acme-poe-config"]["data"]
+    assert cm["POE_REGISTRY_ADDR"] == "acme-poe-registry:50051"
+    assert reference_problems(objs, external_secrets=["poe-postgresql", "poe-minio"]) == []
+
+
+def test_chart_metadata():
+    meta = _chart().metadata
+    assert meta["apiVersion"] == "v2" and meta["name"] == "poe"
+    pyproject = (Path(CHART).parents[2] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert meta["appVersion"] == version  # the default image tag is the package version
