@@ -282,6 +282,123 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUITE_COMMON = ("pool", "dataset", "quick", "run", "work_dir", "json_out", "json", "update_docs", "docs")
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a `poe bench` run: every option that differs from its default."""
+    import shlex
+
+    defaults = vars(build_parser().parse_args(["bench", args.bench]))
+    parts = ["poe", "bench", args.bench]
+    for key, value in vars(args).items():
+        if key in ("command", "bench", "func") or value == defaults.get(key) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts += [flag, shlex.quote(text)]
+    return " ".join(parts)
+
+
+def cmd_bench_suite(args: argparse.Namespace) -> int:
+    """`poe bench baselines | cross-expert | inference`: the measurements in poe/bench_suite.py."""
+    from poe import bench_suite
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "bench", "func", *_SUITE_COMMON)}
+    if options.pop("fp32", False):
+        options["bf16"] = False
+    result = bench_suite.run(args.bench, args.pool, quick=args.quick, dataset=getattr(args, "dataset", None),
+                             run_dir=getattr(args, "run", None), work_dir=getattr(args, "work_dir", None),
+                             command=_bench_command(args),
+                             progress=lambda m: print(f"bench {args.bench}: {m}", file=sys.stderr, flush=True),
+                             **options)
+    text = bench_suite.markdown(result)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs:
+        path = bench_suite.update_docs(args.docs, args.bench, text)
+        print(f"bench {args.bench}: updated section '{args.bench}' of {path}", file=sys.stderr)
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _split([value]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _add_bench_suite_parsers(bsub) -> None:
+    def common(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        p = bsub.add_parser(name, help=help_, description=description)
+        p.add_argument("--pool", default="pools/fashion-mnist", help="pool directory (default pools/fashion-mnist)")
+        p.add_argument("--quick", action="store_true",
+                       help="tiny subsets, epochs and repeats: checks the harness in seconds (used by the tests)")
+        p.add_argument("--seed", type=int, help="seed of the query sample, subsets and training (default 0)")
+        p.add_argument("--json-out", help="also write the full result to this JSON file")
+        p.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")
+        p.add_argument("--update-docs", action="store_true",
+                       help="write the tables between this benchmark's markers in --docs")
+        p.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
+        p.set_defaults(func=cmd_bench_suite)
+        return p
+
+    def training(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--dataset", help="data set (default: the pool's)")
+        p.add_argument("--run", metavar="RUN_DIR",
+                       help="`poe train` run directory whose teacher_views.safetensors to reuse (else the oracle "
+                            "computes them)")
+        p.add_argument("--queries", type=int, help="a seeded sample of this many queries (default 0: all)")
+        p.add_argument("--max-tasks", type=int, help="largest number of primitive tasks in a query (default 5)")
+        p.add_argument("--epochs", type=int, help=f"epochs for {what}")
+        p.add_argument("--batch-size", type=int, help="batch size (default 128)")
+        p.add_argument("--lr", type=float, help="peak learning rate (default 0.1)")
+
+    bb = common("baselines", "PoE against the oracle and Scratch / Transfer / CKD-head baselines: accuracy, "
+                "size, time to build",
+                "For queries of 1..5 primitive tasks: accuracy, parameters and FLOPs of the restricted oracle, "
+                "PoE and three baselines trained for the query, and the time each baseline needs to reach "
+                "PoE's accuracy against PoE's compose time (docs/BENCHMARKS.md).")
+    training(bb, "each baseline (default 5; quick 1)")
+    bb.add_argument("--eval-every", type=int, help="training steps between monitor evaluations (default 25)")
+    bb.add_argument("--monitor-images", type=int, help="test images of the query watched during training "
+                                                       "(default 1000)")
+    bb.add_argument("--budget-s", type=float, help="cap on each baseline's training seconds per query (default: none)")
+    bb.add_argument("--stop-at-target", action="store_true",
+                    help="stop a baseline when it reaches PoE's accuracy (faster; truncates its accuracy)")
+    bb.add_argument("--fp32", action="store_true", help="train the baselines in fp32 (default: bf16 autocast)")
+    bb.add_argument("--methods", type=lambda v: tuple(_split([v])),
+                    help="baselines to run, comma-separated (default scratch,transfer,ckd)")
+    bb.add_argument("--compose-repeats", type=int, help="compose calls timed per query (median; default 5)")
+
+    bx = common("cross-expert", "share of errors across primitive tasks, experts trained on L_soft, L_scale, both",
+                "Trains two ablation expert sets (L_soft only, L_scale only) on the pool's frozen library and "
+                "compares the cross-expert error share of composed models for queries of 2..5 primitive tasks "
+                "with the pool's own experts (L_soft + L_scale).")
+    training(bx, "the ablation experts (default 10; quick 1)")
+    bx.add_argument("--views", type=int, help="teacher views to compute when --run has none (default 4)")
+    bx.add_argument("--work-dir", help="checkpoints of the ablation experts; a rerun resumes or reuses them "
+                                       "(default runs/bench-cross-expert; quick: a temporary directory)")
+    bx.add_argument("--retrain-both", action="store_true",
+                    help="also train the L_soft + L_scale set on the same schedule instead of using the pool's")
+
+    bi = common("inference", "images/s of composed models (fused, reference) and the oracle on the CPU",
+                "Throughput at batch 1 and 256 of composed models (TorchScript, as `poe compose` ships them) "
+                "for one query per number of primitive tasks, and of the oracle.")
+    bi.add_argument("--sizes", type=_int_list, help="numbers of primitive tasks to time (default 1,2,3,4,5)")
+    bi.add_argument("--batch-sizes", type=_int_list, help="batch sizes (default 1,256)")
+    bi.add_argument("--warmup", type=int, help="untimed calls first (default 5)")
+    bi.add_argument("--repeats", type=int, help="timed calls, at least (default 20)")
+    bi.add_argument("--min-seconds", type=float, help="time each case for at least this long (default 1)")
+    bi.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    bi.add_argument("--eager", action="store_true", help="time eager modules instead of TorchScript")
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--quick", action="store_true", help="a few requests per case (seconds; used by the tests)")
     bc.add_argument("--json-out", help="also write the result to this JSON file")
     bc.set_defaults(func=cmd_bench_compose)
+    _add_bench_suite_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")
     pr.add_argument("model", help="composed model file (TorchScript with poe.json)")
@@ -371,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_registry.add_parser(sub)
     from poe import cli_serve  # `poe serve NAME`, `poe up`
     cli_serve.add_parsers(sub)
+    from poe import cli_extract  # `poe extract ...` (start, status, list, cancel)
+    cli_extract.add_parser(sub)
     return parser
 
 

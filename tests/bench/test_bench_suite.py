@@ -1,0 +1,287 @@
+"""`poe bench baselines | cross-expert | inference` in quick mode, so the harness cannot rot.
+
+Every part runs once through the real command line (in process) on a small pool with random
+weights and real Fashion-MNIST images; the tests check the JSON it writes, the Markdown it puts
+between its markers, and that the figures are consistent with each other and with the core.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from poe import bench_suite
+from poe.cli import main
+from poe.compose import compose
+from poe.errors import InvalidArgument
+from poe.pool import load as load_pool
+from poe.pool import save as save_pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The machine is shared with long training runs: one torch thread for these tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool_dir(random_pool, tmp_path_factory) -> Path:
+    return save_pool(random_pool, tmp_path_factory.mktemp("bench-pool") / "test-pool")
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("docs") / "BENCHMARKS.md"
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def run_part(part: str, pool_dir: Path, docs: Path, tmp: Path, *extra: str) -> tuple[dict, str, float]:
+    json_out = tmp / f"{part}.json"
+    t0 = time.perf_counter()
+    rc, out, err = run_cli("bench", part, "--pool", str(pool_dir), "--quick", "--json-out", str(json_out),
+                           "--update-docs", "--docs", str(docs), *extra)
+    assert rc == 0, err
+    result = json.loads(json_out.read_text())
+    # The command stated with the figures reproduces the run: every option that was given.
+    assert result["command"] == (f"poe bench {part} --pool {pool_dir} --quick --json-out {json_out} --update-docs "
+                                 f"--docs {docs}" + "".join(f" {a}" for a in extra))
+    return result, out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def baselines(pool_dir, docs, tmp_path_factory):
+    return run_part("baselines", pool_dir, docs, tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def cross_expert(pool_dir, docs, tmp_path_factory):
+    return run_part("cross-expert", pool_dir, docs, tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def inference(pool_dir, docs, tmp_path_factory):
+    return run_part("inference", pool_dir, docs, tmp_path_factory.mktemp("out"))
+
+
+def in_unit(x) -> bool:
+    return x is not None and 0.0 <= x <= 1.0
+
+
+def check_provenance(result: dict, part: str, pool_dir: Path) -> None:
+    assert result["part"] == part and result["quick"] is True and result["pool"] == "test-pool@1"
+    hw = result["hardware"]
+    assert hw["cpu"] and hw["cores"] >= 1 and hw["torch"] == torch.__version__ and hw["torch_threads"] >= 1
+
+
+# -- baselines -----------------------------------------------------------------------------------
+
+def test_baselines_rows_are_complete_and_in_range(baselines, pool_dir, random_pool):
+    result, _, _ = baselines
+    check_provenance(result, "baselines", pool_dir)
+    assert result["queries"] == len(result["rows"]) == 2 and result["possible_queries"] == 31
+    assert sorted(r["n"] for r in result["rows"]) == [1, 2]  # the sample is spread over the sizes
+    expert_width = next(iter(random_pool.experts.values())).config.width
+    assert result["head_width_per_task"] == expert_width
+    for r in result["rows"]:
+        ids = sorted(c for t in r["tasks"] for c in random_pool.hierarchy.tasks[t])
+        assert r["classes"] == [random_pool.hierarchy.classes[c] for c in ids]
+        assert r["test_images"] == 20 * len(ids) and 0 < r["monitor_images"] <= r["test_images"]
+        assert in_unit(r["oracle"]["accuracy"]) and in_unit(r["poe"]["accuracy"])
+        assert in_unit(r["poe"]["monitor_accuracy"])
+        assert 0 < r["poe"]["compose_s"] < 5
+        assert 0 < r["poe"]["params"] < r["oracle"]["params"] and 0 < r["poe"]["flops"] < r["oracle"]["flops"]
+        for m in ("scratch", "transfer", "ckd"):
+            b = r[m]
+            assert in_unit(b["accuracy"]) and in_unit(b["best_monitor_accuracy"])
+            assert b["params"] > 0 and b["flops"] > 0 and b["steps"] >= 1
+            # Reached exactly when the best monitor accuracy matched PoE's, and no later than the end.
+            assert b["reached"] == (b["best_monitor_accuracy"] >= r["poe"]["monitor_accuracy"])
+            assert (b["time_to_target_s"] is not None) == b["reached"]
+            if b["reached"]:
+                assert 0 <= b["time_to_target_s"] <= b["train_s"]
+                assert b["speedup"] == pytest.approx(b["time_to_target_s"] / r["poe"]["compose_s"], abs=0.1)
+            times = [c[1] for c in b["curve"]]
+            assert times == sorted(times) and b["curve"][0][0] == 0 and b["curve"][-1][0] == b["steps"]
+        # One training epoch over the training images each baseline sees (batch 32 in quick mode).
+        assert r["scratch"]["steps"] == (40 * len(ids)) // 32
+        assert r["ckd"]["steps"] == (40 * 10) // 32  # CKD: the whole training set
+        reached = [r[m]["time_to_target_s"] for m in ("scratch", "transfer", "ckd") if r[m]["reached"]]
+        assert r["fastest_baseline_s"] == (min(reached) if reached else None)
+
+
+def test_baseline_heads_are_w_times_n_wide(baselines):
+    """For one primitive task, Scratch, Transfer and CKD head have exactly PoE's architecture."""
+    result, _, _ = baselines
+    one = next(r for r in result["rows"] if r["n"] == 1)
+    assert one["scratch"]["params"] == one["transfer"]["params"] == one["ckd"]["params"] == one["poe"]["params"]
+    assert one["scratch"]["flops"] == one["transfer"]["flops"] == one["poe"]["flops"]
+    two = next(r for r in result["rows"] if r["n"] == 2)
+    assert two["transfer"]["params"] > two["poe"]["params"]  # one 2w-wide head has more weights than two w-wide
+
+
+def test_baselines_summary_and_docs(baselines, docs):
+    result, out, _ = baselines
+    s = result["summary"]
+    assert set(s["by_n"]) == {"1", "2"} and s["all"]["queries"] == 2
+    means = [r["poe"]["accuracy"] for r in result["rows"]]
+    assert s["all"]["poe_accuracy"] == pytest.approx(sum(means) / 2, abs=1e-6)
+    assert s["all"]["poe_minus_scratch_pt"]["min"] <= s["all"]["poe_minus_scratch_pt"]["mean"]
+    text = docs.read_text()
+    start, end = bench_suite.markers("baselines")
+    section = text[text.index(start):text.index(end)]
+    assert result["command"] in section and "Quick mode" in section and "| n | queries | oracle (restricted)" in section
+    assert "Time to build" in out and "speed-up" in out
+
+
+# -- cross-expert --------------------------------------------------------------------------------
+
+def test_cross_expert_shares(cross_expert, pool_dir):
+    result, _, _ = cross_expert
+    check_provenance(result, "cross-expert", pool_dir)
+    assert result["queries"] == len(result["rows"]) == 10 + 10 + 5 + 1  # every query of 2..5 of 5 tasks
+    assert set(result["summary"]["by_n"]) == {"2", "3", "4", "5"}
+    sets = result["expert_sets"]
+    assert sets["soft"]["source"] == sets["scale"]["source"] == "trained" and sets["both"]["source"] == "pool"
+    assert sets["soft"]["loss"]["scale_weight"] == 0 and sets["scale"]["loss"]["soft_weight"] == 0
+    for r in result["rows"]:
+        for name in ("soft", "scale", "both"):
+            c = r[name]
+            assert 0 <= c["cross_expert_errors"] <= c["errors"] <= r["test_images"]
+            assert c["accuracy"] == pytest.approx(1 - c["errors"] / r["test_images"], abs=1e-6)
+            assert (c["cross_expert_share"] is None) == (c["errors"] == 0)
+            assert c["cross_expert_share"] is None or in_unit(c["cross_expert_share"])
+    for b in result["summary"]["by_n"].values():
+        for name in ("soft", "scale", "both"):
+            assert b[name]["share"] is None or in_unit(b[name]["share"])
+
+
+def test_cross_expert_errors_match_the_composed_model(cross_expert, pool_dir, fmnist_test):
+    """The harness derives each query's prediction from per-expert logits; compose must agree."""
+    result, _, _ = cross_expert
+    pool = load_pool(pool_dir)
+    test = fmnist_test.stratified(bench_suite.QUICK_DATA.test_per_class, 0)
+    task_of = torch.empty(10, dtype=torch.long)
+    for i, ids in enumerate(pool.hierarchy.tasks.values()):
+        task_of[list(ids)] = i
+    for row in (result["rows"][0], result["rows"][-1]):
+        p, model = compose(pool, tasks=row["tasks"])
+        ids = torch.tensor(p.class_ids)
+        mask = torch.isin(test.labels, ids)
+        with torch.no_grad():
+            pred = ids[model(test.images[mask].float() / 255).argmax(1)]
+        errors, cross = bench_suite.cross_expert_counts(pred, test.labels[mask], task_of)
+        assert (errors, cross) == (row["both"]["errors"], row["both"]["cross_expert_errors"])
+
+
+def test_cross_expert_counts_by_hand():
+    task_of = torch.tensor([0, 0, 1, 1, 2])
+    labels = torch.tensor([0, 0, 2, 3, 4, 4])
+    pred = torch.tensor([0, 1, 3, 0, 4, 2])  # right, same-task error, same-task, cross, right, cross
+    assert bench_suite.cross_expert_counts(pred, labels, task_of) == (4, 2)
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+def test_inference_rows(inference, pool_dir):
+    result, out, _ = inference
+    check_provenance(result, "inference", pool_dir)
+    rows = result["rows"]
+    assert {(r["model"], r["n"], r["batch"]) for r in rows} == {
+        (m, n, b) for m in ("fused", "reference") for n in (1, 5) for b in (1, 256)} | {
+        ("oracle", None, 1), ("oracle", None, 256)}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["calls"] >= 3 and r["median_ms"] > 0 and r["params"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3), rel=1e-3)
+        if r["model"] != "oracle":
+            assert r["max_abs_diff_fused_reference"] < 1e-4
+    assert set(result["summary"]) == {"n1_b1", "n1_b256", "n5_b1", "n5_b256"}
+    assert all(v["fused_over_reference"] > 0 and v["fused_over_oracle"] > 0 for v in result["summary"].values())
+    assert "Target: fused >= 1.5x reference for 5 experts" in out
+
+
+def test_quick_mode_of_every_part_is_quick(baselines, cross_expert, inference):
+    """DESIGN: the quick mode of all parts together runs in well under two minutes."""
+    assert baselines[2] + cross_expert[2] + inference[2] < 120
+
+
+# -- docs, queries, command line -----------------------------------------------------------------
+
+def test_every_part_wrote_its_own_section(baselines, cross_expert, inference, docs):
+    text = docs.read_text()
+    for part, (result, _, _) in (("baselines", baselines), ("cross-expert", cross_expert),
+                                 ("inference", inference)):
+        start, end = bench_suite.markers(part)
+        assert text.count(start) == 1 and text.count(end) == 1
+        assert result["command"] in text[text.index(start):text.index(end)]
+
+
+def test_update_docs_replaces_only_its_section(tmp_path):
+    page = tmp_path / "B.md"
+    start, end = bench_suite.markers("inference")
+    page.write_text(f"# Bench\n\nintro\n\n{start}\nold figures\n{end}\n\n<!-- bench:other:start -->\nkeep\n"
+                    "<!-- bench:other:end -->\n")
+    bench_suite.update_docs(page, "inference", "new figures")
+    bench_suite.update_docs(page, "inference", "newer figures")
+    text = page.read_text()
+    assert f"{start}\nnewer figures\n{end}" in text and "old figures" not in text and "new figures\n" not in text
+    assert "intro" in text and "<!-- bench:other:start -->\nkeep\n<!-- bench:other:end -->" in text
+    bench_suite.update_docs(page, "baselines", "table")  # a missing section is appended, with a title
+    assert text in page.read_text() and page.read_text().rstrip().endswith(bench_suite.markers("baselines")[1])
+    page.write_text(f"{start}\nno end marker\n")
+    with pytest.raises(InvalidArgument, match="malformed markers"):
+        bench_suite.update_docs(page, "inference", "x")
+    fresh = bench_suite.update_docs(tmp_path / "new" / "B.md", "inference", "x")
+    assert fresh.read_text().startswith("# Benchmarks")
+
+
+def test_select_queries(random_pool):
+    every = bench_suite.select_queries(random_pool, range(1, 6))
+    assert len(every) == 31 == len(set(every))
+    sample = bench_suite.select_queries(random_pool, range(1, 6), 7, seed=3)
+    assert sample == bench_suite.select_queries(random_pool, range(1, 6), 7, seed=3)
+    assert len(sample) == 7 == len(set(sample)) and {len(q) for q in sample} == {1, 2, 3, 4, 5}
+    assert sample == sorted(sample, key=every.index)
+    assert bench_suite.select_queries(random_pool, range(1, 6), 100) == every
+    assert {len(q) for q in bench_suite.select_queries(random_pool, range(2, 6))} == {2, 3, 4, 5}
+
+
+def test_settings_presets_and_overrides():
+    s = bench_suite.settings_for("baselines", quick=True, epochs=3, lr=None)
+    assert s.epochs == 3 and s.lr == bench_suite.QUICK["baselines"].lr
+    assert bench_suite.settings_for("baselines", quick=False).queries == 0  # full runs: every query
+    with pytest.raises(InvalidArgument):
+        bench_suite.settings_for("nonsense", quick=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "baselines", "--pool", "{tmp}/nowhere"], "not a pool directory"),
+    (["bench", "baselines", "--pool", "{pool}", "--quick", "--methods", "scratch,magic"], "unknown baselines"),
+    (["bench", "inference", "--pool", "{pool}", "--quick", "--sizes", "7"], "no query sizes"),
+    (["bench", "cross-expert", "--pool", "{pool}", "--quick", "--max-tasks", "1"], "at least 2 primitive tasks"),
+])
+def test_bad_input_is_one_line(pool_dir, tmp_path, args, message):
+    rc, _, err = run_cli(*[a.format(pool=pool_dir, tmp=tmp_path) for a in args])
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("poe: error:") and message in lines[-1], err
+
+
+def test_help_of_every_part():
+    for part in bench_suite.PARTS:
+        with pytest.raises(SystemExit) as e:
+            run_cli("bench", part, "--help")
+        assert e.value.code == 0
