@@ -47,6 +47,14 @@ class Settings:
     model_cache_bytes: int = 256 * 1024 * 1024
     alias_ttl: float = 5.0
     record_compositions: bool = True
+    # Extractor: jobs training at once; torch threads per worker (0: OMP_NUM_THREADS or the cores, over
+    # max jobs); worker deaths before a job fails; seconds between progress writes to the registry and
+    # between health probes.
+    extractor_max_jobs: int = 1
+    extractor_threads: int = 0
+    extractor_max_attempts: int = 3
+    extractor_progress_interval: float = 2.0
+    extractor_health_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -75,6 +83,11 @@ class Settings:
             model_cache_bytes=int(env.get("POE_MODEL_CACHE_BYTES", str(256 * 1024 * 1024))),
             alias_ttl=float(env.get("POE_ALIAS_TTL", "5")),
             record_compositions=env.get("POE_RECORD_COMPOSITIONS", "true").lower() in ("1", "true", "yes"),
+            extractor_max_jobs=int(env.get("POE_EXTRACTOR_MAX_JOBS", "1")),
+            extractor_threads=int(env.get("POE_EXTRACTOR_THREADS", "0")),
+            extractor_max_attempts=int(env.get("POE_EXTRACTOR_MAX_ATTEMPTS", "3")),
+            extractor_progress_interval=float(env.get("POE_EXTRACTOR_PROGRESS_INTERVAL", "2")),
+            extractor_health_interval=float(env.get("POE_EXTRACTOR_HEALTH_INTERVAL", "5")),
         )
 
 

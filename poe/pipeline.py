@@ -101,13 +101,15 @@ def teacher_stage(run: Path, oracle: WideResNet, train: Dataset, views: int = 4,
 
 
 def library_stage(run: Path, views: TeacherViews, test: Dataset | None, student_cfg: WRNConfig,
-                  schedule: Schedule, device: str = "cpu", progress: ProgressFn | None = None) -> WideResNet:
+                  schedule: Schedule, device: str = "cpu", progress: ProgressFn | None = None,
+                  progress_every: int = 20) -> WideResNet:
     if _done(run, "student"):
         state, meta = _load_meta(run, "student")
         m = WideResNet(wrn_config_from_dict(meta["config"]))
         m.load_state_dict(state)
         return m.eval()
-    student = train_library(student_cfg, views, test, schedule, run, device, progress=progress)
+    student = train_library(student_cfg, views, test, schedule, run, device, progress=progress,
+                            progress_every=progress_every)
     meta = {"config": config_to_dict(student_cfg), "params": count_params(student),
             "library_params": count_params(student.library), "schedule": schedule.__dict__}
     if test is not None:

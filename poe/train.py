@@ -67,11 +67,13 @@ def fit(
     log: Path | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress_every: int = 20,
 ) -> None:
     """Train `modules` with SGD for `schedule.epochs` epochs.
 
     `train_step(indices, generator)` computes the loss of one batch of example indices.
     Resumes from `checkpoint` when it exists; writes it atomically after every epoch.
+    `progress` is called every `progress_every` steps (and for the first step of each epoch).
     """
     from tqdm import tqdm
 
@@ -109,6 +111,7 @@ def fit(
             count += 1
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
+            if i % max(1, progress_every) == 0:
                 if progress:
                     progress({"stage": stage, "epoch": epoch + 1, "epochs": schedule.epochs,
                               "step": i + 1, "steps": steps_per_epoch, "loss": total / count})
@@ -216,7 +219,7 @@ def make_teacher_views(oracle: nn.Module, train: Dataset, views: int = 4, seed: 
 def train_library(
     student_cfg: WRNConfig, views: TeacherViews, test: Dataset | None, schedule: Schedule,
     out_dir: Path, device: str = "cpu", temperature: float = 4.0, progress: ProgressFn | None = None,
-    bf16: bool = True,
+    bf16: bool = True, progress_every: int = 20,
 ) -> WideResNet:
     """Plain KD of a whole student; its front (stem + two groups) becomes the library.
 
@@ -238,7 +241,7 @@ def train_library(
         return {"test_acc": round(accuracy(predict_logits(student, test.images, device), test.labels), 4)}
 
     fit("library", {"student": student}, step, len(views), schedule, out_dir / "library.ckpt",
-        evaluate, out_dir / "train.log", progress)
+        evaluate, out_dir / "train.log", progress, progress_every=progress_every)
     return student.eval()
 
 
@@ -254,12 +257,14 @@ def train_experts(
     test: Dataset | None, schedule: Schedule, out_dir: Path, device: str = "cpu",
     ckd: CKDSettings = CKDSettings(), progress: ProgressFn | None = None, stage: str = "experts",
     should_stop: Callable[[], bool] | None = None, cache_features: bool = True,
+    progress_every: int = 20, features: torch.Tensor | None = None,
 ) -> dict[str, Head]:
     """CKD of one expert per task on the whole training set; the library stays frozen in eval mode.
 
     Experts share nothing but the frozen library's features, so training several in one loop
     (one library pass per batch, the sum of their losses) gives each exactly the gradients it
-    would get alone.
+    would get alone. `features`: the library's features of every view, computed beforehand (as
+    the cache below would compute them), for callers that train experts one call at a time.
     """
     torch.manual_seed(schedule.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,8 +278,8 @@ def train_experts(
 
     # The library is frozen, so its features for the fixed views are computed once (fp32, stored
     # as fp16 to halve the memory: 3 GB for 4 views of Fashion-MNIST) instead of once per epoch.
-    cached = None
-    if cache_features:
+    cached = features
+    if cached is None and cache_features:
         with torch.no_grad():
             cached = torch.cat([library(_batch(views.images, torch.arange(i, min(i + 1000, len(views))), device))
                                 .to("cpu", torch.float16) for i in range(0, len(views), 1000)])
@@ -305,5 +310,6 @@ def train_experts(
         return res
 
     fit(stage, {f"expert/{n}": e for n, e in experts.items()}, step, len(views), schedule,
-        out_dir / f"{stage}.ckpt", evaluate, out_dir / "train.log", progress, should_stop)
+        out_dir / f"{stage}.ckpt", evaluate, out_dir / "train.log", progress, should_stop,
+        progress_every=progress_every)
     return {n: e.eval() for n, e in experts.items()}

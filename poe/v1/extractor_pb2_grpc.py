@@ -65,13 +65,17 @@ class ExtractorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def StartExtraction(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the request (oracle, data set and hierarchy must fit), records a PENDING job in the
+        registry and queues it. With a job_id that exists already: the same parameters return that
+        job (idempotent retry); different ones are ALREADY_EXISTS.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchExtraction(self, request, context):
-        """Streams the job's state on every change until it reaches a terminal state.
+        """Streams the job's state and progress on every change; the stream ends after the first
+        message with a terminal state (or when the extractor shuts down: watch again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,13 +88,15 @@ class ExtractorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListExtractions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Newest first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelExtraction(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops a PENDING or RUNNING job; nothing of it is published. FAILED_PRECONDITION when finished.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,366 @@
+"""`poe extract ...`: extraction jobs on the extractor service (and `poe serve extractor`'s hook).
+
+    poe extract --dataset D --oracle O [--hierarchy H] [--follow]   start a job (prints its id)
+    poe extract status ID [--follow]                                 one job; --follow shows progress
+    poe extract list [--state S]                                     jobs, newest first
+    poe extract cancel ID                                            stop a job; nothing is published
+
+`--target` is HOST:PORT of an extractor (default POE_EXTRACTOR_ADDR, else 127.0.0.1:50051, where
+`poe up` listens), or `embedded`: a registry and an extractor started inside this command on the
+embedded storage under POE_HOME, for as long as it follows the job.
+
+`--oracle` is a registered oracle id (`42` or `registry:42`) or a file: TorchScript, or a
+safetensors state dict of a WideResNet with its config (`--oracle-config`, or the JSON that
+`poe train` writes beside it). The extractor reads files and data sets on its own filesystem;
+`--upload` sends a local safetensors oracle to the registry first instead. A local `--hierarchy`
+file is sent inline. `--follow` shows a progress bar; Ctrl-C detaches without cancelling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from poe.errors import InvalidArgument, PoeError
+
+EMBEDDED = "embedded"
+NUMERIC = ("student_depth", "student_width", "stem_stride", "expert_width", "library_epochs", "expert_epochs",
+           "batch_size", "lr", "temperature", "soft_weight", "scale_weight", "views", "seed", "subset")
+
+
+def _default_target() -> str:
+    from poe.config import settings
+
+    return settings().extractor_addr
+
+
+@contextlib.contextmanager
+def extractor_client(target: str) -> Iterator:
+    """(ExtractorClient, embedded host or None) for `target`; `embedded` hosts registry + extractor
+    in this process on a loopback port for the block."""
+    from poe_services.extractor.client import ExtractorClient
+
+    if target != EMBEDDED:
+        with ExtractorClient(target) as client:
+            yield client, None
+        return
+    from poe.config import settings
+    from poe_services.host import create_server
+
+    cfg = settings()
+    host = create_server("127.0.0.1:0", cfg, ("registry", "extractor"), migrate=cfg.database_url.startswith("sqlite"))
+    host.start()
+    try:
+        if not host.runtimes["extractor"].recovered.wait(60):
+            raise PoeError("the embedded extractor did not come up within 60 s")
+        with ExtractorClient(f"127.0.0.1:{host.port}") as client:
+            yield client, host
+    finally:
+        host.runtimes["extractor"].close()  # workers and the extractor's registry channel first
+        host.stop(None).wait(30)
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+def _ts(t) -> str | None:
+    return t.ToDatetime().isoformat(timespec="seconds") + "Z" if t.seconds else None
+
+
+def job_dict(job, progress=None, with_params: bool = False) -> dict:
+    from poe_services.extractor.client import state_name
+
+    out = {"id": job.id, "state": state_name(job.state), "progress": round(job.progress, 4), "stage": job.stage,
+           "message": job.message, "error": job.error or None, "pool": job.pool or None,
+           "oracle_id": job.oracle_id or None, "created": _ts(job.create_time), "updated": _ts(job.update_time)}
+    if progress is not None:
+        out["detail"] = {"phase": progress.phase, "expert": progress.expert, "experts": progress.experts,
+                         "task": progress.task, "epoch": progress.epoch, "epochs": progress.epochs,
+                         "step": progress.step, "steps": progress.steps, "loss": round(progress.loss, 5),
+                         "eta_seconds": progress.eta_seconds if progress.HasField("eta_seconds") else None,
+                         "attempt": progress.attempt, "device": progress.device, "live": progress.live}
+    if with_params and job.params_json:
+        out["params"] = json.loads(job.params_json)
+    return out
+
+
+def _eta(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# -- following -------------------------------------------------------------------------------------
+
+def _follow(client, job_id: str, as_json: bool, host=None) -> int:
+    """Show progress until the job ends; Ctrl-C detaches (the job keeps running)."""
+    from tqdm import tqdm
+
+    from poe_services.extractor.client import TERMINAL, state_name
+
+    # The message goes in {desc}: tqdm puts ", " before a {postfix}.
+    bar = tqdm(total=1000, bar_format=f"job {job_id[:12]} {{percentage:3.0f}}%|{{bar:24}}| {{desc}}",
+               file=sys.stderr, disable=as_json or os.environ.get("POE_NO_PROGRESS") == "1", mininterval=0.25)
+    last = None
+    try:
+        for update in client.follow(job_id):
+            last = update
+            bar.n = int(round(1000 * update.job.progress))
+            eta = f", ETA {_eta(update.progress.eta_seconds)}" if update.progress.HasField("eta_seconds") else ""
+            bar.set_description_str(f"{update.job.message}{eta}", refresh=False)
+            bar.refresh()
+    except KeyboardInterrupt:
+        bar.close()
+        if host is not None:
+            print(f"poe: stopping the embedded extractor; job {job_id} stays RUNNING and resumes the next time an "
+                  "extractor runs on this POE_HOME", file=sys.stderr)
+        else:
+            print(f"poe: detached; job {job_id} keeps running (poe extract status {job_id} --follow, "
+                  f"poe extract cancel {job_id})", file=sys.stderr)
+        return 0
+    bar.close()
+    job = last.job
+    if as_json:
+        print(json.dumps(job_dict(job, last.progress)))
+    if job.state == TERMINAL[0]:
+        if not as_json:
+            print(f"job {job.id} succeeded: published {job.pool}")
+        return 0
+    if job.state == TERMINAL[1]:
+        raise PoeError(f"job {job.id} failed: {job.error}")
+    if job.state == TERMINAL[2]:
+        raise PoeError(f"job {job.id} was cancelled")
+    raise PoeError(f"job {job.id} is {state_name(job.state)}")  # pragma: no cover - follow ends on terminal
+
+
+# -- start -----------------------------------------------------------------------------------------
+
+def _split(values: list[str] | None) -> list[str]:
+    return [p.strip() for v in values or [] for p in v.split(",") if p.strip()]
+
+
+def _oracle(args: argparse.Namespace, params: dict, target: str) -> None:
+    ref = args.oracle
+    if ref is None:
+        if args.upload:
+            raise InvalidArgument("--upload needs --oracle FILE")
+        return
+    if ref.isdigit() or ref.startswith("registry:"):
+        params["oracle"] = {"registry_id": int(ref.removeprefix("registry:"))}
+        return
+    path = Path(ref).expanduser()
+    config_json = ""
+    if args.oracle_config:
+        cfg_path = Path(args.oracle_config)
+        config_json = cfg_path.read_text() if cfg_path.is_file() else args.oracle_config
+    if not args.upload:
+        params["oracle"] = {"path": str(path.resolve()) if path.exists() else ref}
+        if config_json:
+            params["oracle"]["config_json"] = config_json
+        return
+    params["oracle"] = {"registry_id": _upload(path, config_json, args, target)}
+
+
+def _upload(path: Path, config_json: str, args: argparse.Namespace, target: str) -> int:
+    """Register a local safetensors oracle (and its hierarchy) in the registry; returns its id."""
+    from poe.hierarchy import builtin, load
+    from poe.pool import config_to_dict
+    from poe.registry_client import RegistryClient
+    from poe_services.extractor import oracles
+
+    if not path.is_file():
+        raise InvalidArgument(f"--oracle: {path}: no such file")
+    if oracles.is_zip(path):
+        raise InvalidArgument("--upload sends safetensors oracles only; a TorchScript oracle must be a file the "
+                              "extractor can read (pass its path without --upload)")
+    cfg, model, data = oracles.read_wrn_file(path, config_json, "--oracle")
+    if args.hierarchy and Path(args.hierarchy).is_file():
+        hier = load(args.hierarchy)
+    elif args.hierarchy or args.dataset in ("fashion-mnist", "fashion_mnist"):
+        hier = builtin(args.hierarchy or "fashion-mnist")
+    else:
+        raise InvalidArgument("--upload needs --hierarchy (the registry files oracles under a data set)")
+    registry = args.registry or os.environ.get("POE_REGISTRY_ADDR") or target
+    with RegistryClient(registry) as reg:
+        reg.register_hierarchy(hier)
+        o, created = reg.register_oracle(f"oracle {path.name}", hier.dataset, config_to_dict(cfg), data,
+                                         params=sum(p.numel() for p in model.parameters()),
+                                         metrics={"source": str(path.resolve())})
+    print(f"oracle {path.name} {'uploaded' if created else 'already in the registry'}: id {o.id}", file=sys.stderr)
+    return o.id
+
+
+def _start_params(args: argparse.Namespace, target: str) -> dict:
+    if not args.dataset:
+        raise InvalidArgument("--dataset is required (fashion-mnist, an IDX folder, an image folder or an .npz)")
+    path = Path(args.dataset).expanduser()
+    params: dict = {"dataset": str(path.resolve()) if args.dataset != "fashion-mnist" and path.exists()
+                    else args.dataset}
+    if args.hierarchy:
+        if Path(args.hierarchy).is_file():
+            params["hierarchy_text"] = Path(args.hierarchy).read_text()
+        else:
+            params["hierarchy"] = args.hierarchy
+    _oracle(args, params, target)
+    for key, value in (("tasks", _split(args.tasks)), ("aliases", args.alias or []), ("base_pool", args.base_pool),
+                       ("pool_name", args.name), ("pool_version", args.version), ("device", args.device)):
+        if value:
+            params[key] = value
+    for key in NUMERIC:
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    target = args.target or _default_target()
+    if target == EMBEDDED and args.upload:
+        raise InvalidArgument("--upload needs a running registry; with --target embedded pass the file itself")
+    params = _start_params(args, target)
+    with extractor_client(target) as (client, host):
+        job = client.start(params, job_id=args.job_id or "")
+        if not (args.follow or host is not None):
+            if args.json:
+                print(json.dumps(job_dict(job)))
+            else:
+                pool = json.loads(job.params_json)["pool"]
+                print(f"job {job.id} queued: extracting {pool['name']}@{pool['version']} "
+                      f"(poe extract status {job.id} --follow)")
+            return 0
+        print(f"job {job.id} started", file=sys.stderr, flush=True)
+        return _follow(client, job.id, args.json, host)
+
+
+# -- status / list / cancel ------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with extractor_client(args.target or _default_target()) as (client, host):
+        if args.follow:
+            return _follow(client, args.job_id, args.json, host)
+        resp = client.get(args.job_id)
+    d = job_dict(resp.job, resp.progress, with_params=args.json)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    detail = d["detail"]
+    print(f"job       {d['id']}")
+    print(f"state     {d['state']}" + (f" (attempt {detail['attempt']}, {detail['device']})" if detail["live"] else ""))
+    print(f"progress  {100 * d['progress']:.0f}%" +
+          (f", ETA {_eta(detail['eta_seconds'])}" if detail["eta_seconds"] is not None else ""))
+    print(f"message   {d['message']}")
+    for key in ("pool", "error", "oracle_id", "created", "updated"):
+        if d[key]:
+            print(f"{key:<9} {d[key]}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with extractor_client(args.target or _default_target()) as (client, _host):
+        jobs = [job_dict(j) for j in client.list(args.state)]
+    if args.json:
+        print(json.dumps(jobs))
+        return 0
+    if not jobs:
+        print("no extraction jobs")
+        return 0
+    print(f"{'JOB':<32} {'STATE':<10} {'PROGRESS':>8}  {'POOL':<20} MESSAGE")
+    for j in jobs:
+        pool = j["pool"] or ""
+        print(f"{j['id']:<32} {j['state']:<10} {100 * j['progress']:>7.0f}%  {pool:<20} {(j['message'] or '')[:60]}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with extractor_client(args.target or _default_target()) as (client, _host):
+        job = client.cancel(args.job_id)
+    print(json.dumps(job_dict(job)) if args.json else f"job {job.id} cancelled")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from poe.config import settings
+    from poe_services.extractor.server import serve
+
+    cfg = settings()
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(cfg, port=args.port, host=args.host, grace=args.grace, registry_target=args.registry)
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+def _target_flag(p: argparse.ArgumentParser, default=None) -> None:
+    p.add_argument("--target", default=default, metavar="HOST:PORT|embedded",
+                   help="extractor to talk to (default POE_EXTRACTOR_ADDR, else 127.0.0.1:50051)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `extract` command (start a job; status, list, cancel) to the `poe` parser's subparsers."""
+    ex = subparsers.add_parser("extract", help="extraction jobs: oracle -> library + experts -> published pool",
+                               description=__doc__.split("\n\n")[1] if __doc__ else None,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _target_flag(ex)
+    ex.add_argument("--dataset", help="fashion-mnist, or (on the extractor) an IDX folder, image folder or .npz")
+    ex.add_argument("--oracle", help="registered oracle id, or a TorchScript / safetensors file")
+    ex.add_argument("--oracle-config", help="WRNConfig JSON (or a JSON file) of a safetensors oracle")
+    ex.add_argument("--upload", action="store_true", help="register the local safetensors oracle in the registry first")
+    ex.add_argument("--registry", metavar="HOST:PORT",
+                    help="registry for --upload (default POE_REGISTRY_ADDR, else the extractor's address)")
+    ex.add_argument("--hierarchy", help="built-in hierarchy name or a YAML/JSON file (default: the data set's)")
+    ex.add_argument("--tasks", action="append", help="primitive tasks to train, comma-separated (default: all new)")
+    ex.add_argument("--base-pool", help="incremental: reuse this pool's library and experts (name[@version])")
+    ex.add_argument("--name", help="pool name (default: the base pool's, else the data set's)")
+    ex.add_argument("--version", help="pool version (default: the next integer)")
+    ex.add_argument("--alias", action="append", help="also point this alias at the new version (repeatable)")
+    for flag, kind, text in (
+            ("--student-depth", int, "student WRN depth (default 16)"),
+            ("--student-width", int, "student WRN width (default 1)"),
+            ("--stem-stride", int, "student stem stride, 1 or 2 (default 1)"),
+            ("--expert-width", int, "expert width (default 16)"),
+            ("--library-epochs", int, "KD epochs of the student (default 10)"),
+            ("--expert-epochs", int, "CKD epochs per expert (default 10)"),
+            ("--batch-size", int, "default 128"), ("--lr", float, "default 0.1"),
+            ("--temperature", float, "distillation temperature (default 4)"),
+            ("--soft-weight", float, "CKD soft-loss weight (default 1)"),
+            ("--scale-weight", float, "CKD scale-loss weight (default 0.3)"),
+            ("--views", int, "fixed augmented views of the training set (default 4)"),
+            ("--seed", int, "default 0"), ("--subset", int, "train on about this many images (quick runs)")):
+        ex.add_argument(flag, type=kind, help=text)
+    ex.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the extractor's POE_DEVICE)")
+    ex.add_argument("--job-id", help="choose the job id (a retry with the same id and flags is idempotent)")
+    ex.add_argument("--follow", action="store_true", help="show progress until the job ends (Ctrl-C detaches)")
+    ex.add_argument("--json", action="store_true", help="print JSON")
+    ex.set_defaults(func=cmd_start)
+
+    sub = ex.add_subparsers(dest="extract_command", metavar="{status,list,cancel}")
+    st = sub.add_parser("status", help="one job: state, progress, result")
+    st.add_argument("job_id", metavar="ID")
+    st.add_argument("--follow", action="store_true", help="show progress until the job ends (Ctrl-C detaches)")
+    ls = sub.add_parser("list", help="extraction jobs, newest first")
+    ls.add_argument("--state", choices=["pending", "running", "succeeded", "failed", "cancelled"])
+    ca = sub.add_parser("cancel", help="cancel a pending or running job (nothing is published)")
+    ca.add_argument("job_id", metavar="ID")
+    for p, func in ((st, cmd_status), (ls, cmd_list), (ca, cmd_cancel)):
+        # SUPPRESS: a --target/--json given before the subcommand is not reset by the subcommand.
+        _target_flag(p, argparse.SUPPRESS)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        p.set_defaults(func=func)
+    return ex
+
+
+def add_serve_parser(serve_subparsers) -> argparse.ArgumentParser:
+    """Add `extractor` under a `poe serve` group: the extractor alone, reaching the registry at
+    --registry (default POE_REGISTRY_ADDR). (`poe serve extractor` in poe/cli_serve.py hosts it
+    through poe_services.host instead; this hook is for groups built without the host.)"""
+    s = serve_subparsers.add_parser("extractor", help="run the extractor service (poe.v1.Extractor)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    s.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds to let in-flight calls finish on shutdown")
+    s.add_argument("--registry", metavar="HOST:PORT", help="registry address (default POE_REGISTRY_ADDR)")
+    s.set_defaults(func=cmd_serve)
+    return s

@@ -1,0 +1,140 @@
+"""A small typed client of `poe.v1.Extractor` (used by `poe extract` and the tests).
+
+    with ExtractorClient("127.0.0.1:50051") as ex:
+        job = ex.start({"dataset": "fashion-mnist", "oracle": {"registry_id": 1}, "pool_version": "2"})
+        for update in ex.watch(job.id):                     # WatchExtractionResponse
+            print(update.progress.phase, update.job.progress)
+        final = ex.wait(job.id, timeout=3600)               # the terminal ExtractionJob
+
+Methods raise `poe.errors` exceptions (InvalidArgument, NotFound, ...) instead of grpc.RpcError.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.json_format import ParseDict, ParseError
+
+from poe.errors import InvalidArgument, PoeError, Unavailable
+from poe.grpc_errors import translate_rpc_errors
+from poe.v1 import common_pb2 as c
+from poe.v1 import extractor_pb2 as pb
+from poe.v1 import extractor_pb2_grpc
+
+STATES = {"pending": c.EXTRACTION_STATE_PENDING, "running": c.EXTRACTION_STATE_RUNNING,
+          "succeeded": c.EXTRACTION_STATE_SUCCEEDED, "failed": c.EXTRACTION_STATE_FAILED,
+          "cancelled": c.EXTRACTION_STATE_CANCELLED}
+STATE_NAMES = {v: k for k, v in STATES.items()}
+TERMINAL = (c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_FAILED, c.EXTRACTION_STATE_CANCELLED)
+
+
+def state_name(state: int) -> str:
+    return STATE_NAMES.get(state, "unspecified")
+
+
+def params_message(params: pb.ExtractionParams | dict) -> pb.ExtractionParams:
+    """ExtractionParams from a message or a dict with the proto's field names."""
+    if isinstance(params, pb.ExtractionParams):
+        return params
+    try:
+        return ParseDict(params, pb.ExtractionParams())
+    except ParseError as e:
+        raise InvalidArgument(f"params: {e}") from None
+
+
+class ExtractorClient:
+    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
+                 timeout: float | None = 120.0):
+        if target is None and channel is None:
+            from poe.config import settings
+
+            target = settings().extractor_addr
+        self.target = target or "<channel>"
+        self._own_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = extractor_pb2_grpc.ExtractorStub(self.channel)
+        self.timeout = timeout
+        self._what = f"extractor at {self.target}"
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self) -> ExtractorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        with translate_rpc_errors(self._what):
+            return method(request, timeout=timeout or self.timeout)
+
+    def start(self, params: pb.ExtractionParams | dict, job_id: str = "") -> c.ExtractionJob:
+        return self._call(self.stub.StartExtraction,
+                          pb.StartExtractionRequest(params=params_message(params), job_id=job_id)).job
+
+    def get(self, job_id: str) -> pb.GetExtractionResponse:
+        return self._call(self.stub.GetExtraction, pb.GetExtractionRequest(job_id=job_id))
+
+    def cancel(self, job_id: str) -> c.ExtractionJob:
+        return self._call(self.stub.CancelExtraction, pb.CancelExtractionRequest(job_id=job_id)).job
+
+    def list(self, state: str | None = None, page_size: int = 0) -> Iterator[c.ExtractionJob]:
+        """All matching jobs, newest first (follows the pages)."""
+        if state is not None and state not in STATES:
+            raise InvalidArgument(f"state: expected one of {', '.join(STATES)}, got {state!r}")
+        token = ""
+        while True:
+            resp = self._call(self.stub.ListExtractions, pb.ListExtractionsRequest(
+                state=STATES[state] if state else c.EXTRACTION_STATE_UNSPECIFIED, page_size=page_size,
+                page_token=token))
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.WatchExtractionResponse]:
+        """One stream of updates; it ends after a terminal state (or when the extractor stops)."""
+        call = self.stub.WatchExtraction(pb.WatchExtractionRequest(job_id=job_id), timeout=timeout)
+        try:
+            with translate_rpc_errors(self._what):
+                yield from call
+        finally:
+            call.cancel()  # a caller that stops early ends the stream on the server too
+
+    def follow(self, job_id: str, timeout: float | None = None,
+               reconnect_for: float = 120.0) -> Iterator[pb.WatchExtractionResponse]:
+        """Updates until the job is terminal, watching again when a stream ends early (the
+        extractor restarted) and while the extractor is unreachable for up to `reconnect_for` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        down_since = None
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Unavailable(f"{self._what}: job {job_id} did not finish within {timeout:.0f} s")
+            last = None
+            try:
+                for update in self.watch(job_id, timeout=left):
+                    down_since = None
+                    last = update
+                    yield update
+            except Unavailable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect_for:
+                    raise
+            if last is not None and last.job.state in TERMINAL:
+                return
+            time.sleep(0.5)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> c.ExtractionJob:
+        """Block until the job is terminal; returns its record."""
+        last = None
+        for update in self.follow(job_id, timeout):
+            last = update
+        if last is None:  # pragma: no cover - follow() returns only after a terminal update
+            raise PoeError(f"job {job_id}: no update")
+        return last.job

@@ -1,0 +1,349 @@
+"""StartExtraction's checks: a request -> the resolved job spec stored with the job in the registry.
+
+Everything a job needs to run, or to resume after a restart, is resolved here once and recorded
+as the job's `params_json` (format poe.extraction/v1): the hierarchy inline, the oracle as a
+registry id or a TorchScript file in the run directory, the base pool's library and the experts
+it lends, every hyperparameter with its default filled in, and the pool version to publish.
+
+The checks load the data set and the oracle, so that an oracle, data set and hierarchy that do not
+fit together are refused with INVALID_ARGUMENT before any job exists. Side effects (registering
+the hierarchy and a file-based safetensors oracle) happen only after every check passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from poe import hierarchy as hierarchy_mod
+from poe.config import Settings, resolve_device
+from poe.data import Dataset, load_dataset
+from poe.errors import AlreadyExists, InvalidArgument, NotFound, PoeError
+from poe.grpc_errors import field_error
+from poe.hierarchy import Hierarchy
+from poe.nets import WRNConfig, count_params
+from poe.pool import config_to_dict
+from poe.registry_client import RegistryClient
+from poe.train import CKDSettings, Schedule
+from poe.v1 import extractor_pb2 as pb
+from poe_services.extractor import oracles
+
+FORMAT = "poe.extraction/v1"
+TORCHSCRIPT_FILE = "oracle.torchscript"
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as the registry checks pool names
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+ALIAS = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+DEFAULTS = {"student_depth": 16, "student_width": 1, "stem_stride": 1, "expert_width": 16, "library_epochs": 10,
+            "expert_epochs": 10, "batch_size": 128, "lr": 0.1, "temperature": 4.0, "soft_weight": 1.0,
+            "scale_weight": 0.3, "views": 4, "seed": 0, "subset": 0}
+
+
+def request_dict(params: pb.ExtractionParams) -> dict:
+    """The request as JSON (what an idempotent retry is compared with)."""
+    return MessageToDict(params, preserving_proto_field_name=True)
+
+
+def check_job_id(job_id: str) -> str:
+    if job_id and not JOB_ID.match(job_id):
+        raise field_error("job_id", f"{job_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return job_id
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def has_test_split(spec: str) -> bool:
+    """Whether `load_dataset(spec, "test")` gives images other than the training images."""
+    if spec in ("fashion-mnist", "fashion_mnist"):
+        return True
+    path = Path(spec)
+    return path.is_dir() and (any(path.glob("t10k-images-idx3-ubyte*")) or (path / "test").is_dir())
+
+
+def load_data(spec: str, subset: int = 0, seed: int = 0, with_test: bool = True) -> tuple[Dataset, Dataset | None]:
+    """Training images (a stratified subset when asked) and, where the data set has one, its test split."""
+    train = load_dataset(spec, "train")
+    if not len(train) or not train.classes:
+        raise InvalidArgument(f"{spec}: no training images")
+    test = load_dataset(spec, "test") if with_test and has_test_split(spec) else None
+    if subset:
+        k = len(train.classes)
+        train = train.stratified(max(1, subset // k), seed)
+        if test is not None:
+            test = test.stratified(max(1, subset // (6 * k)), seed)
+    return train, test
+
+
+def task_seed(seed: int, task: str) -> int:
+    """An expert's seed depends on its task only, so an expert trained in an incremental job is the
+    one a full extraction would have trained (same library, views and settings)."""
+    return seed + zlib.crc32(task.encode()) % 100_003
+
+
+# -- hyperparameters -----------------------------------------------------------------------------
+
+def _numbers(p: pb.ExtractionParams) -> dict:
+    out = {k: (getattr(p, k) if p.HasField(k) else v) for k, v in DEFAULTS.items()}
+    checks = [
+        ("library_epochs", 1, 100_000), ("expert_epochs", 1, 100_000), ("batch_size", 1, 1 << 16),
+        ("views", 1, 32), ("student_width", 1, 64), ("expert_width", 1, 4096), ("subset", 0, 1 << 31),
+        ("seed", 0, 1 << 31),
+    ]
+    for name, lo, hi in checks:
+        if not lo <= out[name] <= hi:
+            raise field_error(f"params.{name}", f"must be in [{lo}, {hi}], got {out[name]}")
+    if out["stem_stride"] not in (1, 2):
+        raise field_error("params.stem_stride", f"must be 1 or 2, got {out['stem_stride']}")
+    for name in ("lr", "temperature"):
+        if not out[name] > 0 or out[name] != out[name]:
+            raise field_error(f"params.{name}", f"must be > 0, got {out[name]}")
+    for name in ("soft_weight", "scale_weight"):
+        if not out[name] >= 0:
+            raise field_error(f"params.{name}", f"must be >= 0, got {out[name]}")
+    if out["soft_weight"] == 0 and out["scale_weight"] == 0:
+        raise field_error("params.soft_weight", "soft_weight and scale_weight cannot both be 0")
+    return out
+
+
+# -- hierarchy -----------------------------------------------------------------------------------
+
+def hierarchy_from_pb(msg) -> Hierarchy:
+    return Hierarchy(msg.dataset, msg.version, tuple(msg.classes), {t.name: tuple(t.class_ids) for t in msg.tasks})
+
+
+def _hierarchy(p: pb.ExtractionParams, base) -> Hierarchy:
+    try:
+        if p.hierarchy_text:
+            return hierarchy_mod.loads(p.hierarchy_text, "hierarchy_text")
+        if p.hierarchy:
+            ref = p.hierarchy
+            if Path(ref).suffix in (".yaml", ".yml", ".json") or "/" in ref:
+                return hierarchy_mod.load(ref)
+            return hierarchy_mod.builtin(ref)
+    except PoeError as e:
+        field = "params.hierarchy_text" if p.hierarchy_text else "params.hierarchy"
+        raise field_error(field, str(e)) from None
+    if base is not None:
+        return hierarchy_from_pb(base.hierarchy)
+    name = "fashion-mnist" if p.dataset in ("fashion-mnist", "fashion_mnist") else Path(p.dataset).stem
+    try:
+        return hierarchy_mod.builtin(name)
+    except NotFound:
+        raise field_error("params.hierarchy", f"required for data set {p.dataset} (no built-in hierarchy "
+                                              f"{name!r}); name one or pass a YAML/JSON file") from None
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+class Planner:
+    """Resolves StartExtraction requests against the registry and the extractor's filesystem."""
+
+    def __init__(self, settings: Settings, registry: RegistryClient):
+        self.settings = settings
+        self.registry = registry
+
+    def plan(self, p: pb.ExtractionParams, staging: Path, busy: dict[str, str]) -> dict:
+        """The job spec; `staging` receives files the job needs (a TorchScript oracle); `busy` maps
+        "name@version" targets of unfinished jobs to their job ids."""
+        n = _numbers(p)
+        device = p.device or self.settings.device
+        try:
+            resolve_device(device)
+        except InvalidArgument as e:
+            raise field_error("params.device", str(e)) from None
+        if not p.dataset:
+            raise field_error("params.dataset", "required: fashion-mnist, an IDX folder, an image folder or an .npz")
+        for a in p.aliases:
+            if not ALIAS.match(a) or a == "latest":
+                raise field_error("params.aliases", f"alias {a!r} must start with a lower-case letter, then letters, "
+                                                    "digits, '.', '_' or '-' (and not be 'latest')")
+        base = self.registry.get_pool(p.base_pool) if p.base_pool else None
+        if base is not None:
+            for name in ("student_depth", "student_width", "stem_stride"):
+                if p.HasField(name):
+                    raise field_error(f"params.{name}", f"not allowed with a base pool: its library "
+                                                        f"(WRN config of library {base.library.id}) is reused")
+        hier = _hierarchy(p, base)
+
+        # The data set, and what it means for the hierarchy and the schedule.
+        try:
+            train, _ = load_data(self._dataset_spec(p.dataset), n["subset"], n["seed"], with_test=False)
+        except PoeError as e:
+            raise field_error("params.dataset", str(e)) from None
+        dataset = self._dataset_spec(p.dataset)
+        if len(hier.classes) != len(train.classes):
+            raise field_error("params.hierarchy", f"class count mismatch: hierarchy {hier.dataset} v{hier.version} "
+                                                  f"has {len(hier.classes)} classes but the data set {p.dataset} has "
+                                                  f"{len(train.classes)}")
+        c, h, w = train.input_shape
+
+        # Tasks: what to train, what a base pool lends.
+        try:
+            requested = hier.resolve_tasks(p.tasks) if p.tasks else list(hier.tasks)
+        except InvalidArgument as e:
+            raise field_error("params.tasks", str(e)) from None
+        base_spec, expert_cfg = None, {"width": n["expert_width"], "blocks": (n["student_depth"] - 4) // 6}
+        student = None
+        if base is None:
+            try:
+                WRNConfig(n["student_depth"], n["student_width"], c, len(train.classes), n["stem_stride"],
+                          mean=(0.0,) * c, std=(1.0,) * c)
+            except ValueError as e:
+                raise field_error("params.student_depth", str(e)) from None
+            student = {"depth": n["student_depth"], "width": n["student_width"], "stem_stride": n["stem_stride"]}
+            to_train = requested
+        else:
+            base_spec, expert_cfg = self._base(base, hier, p, n, (c, h, w), len(train.classes))
+            lent = base_spec["reuse"]
+            if p.tasks:
+                covered = [t for t in requested if t in lent]
+                if covered:
+                    raise field_error("params.tasks", f"already covered by {base_spec['pool']}: {', '.join(covered)} "
+                                                      "(its experts are reused; list only new tasks)")
+            to_train = [t for t in requested if t not in lent]
+            if not to_train:
+                raise field_error("params.tasks", f"nothing to train: {base_spec['pool']} already covers every task "
+                                                  f"of hierarchy {hier.dataset} v{hier.version}")
+
+        # The oracle.
+        oracle, register = self._oracle(p, base, hier, train, dataset, staging)
+        if len(train) * n["views"] < n["batch_size"]:
+            raise field_error("params.batch_size", f"{n['batch_size']} is larger than the training set "
+                                                   f"({len(train)} images x {n['views']} views)")
+
+        # The pool version to publish.
+        pool_name = p.pool_name or (base.name if base is not None else hier.dataset)
+        if not NAME.match(pool_name):
+            raise field_error("params.pool_name", f"pool name {pool_name!r} must be 1-63 lower-case letters, digits, "
+                                                  "'.', '_' or '-'")
+        version = p.pool_version or self._next_version(pool_name, busy)
+        if not VERSION.match(version):
+            raise field_error("params.pool_version", f"version {version!r} must be 1-64 letters, digits, '.', '_', "
+                                                     "'+' or '-'")
+        ref = f"{pool_name}@{version}"
+        if ref in busy:
+            raise AlreadyExists(f"params.pool_version: job {busy[ref]} is already extracting {ref}")
+        try:
+            existing = self.registry.get_pool(ref)
+            if existing.version == version:
+                raise AlreadyExists(f"params.pool_version: {ref} is already published; choose another version")
+        except NotFound:
+            pass
+
+        # Every check passed: now record what the job depends on.
+        registered, _ = self.registry.register_hierarchy(hier)
+        if registered.version != hier.version:  # pragma: no cover - the registry keeps the version it is given
+            raise InvalidArgument(f"params.hierarchy: registered as version {registered.version}")
+        if register is not None:
+            cfg, data, source, params = register
+            o, _ = self.registry.register_oracle(f"oracle {Path(source).name}", hier.dataset, config_to_dict(cfg),
+                                                 data, params=params, metrics={"source": source})
+            oracle = {"kind": "registry", "id": o.id, "config": config_to_dict(cfg)}
+
+        lib_schedule = Schedule(n["library_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
+        exp_schedule = Schedule(n["expert_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
+        return {
+            "format": FORMAT, "request": request_dict(p),
+            "dataset": dataset, "subset": n["subset"], "seed": n["seed"], "views": n["views"],
+            "input_shape": [c, h, w], "num_classes": len(train.classes), "train_images": len(train),
+            "hierarchy": hier.to_dict(), "tasks": to_train, "oracle": oracle, "base": base_spec,
+            "student": student, "expert": expert_cfg,
+            "library_schedule": None if base is not None else asdict(lib_schedule),
+            "expert_schedule": asdict(exp_schedule),
+            "ckd": asdict(CKDSettings(n["temperature"], n["soft_weight"], n["scale_weight"])),
+            "device": device, "pool": {"name": pool_name, "version": version, "aliases": list(p.aliases)},
+        }
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _dataset_spec(spec: str) -> str:
+        """Paths become absolute, so that a job resumed by another process reads the same files."""
+        if spec in ("fashion-mnist", "fashion_mnist"):
+            return "fashion-mnist"
+        return str(Path(spec).expanduser().resolve())
+
+    def _next_version(self, name: str, busy: dict[str, str]) -> str:
+        versions = [pv.version for pv in self.registry.list_pools(name=name)]
+        versions += [ref.split("@", 1)[1] for ref in busy if ref.split("@", 1)[0] == name]
+        numbers = [int(v) for v in versions if v.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    def _base(self, base, hier: Hierarchy, p: pb.ExtractionParams, n: dict, shape, num_classes: int):
+        lib_cfg = json.loads(base.library.config_json or "{}")
+        cfg = oracles.wrn_config(lib_cfg, "params.base_pool")
+        if base.dataset != hier.dataset:
+            raise field_error("params.hierarchy", f"base pool {base.name}@{base.version} is for data set "
+                                                  f"{base.dataset!r}, the hierarchy for {hier.dataset!r}")
+        if cfg.in_channels != shape[0] or cfg.num_classes != num_classes:
+            raise field_error("params.dataset", f"base pool {base.name}@{base.version} was extracted for "
+                                                f"{cfg.in_channels}-channel images of {cfg.num_classes} classes; "
+                                                f"the data set has {shape[0]} channel(s) and {num_classes} classes")
+        reuse, widths = {}, set()
+        for x in base.experts:
+            xcfg = json.loads(x.config_json or "{}")
+            widths.add((int(xcfg.get("width", 0)), int(xcfg.get("blocks", 0))))
+            task = hier.tasks.get(x.task)
+            if task is not None and sorted(task) == sorted(x.class_ids):
+                reuse[x.task] = {"id": x.id, "sha256": x.blob.sha256, "class_ids": list(x.class_ids),
+                                 "config": xcfg, "params": x.params, "hierarchy_version": x.hierarchy_version,
+                                 "val_accuracy": x.val_accuracy if x.HasField("val_accuracy") else None,
+                                 "metrics": json.loads(x.metrics_json or "{}"),
+                                 "loss": json.loads(x.loss_json or "{}")}
+        width, blocks = sorted(widths)[0] if widths else (n["expert_width"], cfg.blocks_per_group)
+        if len(widths) > 1:
+            raise field_error("params.base_pool", f"base pool {base.name}@{base.version} mixes expert shapes "
+                                                  f"{sorted(widths)}")
+        if p.HasField("expert_width") and p.expert_width != width:
+            raise field_error("params.expert_width", f"{p.expert_width} differs from the base pool's experts "
+                                                     f"({width}); experts of one pool share one width")
+        spec = {"pool": f"{base.name}@{base.version}", "library_id": base.library.id,
+                "library_sha256": base.library.blob.sha256, "library_config": lib_cfg,
+                "library_oracle_id": base.library.oracle_id, "hierarchy_version": base.hierarchy.version,
+                "reuse": reuse, "dropped": [x.task for x in base.experts if x.task not in reuse]}
+        return spec, {"width": width, "blocks": blocks}
+
+    def _oracle(self, p: pb.ExtractionParams, base, hier: Hierarchy, train: Dataset, dataset: str, staging: Path):
+        """(oracle spec, what to register or None)."""
+        src = p.oracle.WhichOneof("source") if p.HasField("oracle") else None
+        if src is None and base is not None and base.library.oracle_id:
+            src, registry_id = "registry_id", base.library.oracle_id
+        elif src == "registry_id":
+            registry_id = p.oracle.registry_id
+        elif src is None:
+            raise field_error("params.oracle", "required: a registered oracle id or a file on the extractor")
+        if src == "registry_id":
+            if registry_id <= 0:
+                raise field_error("params.oracle.registry_id", f"expected a positive id, got {registry_id}")
+            o = self.registry.get_oracle(registry_id)
+            if o.dataset != hier.dataset:
+                raise field_error("params.oracle", f"oracle {o.id} was registered for data set {o.dataset!r}, the "
+                                                   f"hierarchy is for {hier.dataset!r}")
+            cfg = oracles.wrn_config(json.loads(o.config_json or "{}"), "params.oracle")
+            oracles.check_wrn_fits(cfg, train, dataset, "params.oracle")
+            return {"kind": "registry", "id": o.id, "config": config_to_dict(cfg)}, None
+        path = Path(p.oracle.path).expanduser()
+        if not path.is_absolute():
+            path = path.resolve()
+        field = "params.oracle.path"
+        if not path.is_file():
+            raise field_error(field, f"{path}: no such file on the extractor")
+        if oracles.is_zip(path):
+            model = oracles.load_torchscript(path, field)
+            k = oracles.check_module_fits(model, train, dataset, field)
+            staging.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, staging / TORCHSCRIPT_FILE)
+            sha = hashlib.sha256((staging / TORCHSCRIPT_FILE).read_bytes()).hexdigest()
+            return {"kind": "torchscript", "file": TORCHSCRIPT_FILE, "source": str(path), "sha256": sha,
+                    "num_classes": k}, None
+        cfg, model, data = oracles.read_wrn_file(path, p.oracle.config_json, field)
+        oracles.check_wrn_fits(cfg, train, dataset, field)
+        return None, (cfg, data, str(path), count_params(model))

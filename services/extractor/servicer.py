@@ -1,0 +1,55 @@
+"""The gRPC surface of `poe.v1.Extractor`: convert messages, call the runtime, convert back.
+
+No status codes here: domain errors propagate to `poe.grpc_errors.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from poe.grpc_errors import field_error
+from poe.v1 import extractor_pb2 as pb
+from poe.v1 import extractor_pb2_grpc
+
+if TYPE_CHECKING:
+    from poe_services.extractor.runtime import ExtractorRuntime
+
+
+def _job_id(request) -> str:
+    if not request.job_id:
+        raise field_error("job_id", "required")
+    return request.job_id
+
+
+class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
+    def __init__(self, runtime: ExtractorRuntime):
+        self.runtime = runtime
+
+    def StartExtraction(self, request, context) -> pb.StartExtractionResponse:
+        if not request.HasField("params"):
+            raise field_error("params", "required")
+        return pb.StartExtractionResponse(job=self.runtime.start_job(request.params, request.job_id))
+
+    def WatchExtraction(self, request, context) -> Iterator[pb.WatchExtractionResponse]:
+        job_id = _job_id(request)
+        context.add_callback(self.runtime.poke)  # a client that leaves ends its stream at once
+        for job, progress in self.runtime.watch(job_id, context.is_active):
+            yield pb.WatchExtractionResponse(job=job, progress=progress)
+
+    def GetExtraction(self, request, context) -> pb.GetExtractionResponse:
+        job, progress = self.runtime.snapshot(_job_id(request))
+        return pb.GetExtractionResponse(job=job, progress=progress)
+
+    def ListExtractions(self, request, context) -> pb.ListExtractionsResponse:
+        jobs, token = self.runtime.list_jobs(request.state, request.page_size, request.page_token)
+        return pb.ListExtractionsResponse(jobs=jobs, next_page_token=token)
+
+    def CancelExtraction(self, request, context) -> pb.CancelExtractionResponse:
+        return pb.CancelExtractionResponse(job=self.runtime.cancel(_job_id(request)))
+
+
+def add_to_server(runtime: ExtractorRuntime, server: grpc.Server) -> None:
+    extractor_pb2_grpc.add_ExtractorServicer_to_server(ExtractorServicer(runtime), server)

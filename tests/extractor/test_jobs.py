@@ -1,0 +1,259 @@
+"""Extraction jobs end to end through gRPC: a real registry, real extractors, real worker processes
+training tiny networks on a real Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from poe.errors import AlreadyExists, FailedPrecondition
+from poe.hierarchy import builtin
+from poe.v1 import common_pb2 as c
+
+PENDING, RUNNING = c.EXTRACTION_STATE_PENDING, c.EXTRACTION_STATE_RUNNING
+SUCCEEDED, FAILED, CANCELLED = c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_FAILED, c.EXTRACTION_STATE_CANCELLED
+WAIT = 180.0
+TASKS = list(builtin("fashion-mnist").tasks)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped yet) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def log_lines(run, stage_prefix: str) -> list[dict]:
+    path = run / "train.log"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in lines if r["stage"].startswith(stage_prefix)]
+
+
+def epochs_of(lines: list[dict]) -> list[int]:
+    return [r["epoch"] for r in lines if "event" not in r]
+
+
+def test_tiny_extraction_end_to_end(extractor, registry, params, data, settings, poll):
+    client, runtime = extractor
+    job = client.start(params())
+    assert job.state == PENDING and job.id
+    updates = list(client.follow(job.id, timeout=WAIT))
+    final = updates[-1].job
+    assert final.state == SUCCEEDED, final.error
+    assert (final.pool, final.progress, final.stage) == ("tiny@1", 1.0, "done")
+
+    # Progress: every phase in order, experts k of n with epoch/step/loss, an ETA along the way.
+    phases = list(dict.fromkeys(u.progress.phase for u in updates))
+    order = ["prepare", "teacher", "library", "experts", "publish", "done"]
+    assert [p for p in phases if p in order] == order, phases
+    experts = {(u.progress.expert, u.progress.experts, u.progress.task) for u in updates
+               if u.progress.phase == "experts"}
+    assert {(k, n, t) for k, n, t in experts} == {(k + 1, 5, t) for k, t in enumerate(TASKS)}
+    lib = [u.progress for u in updates if u.progress.phase == "library" and u.progress.step]
+    assert lib and lib[-1].step == lib[-1].steps == 6 and lib[-1].epochs == 1 and lib[-1].loss > 0
+    assert any(u.progress.HasField("eta_seconds") for u in updates)
+    assert all(u.progress.live and u.progress.attempt == 1 and u.progress.device == settings.device
+               for u in updates if u.progress.phase in ("library", "experts"))
+    states = [u.job.state for u in updates]
+    assert states == sorted(states) and states[0] == PENDING and RUNNING in states
+    fractions = [u.job.progress for u in updates]
+    assert fractions == sorted(fractions)
+
+    # The registry holds the published pool: one library from this oracle, five experts.
+    pv = registry.client.get_pool("tiny@1")
+    assert [x.task for x in pv.experts] == TASKS and "latest" in pv.aliases
+    assert pv.library.oracle_id == final.oracle_id > 0
+    assert all(x.HasField("val_accuracy") for x in pv.experts)  # the IDX folder has a test split
+    info = json.loads(pv.info_json)
+    assert info["input_shape"] == [1, 28, 28] and info["extraction"]["job"] == job.id
+    got = client.get(job.id)
+    assert got.job.state == SUCCEEDED and got.progress.phase == "done"
+    assert [j.id for j in client.list()] == [job.id]
+    run = settings.home / "extractions" / job.id
+    assert log_lines(run, "library")  # the logs stay; checkpoints and teacher views go
+    assert poll(lambda: not list(run.glob("*.ckpt")) and not (run / "teacher_views.safetensors").exists())
+
+    # The composer serves the new pool.
+    from poe.client import Composer
+    from poe_services.host import create_server
+
+    host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=registry.target, warm=False)
+    host.start()
+    try:
+        with Composer(f"127.0.0.1:{host.port}") as composer:
+            result = composer.compose(classes=["Sandal", "Sneaker", "Bag"], pool="tiny@1")
+    finally:
+        host.stop(0).wait(30)
+    model, meta = result.load()
+    assert meta["pool"] == "tiny@1" and meta["class_ids"] == [5, 7, 8]
+    test = data["test"]
+    mask = torch.isin(test.labels, torch.tensor([5, 7, 8]))
+    with torch.no_grad():
+        logits = model(test.images[mask].float() / 255)
+    assert logits.shape == (int(mask.sum()), 3) and torch.isfinite(logits).all()
+
+
+def test_queue_bound_idempotent_start_and_cancel(extractor, registry, params, settings, poll):
+    client, runtime = extractor
+    slow = client.start(params(expert_epochs=40))
+    queued = client.start(params(), job_id="queued-1")  # the next version; waits: one job at a time
+    assert json.loads(queued.params_json)["pool"]["version"] == "2"
+    # Retrying a start with the same id and parameters is idempotent; other parameters are not.
+    assert client.start(params(), job_id="queued-1").id == "queued-1"
+    with pytest.raises(AlreadyExists, match="different parameters"):
+        client.start(params(seed=7), job_id="queued-1")
+    with pytest.raises(AlreadyExists, match=f"job {slow.id} is already extracting tiny@1"):
+        client.start(params(pool_version="1"))
+    assert client.get("queued-1").job.state == PENDING
+    cancelled = client.cancel("queued-1")  # never started: nothing to undo
+    assert cancelled.state == CANCELLED
+    assert not (settings.home / "extractions" / "queued-1").exists()
+
+    for u in client.follow(slow.id, timeout=WAIT):
+        assert u.job.state in (PENDING, RUNNING)
+        if u.progress.phase == "experts" and u.progress.expert >= 2:
+            break
+    pid = runtime.worker_pid(slow.id)
+    assert pid and alive(pid)
+    assert [x.task for x in registry.client.list_experts(dataset="fashion-mnist")] == ["tops"]  # registered at once
+    job = client.cancel(slow.id)
+    assert job.state == CANCELLED and job.message == "cancelled"
+
+    # The worker stops, the run directory goes, nothing is published; the state stays CANCELLED.
+    run = settings.home / "extractions" / slow.id
+    assert poll(lambda: not alive(pid) and not run.exists() and runtime.worker_pid(slow.id) is None)
+    assert poll(lambda: slow.id not in runtime._jobs)
+    assert list(registry.client.list_pools()) == []
+    assert client.get(slow.id).job.state == CANCELLED
+    assert registry.client.get_job(slow.id).state == CANCELLED
+    with pytest.raises(FailedPrecondition, match="already cancelled"):
+        client.cancel(slow.id)
+    assert {j.id: j.state for j in client.list()} == {slow.id: CANCELLED, "queued-1": CANCELLED}
+
+
+def test_killed_worker_and_restarted_extractor_resume(extractors, registry, params, settings):
+    """A worker killed mid-expert is replaced at once; an extractor stopped mid-job leaves the job
+    RUNNING and the next extractor resumes it. Nothing finished is trained again."""
+    server, client, runtime = extractors.start()
+    job = client.start(params(tasks=["tops", "footwear", "bags"], library_epochs=2, expert_epochs=4, batch_size=10))
+    pid = None
+    for u in client.follow(job.id, timeout=WAIT):
+        if u.progress.phase == "experts" and u.progress.expert == 2 and u.progress.epoch >= 2:
+            pid = runtime.worker_pid(job.id)
+            os.kill(pid, signal.SIGKILL)
+            break
+    assert pid
+    before = {x.task: x.id for x in registry.client.list_experts(dataset="fashion-mnist")}
+    assert "tops" in before  # expert 1 was registered before the kill
+
+    pid2 = None
+    for u in client.follow(job.id, timeout=WAIT):
+        assert u.job.state == RUNNING
+        if u.progress.attempt == 2 and u.progress.phase == "experts" and u.progress.expert == 3 and \
+                u.progress.epoch >= 2:
+            pid2 = runtime.worker_pid(job.id)
+            break
+    assert pid2 and pid2 != pid
+    extractors.stop(server)  # stops the worker; the job stays RUNNING in the registry
+    assert not alive(pid2)
+    assert registry.client.get_job(job.id).state == RUNNING
+
+    _server, client2, _runtime = extractors.start()
+    final = client2.wait(job.id, timeout=WAIT)
+    assert final.state == SUCCEEDED, final.error
+    run = settings.home / "extractions" / job.id
+    counts = json.loads((run / "attempts.json").read_text())
+    assert counts["spawns"] == 3 and counts["deaths"] == 1 and "SIGKILL" in counts["last_exit"]
+    assert epochs_of(log_lines(run, "library")) == [1, 2]
+    assert epochs_of(log_lines(run, "expert-tops")) == [1, 2, 3, 4]
+    for task in ("footwear", "bags"):  # each resumed from its last epoch checkpoint
+        lines = log_lines(run, f"expert-{task}")
+        assert any(r.get("event") == "resumed" and r["epoch"] >= 1 for r in lines), task
+        assert sorted(set(epochs_of(lines))) == [1, 2, 3, 4] and len(epochs_of(lines)) <= 5
+    pv = registry.client.get_pool("tiny@1")
+    assert [x.task for x in pv.experts] == ["tops", "footwear", "bags"]
+    assert pv.experts[0].id == before["tops"]
+
+
+def test_incremental_experts_reuse_library_and_experts(extractor, registry, params, settings, random_pool,
+                                                       tmp_path):
+    """New experts on a published pool: the library and the other experts are reused as they are."""
+    import dataclasses
+
+    from poe import pool as pool_mod
+
+    client, _runtime = extractor
+    partial = dataclasses.replace(random_pool, experts={t: e for t, e in random_pool.experts.items()
+                                                        if t != "footwear"})
+    v1, _ = registry.client.import_pool(pool_mod.save(partial, tmp_path / "partial"))
+    assert [x.task for x in v1.experts] == ["tops", "warm-layers", "lower-body-and-dresses", "bags"]
+
+    # The missing task is trained; oracle, pool name and version default from the base pool.
+    p = {k: v for k, v in params(base_pool="test-pool").items()
+         if k not in ("student_depth", "student_width", "oracle", "pool_name", "expert_width")}
+    second = client.wait(client.start(p).id, timeout=WAIT)
+    assert second.state == SUCCEEDED, second.error
+    assert second.pool == "test-pool@2" and second.oracle_id == v1.library.oracle_id
+    v2 = registry.client.get_pool("test-pool@2")
+    assert [x.task for x in v2.experts] == TASKS
+    assert v2.library.id == v1.library.id
+    ids1, ids2 = ({x.task: x.id for x in v.experts} for v in (v1, v2))
+    assert {t: ids2[t] for t in ids1} == ids1
+    assert json.loads(v2.experts[3].config_json)["width"] == 8  # the base pool's expert shape
+    run2 = settings.home / "extractions" / second.id
+    assert not log_lines(run2, "library")
+    assert {r["stage"] for r in log_lines(run2, "expert-")} == {"expert-footwear"}
+
+    # A new hierarchy version that regroups the upper body: one new expert; the unchanged tasks'
+    # experts carry over (the same weights, filed under the new hierarchy version).
+    h2 = builtin("fashion-mnist").to_dict()
+    h2["version"] = 2
+    tasks = dict(h2["tasks"])
+    h2["tasks"] = {"upper-body": tasks.pop("tops") + tasks.pop("warm-layers"), **tasks}
+    p = {**{k: v for k, v in p.items() if k != "hierarchy"}, "base_pool": "test-pool@2",
+         "hierarchy_text": json.dumps(h2)}
+    third = client.wait(client.start(p).id, timeout=WAIT)
+    assert third.state == SUCCEEDED, third.error
+    v3 = registry.client.get_pool("test-pool@3")
+    assert v3.hierarchy.version == 2 and v3.library.id == v1.library.id
+    assert [x.task for x in v3.experts] == ["upper-body", "lower-body-and-dresses", "footwear", "bags"]
+    sha2 = {x.task: x.blob.sha256 for x in v2.experts}
+    for x in v3.experts[1:]:
+        assert x.blob.sha256 == sha2[x.task] and x.hierarchy_version == 2
+    run3 = settings.home / "extractions" / third.id
+    assert {r["stage"] for r in log_lines(run3, "expert-")} == {"expert-upper-body"}
+
+
+def test_worker_error_fails_the_job(extractor, registry, params, oracle, tmp_path, settings):
+    """An oracle that passes the start-up check (two images) but fails on a real batch."""
+    from poe.export import quiet_jit
+
+    class Picky(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 2:
+                raise RuntimeError("picky oracle: at most 2 images per batch")
+            return self.inner(x)
+
+    path = tmp_path / "picky.pt"
+    with quiet_jit():
+        torch.jit.script(Picky(torch.jit.trace(oracle["model"], torch.rand(2, 1, 28, 28)))).save(str(path))
+    client = extractor[0]
+    job = client.start(params(oracle={"path": str(path)}))
+    final = client.wait(job.id, timeout=WAIT)
+    assert final.state == FAILED
+    assert "picky oracle" in final.error and final.message.startswith("failed:")
+    assert list(registry.client.list_pools()) == []
+    assert (settings.home / "extractions" / job.id / "oracle.torchscript").exists()  # kept for a post-mortem
