@@ -138,7 +138,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
             progress("cold case")
             lat = []
             for _ in range(cold):
-                engine._tensors = type(engine._tensors)(settings.cache_bytes)
+                engine.clear_tensor_cache()
                 cs = fresh()
                 r = c.compose(cs, pool=ref)
                 lat.append(r.seconds)

@@ -52,9 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = pipeline.OracleSpec(args.oracle_depth, args.oracle_width, args.stem_stride,
                                Schedule(args.oracle_epochs, args.batch_size, args.lr, seed=args.seed))
-    if "oracle" in stages or not (run / "oracle.safetensors").exists():
-        if "oracle" not in stages:
-            raise PoeError(f"{run}: no trained oracle; run `poe train oracle --run {run}` first")
+    if "oracle" not in stages and not (run / "oracle.safetensors").exists():
+        raise PoeError(f"{run}: no trained oracle; run `poe train oracle --run {run}` first")
     oracle = pipeline.oracle_stage(run, train, test, spec, device)
     if stages == ["oracle"]:
         return 0

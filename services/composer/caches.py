@@ -48,6 +48,13 @@ class ByteLRU(Generic[V]):
         if self._on_size:
             self._on_size(current)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+        if self._on_size:
+            self._on_size(0)
+
     @property
     def size_bytes(self) -> int:
         return self._bytes

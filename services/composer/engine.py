@@ -107,7 +107,8 @@ class ComposerEngine:
         self.registry = registry
         self.settings = settings
         self.scripts = ScriptCache(copies=script_copies)
-        self._tensors = ByteLRUTensors(settings.cache_bytes)
+        self._tensors: ByteLRU[dict[str, torch.Tensor]] = ByteLRU(
+            settings.cache_bytes, lambda n: metrics.CACHE_BYTES.labels("tensor").set(n))
         self._models: ByteLRU[Composition] = ByteLRU(
             settings.model_cache_bytes, lambda n: metrics.CACHE_BYTES.labels("model").set(n))
         self._views: dict[str, PoolView] = {}  # name@version -> view (immutable)
@@ -191,6 +192,10 @@ class ComposerEngine:
         for t in p.tasks:
             experts[t] = dataclasses.replace(experts[t], state=self.tensors(view.expert_sha256[t]))
         return dataclasses.replace(view.pool, library_state=self.tensors(view.library_sha256), experts=experts)
+
+    def clear_tensor_cache(self) -> None:
+        """Forget every fetched tensor (the next composition fetches from the blob store again)."""
+        self._tensors.clear()
 
     # -- compose ---------------------------------------------------------------------------------
     def _plan(self, req: ComposeRequest, timer: StageTimer) -> tuple[PoolView, Plan]:
@@ -313,11 +318,3 @@ class ComposerEngine:
             pool = self._pool_with_tensors(view, p)
             self.scripts.export_state(composed_state(pool, p, True), {}, lambda pool=pool, p=p: build(pool, p, True))
         return view
-
-
-class ByteLRUTensors(ByteLRU):
-    """ByteLRU of state dicts, reporting its size as poe_compose_cache_bytes{cache="tensor"}."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(max_bytes, lambda n: metrics.CACHE_BYTES.labels("tensor").set(n))
-
