@@ -37,11 +37,13 @@ docs/BENCHMARKS.md. `--quick` presets run every part on tiny subsets (tests/benc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import tempfile
@@ -58,6 +60,7 @@ from torch import nn
 
 from poe import pool as pool_mod
 from poe.compose import build, compose, plan, plan_params
+from poe.config import resolve_device
 from poe.data import Dataset, load_dataset, to_float
 from poe.errors import InvalidArgument
 from poe.evaluate import logits_of, restricted_accuracy
@@ -74,6 +77,37 @@ METHOD_NAMES = {"scratch": "Scratch", "transfer": "Transfer", "ckd": "CKD head"}
 
 
 # -- settings ------------------------------------------------------------------------------------
+
+_DEVICE_NAME = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
+def check_device_name(name: str) -> None:
+    """`--device` takes cpu, cuda, cuda:N or auto."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise InvalidArgument(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
+
+
+def bench_device(name: str) -> str:
+    """The device to train on: `auto` resolved (CUDA when available, else the CPU); InvalidArgument
+    when the device named is not there."""
+    check_device_name(name)
+    device = resolve_device(name)  # auto -> cuda or cpu; cuda without CUDA -> InvalidArgument
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise InvalidArgument(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                              "device(s) are available")
+    return device
+
+
+def _is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _now(device: str = "cpu") -> float:
+    """perf_counter, after waiting for the work queued on a CUDA device (its kernels run asynchronously)."""
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -96,8 +130,10 @@ class BaselineSettings:
     compose_repeats: int = 5
     methods: tuple[str, ...] = METHODS
     seed: int = 0
+    device: str = "cpu"  # where the baselines train: cpu, cuda, cuda:N or auto (PoE always composes on the CPU)
 
     def __post_init__(self) -> None:
+        check_device_name(self.device)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise InvalidArgument(f"unknown baselines: {', '.join(unknown) or '(none given)'} "
@@ -118,8 +154,10 @@ class CrossExpertSettings:
     views: int = 4  # teacher views when they are not taken from a run directory
     retrain_both: bool = False  # train the L_soft + L_scale set too, on the same schedule as the ablations
     seed: int = 0
+    device: str = "cpu"  # where the ablation experts train: cpu, cuda, cuda:N or auto
 
     def __post_init__(self) -> None:
+        check_device_name(self.device)
         if min(self.epochs, self.batch_size, self.views, self.max_tasks) < 1 or self.queries < 0 or self.lr <= 0:
             raise InvalidArgument("epochs, batch size, views and max tasks must be >= 1, queries >= 0, lr > 0")
         if self.max_tasks < 2:
@@ -165,8 +203,9 @@ def settings_for(part: str, quick: bool, **overrides) -> BaselineSettings | Cros
 
 # -- shared helpers ------------------------------------------------------------------------------
 
-def hardware() -> dict:
-    """What the figures were measured on: CPU model, cores, torch version and threads."""
+def hardware(device: str = "cpu") -> dict:
+    """What the figures were measured on: CPU model, cores, torch version and threads, and the GPU
+    when `device` is a CUDA device."""
     model = None
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -182,7 +221,10 @@ def hardware() -> dict:
         except (OSError, StopIteration):
             model = platform.processor() or "unknown"
     info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "device": device}
+    if _is_cuda(device):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
                                 text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip()
@@ -194,8 +236,18 @@ def hardware() -> dict:
 
 
 def hardware_line(hw: dict) -> str:
-    return (f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} ({hw['torch_threads']} thread(s)), "
+    return (f"{hw['cpu']}, {hw['cores']} cores"
+            + (f", GPU {hw['gpu']} (CUDA {hw.get('cuda')})" if hw.get("gpu") else "")
+            + f", torch {hw['torch']} ({hw['torch_threads']} thread(s)), "
             f"Python {hw['python']}" + (f", commit {hw['commit']}" if hw.get("commit") else ""))
+
+
+def device_label(device: str | None, hw: dict | None = None) -> str:
+    """'the CPU', or the GPU's name and device for a CUDA device."""
+    if not device or device == "cpu":
+        return "the CPU"
+    gpu = (hw or {}).get("gpu")
+    return f"the GPU {gpu} ({device})" if gpu else f"the GPU ({device})"
 
 
 def select_queries(pool: Pool, sizes: range | tuple[int, ...], count: int = 0, seed: int = 0) -> list[tuple[str, ...]]:
@@ -241,7 +293,7 @@ def load_data(pool: Pool, dataset: str | None, data: DataSettings, seed: int = 0
 
 
 def teacher_views(pool: Pool, train: Dataset, views: int, run_dir: str | Path | None = None, seed: int = 0,
-                  progress: Progress = lambda m: None) -> tuple[TeacherViews, str]:
+                  progress: Progress = lambda m: None, device: str = "cpu") -> tuple[TeacherViews, str]:
     """The oracle's logits on fixed views of the training images (view 0: the images themselves).
 
     Taken from `run_dir/teacher_views.safetensors` (what `poe train` made for the pool) when that
@@ -257,22 +309,39 @@ def teacher_views(pool: Pool, train: Dataset, views: int, run_dir: str | Path | 
                 progress(f"teacher views from {path} ({t['images'].shape[0] // n} views)")
                 return TeacherViews(t["images"], t["logits"]), str(path)
             progress(f"{path} holds views of other training images; computing them with the oracle")
-    progress(f"oracle logits for {views} view(s) of {len(train)} training images")
-    return make_teacher_views(pool.oracle(), train, views, seed=seed, bf16=True), "computed"
+    progress(f"oracle logits for {views} view(s) of {len(train)} training images"
+             + (f" on {device}" if device != "cpu" else ""))
+    return make_teacher_views(pool.oracle(), train, views, seed=seed, device=device, bf16=True), "computed"
 
 
 @torch.no_grad()
-def library_features(library: Library, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The frozen library's feature maps for uint8 images, stored as fp16 (halves the memory)."""
+def library_features(library: Library, images: torch.Tensor, batch_size: int = 1000,
+                     device: str = "cpu") -> torch.Tensor:
+    """The frozen library's feature maps for uint8 images, stored as fp16 (halves the memory).
+
+    The library and the features are on `device` (the library must be there already); the images
+    may be on the CPU (each batch is copied there as uint8)."""
     library.eval()
-    return torch.cat([library(to_float(images[i:i + batch_size])).half() for i in range(0, images.shape[0],
-                                                                                         batch_size)])
+    return torch.cat([library(to_float(images[i:i + batch_size].to(device))).half()
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
 def head_logits(head: nn.Module, features: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The head's logits for features (on the head's device), float32 on the CPU."""
     head.eval()
-    return torch.cat([head(features[i:i + batch_size].float()) for i in range(0, features.shape[0], batch_size)])
+    return torch.cat([head(features[i:i + batch_size].float()).cpu()
+                      for i in range(0, features.shape[0], batch_size)])
+
+
+def device_logits(model: nn.Module, images: torch.Tensor, device: str = "cpu",
+                  batch_size: int = 1000) -> torch.Tensor:
+    """`poe.evaluate.logits_of` for a model on `device` (images there or on the CPU): logits on the CPU."""
+    if device == "cpu":
+        return logits_of(model, images, batch_size)
+    with torch.no_grad():
+        return torch.cat([model(to_float(images[i:i + batch_size].to(device))).float().cpu()
+                          for i in range(0, images.shape[0], batch_size)])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -321,18 +390,20 @@ def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch
                     progress: Progress = lambda m: None) -> dict:
     """Train with `poe.train.fit`, evaluating on the monitor slice every `eval_every` steps.
 
-    The clock (which starts with the setup time) runs only during training steps. Returns the time
-    at which the monitor accuracy first reached `target` (None if never), the best monitor accuracy,
-    the whole curve and the final accuracy on every test image of the query's classes.
+    The clock (which starts with the setup time) runs only during training steps; on a CUDA device
+    it waits for the queued kernels before every reading. Returns the time at which the monitor
+    accuracy first reached `target` (None if never), the best monitor accuracy, the whole curve and
+    the final accuracy on every test image of the query's classes.
     """
     batch = max(1, min(s.batch_size, t.num_examples))
     schedule = Schedule(epochs=s.epochs, batch_size=batch, lr=s.lr, warmup_epochs=0.1 * s.epochs, seed=s.seed)
-    clock = {"train": t.setup_s, "since": time.perf_counter(), "steps": 0}
+    device = s.device
+    clock = {"train": t.setup_s, "since": _now(device), "steps": 0}
     curve: list[list[float]] = []
     reached: list[float] = []
 
     def evaluate() -> None:
-        clock["train"] += time.perf_counter() - clock["since"]
+        clock["train"] += _now(device) - clock["since"]
         for m in t.modules.values():
             m.eval()
         acc = float((t.monitor_logits().argmax(1) == monitor_labels).float().mean())
@@ -341,7 +412,7 @@ def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch
         curve.append([clock["steps"], round(clock["train"], 4), round(acc, 5)])
         if not reached and acc >= target:
             reached.append(clock["train"])
-        clock["since"] = time.perf_counter()
+        clock["since"] = _now(device)
 
     def should_stop() -> bool:
         clock["steps"] += 1
@@ -349,7 +420,7 @@ def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch
             evaluate()
         if s.stop_at_target and reached:
             return True
-        spent = clock["train"] + time.perf_counter() - clock["since"]
+        spent = clock["train"] + _now(device) - clock["since"]
         return bool(s.budget_s) and spent >= s.budget_s
 
     evaluate()  # step 0: the untrained model (and the setup time)
@@ -370,14 +441,29 @@ def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch
             "test_logits": test_logits, "curve": curve}
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+def _autocast(enabled: bool, device: str = "cpu"):
+    """bf16 autocast for the device's type (cpu or cuda), as `poe.train` trains."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def _flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """count_flops runs one CPU input through the model: a model on a CUDA device is counted on a copy."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()
+    return count_flops(model, input_shape)
 
 
 def make_trainee(method: str, pool: Pool, tasks: tuple[str, ...], ids: list[int], train: Dataset,
                  train_feats: torch.Tensor, feats_s: float, teacher: torch.Tensor | None, test_images: torch.Tensor,
                  test_feats: torch.Tensor, monitor: torch.Tensor, s: BaselineSettings) -> _Trainee:
-    """Scratch, Transfer or CKD head for one query (see the module docstring)."""
+    """Scratch, Transfer or CKD head for one query (see the module docstring).
+
+    Everything the baseline trains and is evaluated on is on `s.device`: `train_feats`, `teacher`,
+    `test_images`, `test_feats` and `monitor` are passed there already (once per run or query);
+    the model and the query's training images and labels are moved there here, inside the setup
+    time. Batches are indexed on the device (fit's index tensors are copied there, a few hundred
+    integers per step)."""
+    device = s.device
     ids_t = torch.tensor(ids)
     lut = torch.full((len(pool.hierarchy.classes),), -1, dtype=torch.long)
     lut[ids_t] = torch.arange(len(ids))
@@ -386,31 +472,43 @@ def make_trainee(method: str, pool: Pool, tasks: tuple[str, ...], ids: list[int]
     blocks = pool.library_config.blocks_per_group
     input_shape = tuple(train.images.shape[1:])
     feat_ch = pool.library_config.channels[2]  # the library's output channels
-    torch.manual_seed(s.seed)
-    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)  # the models are initialised on the CPU, as in a CPU run, then moved
+    t0 = _now(device)
     if method == "scratch":
         model = nn.Sequential(Library(pool.library_config), Head(feat_ch, width, blocks, len(ids)))
         images, labels = train.images[mask], lut[train.labels[mask]]
-        made = time.perf_counter() - t0
+        if device != "cpu":
+            model = model.to(device)
+            images, labels = images.to(device), labels.to(device)
+        made = _now(device) - t0
 
         def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            with _autocast(s.bf16):
+            idx = idx.to(device)
+            with _autocast(s.bf16, device):
                 logits = model(to_float(images[idx]))
             return F.cross_entropy(logits.float(), labels[idx])
 
-        return _Trainee({"model": model}, step, len(images), lambda: logits_of(model, test_images[monitor]),
-                        lambda: logits_of(model, test_images), made, count_params(model),
-                        count_flops(model, input_shape))
+        return _Trainee({"model": model}, step, len(images),
+                        lambda: device_logits(model, test_images[monitor], device),
+                        lambda: device_logits(model, test_images, device), made, count_params(model),
+                        _flops(model, input_shape))
 
     head = Head(feat_ch, width, blocks, len(ids))
-    made = time.perf_counter() - t0
+    made = _now(device) - t0
     full = nn.Sequential(pool.library(), head)
-    params, flops = count_params(full), count_flops(full, input_shape)
+    params, flops = count_params(full), count_flops(full, input_shape)  # on the CPU, before the move
+    if device != "cpu":
+        t0 = _now(device)
+        head = head.to(device)
+        made += _now(device) - t0
+    ids_d = ids_t.to(device)
+    mask_d = mask.to(device)
     if method == "transfer":
-        feats, labels = train_feats[mask], lut[train.labels[mask]]
+        feats, labels = train_feats[mask_d], lut[train.labels[mask]].to(device)
 
         def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            with _autocast(s.bf16):
+            idx = idx.to(device)
+            with _autocast(s.bf16, device):
                 logits = head(feats[idx].float())
             return F.cross_entropy(logits.float(), labels[idx])
 
@@ -421,9 +519,10 @@ def make_trainee(method: str, pool: Pool, tasks: tuple[str, ...], ids: list[int]
         feats = train_feats
 
         def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            with _autocast(s.bf16):
+            idx = idx.to(device)
+            with _autocast(s.bf16, device):
                 logits = head(feats[idx].float())
-            return ckd_loss(logits.float(), teacher[idx], ids_t)
+            return ckd_loss(logits.float(), teacher[idx], ids_d)
 
         setup = made + feats_s
     else:
@@ -432,26 +531,60 @@ def make_trainee(method: str, pool: Pool, tasks: tuple[str, ...], ids: list[int]
                     lambda: head_logits(head, test_feats), setup, params, flops)
 
 
+def _warm_up(pool: Pool, train: Dataset, train_feats: torch.Tensor, teacher: torch.Tensor | None,
+             s: BaselineSettings) -> None:
+    """On a CUDA device: a few untimed steps of each baseline on throwaway models, through the same
+    code (make_trainee, fit, SGD, autocast, evaluation), so that what CUDA and torch load or set up
+    at first use is not charged to the first query's baselines."""
+    tasks = (next(iter(pool.experts)),)
+    ids = query_class_ids(pool, tasks)
+    with torch.random.fork_rng(devices=[]):  # the throwaway models are initialised on the CPU
+        for method in s.methods:
+            t = make_trainee(method, pool, tasks, ids, train, train_feats, 0.0, teacher, torch.empty(0),
+                             torch.empty(0), torch.empty(0, dtype=torch.long), s)
+            batch = max(1, min(s.batch_size, t.num_examples))
+            fit(f"warm-up ({method})", t.modules, t.step, min(t.num_examples, 3 * batch),
+                Schedule(epochs=1, batch_size=batch, lr=s.lr, seed=s.seed))
+            for m in t.modules.values():
+                m.eval()
+            probe = train.images[:batch].to(s.device)
+            with torch.no_grad():
+                (t.modules["model"](to_float(probe)) if method == "scratch"
+                 else t.modules["head"](train_feats[:batch].float()))
+    _now(s.device)
+
+
 def run_baselines(pool: Pool, train: Dataset, test: Dataset, s: BaselineSettings,
                   views: TeacherViews | None = None, progress: Progress = lambda m: None) -> dict:
-    """Accuracy, size and time to build of PoE against the oracle and the trained baselines."""
+    """Accuracy, size and time to build of PoE against the oracle and the trained baselines.
+
+    The baselines train on `s.device`; the oracle's logits and the frozen library's features are
+    computed there too (the features' time, charged to Transfer and CKD head, is measured there).
+    PoE composes and is evaluated on the CPU, as the product does."""
+    s = dataclasses.replace(s, device=bench_device(s.device))
+    device = s.device
     queries = select_queries(pool, range(1, s.max_tasks + 1), s.queries, s.seed)
     input_shape = tuple(train.images.shape[1:])
     oracle = pool.oracle()
-    progress(f"oracle logits on {len(test)} test images")
-    oracle_logits = logits_of(oracle, test.images)
     oracle_params, oracle_flops = count_params(oracle), count_flops(oracle, input_shape)
-    library = pool.library()
+    progress(f"oracle logits on {len(test)} test images" + (f" on {device}" if device != "cpu" else ""))
+    oracle_logits = device_logits(oracle.to(device), test.images, device)
+    del oracle
+    library = pool.library().to(device)
     progress(f"library features of {len(train)} training and {len(test)} test images")
-    t0 = time.perf_counter()
-    train_feats = library_features(library, train.images)
-    feats_s = time.perf_counter() - t0
-    test_feats = library_features(library, test.images)
+    if device != "cpu":  # one untimed batch first: CUDA loads its kernels at their first use
+        library_features(library, train.images[:1000], device=device)
+    t0 = _now(device)
+    train_feats = library_features(library, train.images, device=device)
+    feats_s = _now(device) - t0
+    test_feats = library_features(library, test.images, device=device)
     teacher = None
     if "ckd" in s.methods:
         if views is None:
-            views, _ = teacher_views(pool, train, 1, progress=progress)
-        teacher = views.logits[:len(train)]
+            views, _ = teacher_views(pool, train, 1, progress=progress, device=device)
+        teacher = views.logits[:len(train)].to(device)
+    if device != "cpu":
+        _warm_up(pool, train, train_feats, teacher, s)
 
     rows = []
     for qi, tasks in enumerate(queries):
@@ -461,6 +594,7 @@ def run_baselines(pool: Pool, train: Dataset, test: Dataset, s: BaselineSettings
         q_images, q_labels = test.images[qmask], test.labels[qmask]
         g = torch.Generator().manual_seed(s.seed * 7919 + qi)
         monitor = torch.randperm(len(q_labels), generator=g)[:s.monitor_images].sort().values
+        monitor_d, q_images_d, q_feats = monitor.to(device), q_images.to(device), test_feats[qmask.to(device)]
         remapped = torch.searchsorted(ids_t, q_labels)  # label -> output column (ids are sorted)
         progress(f"query {qi + 1}/{len(queries)}: {'+'.join(tasks)} ({len(ids)} classes, {len(q_labels)} test images)")
 
@@ -486,8 +620,8 @@ def run_baselines(pool: Pool, train: Dataset, test: Dataset, s: BaselineSettings
         progress(f"  PoE: accuracy {poe_acc:.4f} (monitor {target:.4f}), composed in "
                  f"{row['poe']['compose_s'] * 1e3:.1f} ms")
         for method in s.methods:
-            trainee = make_trainee(method, pool, tasks, ids, train, train_feats, feats_s, teacher, q_images,
-                                   test_feats[qmask], monitor, s)
+            trainee = make_trainee(method, pool, tasks, ids, train, train_feats, feats_s, teacher, q_images_d,
+                                   q_feats, monitor_d, s)
             r = train_to_target(method, trainee, target, remapped[monitor], s, progress)
             logits = r.pop("test_logits")
             r["accuracy"] = round(float((logits.argmax(1) == remapped).float().mean()), 6)
@@ -562,9 +696,17 @@ def _times(v: float | None) -> str:
     return "–" if v is None else f"{v:,.0f}x"
 
 
+_TRAINED = {"baselines": "baselines trained on {}; PoE composed and evaluated on the CPU",
+            "cross-expert": "ablation experts trained on {}; every expert set evaluated on the CPU"}
+
+
 def _header(result: dict) -> list[str]:
+    trained = _TRAINED.get(result.get("part", ""))
+    where = ("; " + trained.format(device_label(result["settings"].get("device", "cpu"), result["hardware"]))
+             if trained else "")
     lines = [f"Command: `{result.get('command', '(library call)')}`  ",
-             f"Measured {result.get('date', '')} on {hardware_line(result['hardware'])}; pool `{result['pool']}`."]
+             f"Measured {result.get('date', '')} on {hardware_line(result['hardware'])}; pool `{result['pool']}`"
+             f"{where}."]
     if result.get("quick"):
         lines.append("")
         lines.append("**Quick mode**: tiny subsets and budgets that check the harness; these figures say nothing "
@@ -662,7 +804,11 @@ def _settings_key(pool: Pool, train: Dataset, views: TeacherViews, name: str, s:
     h = hashlib.sha256(pool_mod.tensors_to_bytes(pool.library_state))
     h.update(train.labels.numpy().tobytes())
     h.update(views.logits[:1000].numpy().tobytes())
-    h.update(str((len(views), s.epochs, s.batch_size, s.lr, s.seed, VARIANTS[name][1])).encode())
+    key = (len(views), s.epochs, s.batch_size, s.lr, s.seed, VARIANTS[name][1])
+    kind = torch.device(s.device).type
+    # Experts trained on a GPU are kept apart (their checkpoints hold CUDA tensors); the CPU's key is the
+    # one it always was, so existing CPU runs resume.
+    h.update(str(key if kind == "cpu" else (*key, kind)).encode())
     return f"{pool.name}-{pool.version}-{name}-{h.hexdigest()[:12]}"
 
 
@@ -678,21 +824,27 @@ def ablation_experts(pool: Pool, views: TeacherViews, name: str, s: CrossExpertS
     out_dir = work_dir / _settings_key(pool, train, views, name, s)
     tasks = {t: list(ids) for t, ids in pool.hierarchy.tasks.items()}
     batch = max(1, min(s.batch_size, len(views)))
-    progress(f"training the '{VARIANTS[name][0]}' experts ({s.epochs} epoch(s) on {len(views)} views) in {out_dir}")
-    t0 = time.perf_counter()
+    progress(f"training the '{VARIANTS[name][0]}' experts ({s.epochs} epoch(s) on {len(views)} views"
+             + (f", on {s.device}" if s.device != "cpu" else "") + f") in {out_dir}")
+    t0 = _now(s.device)
     heads = train_experts(pool.library(), tasks, ExpertConfig(first.in_channels, first.width, first.blocks, 1),
-                          views, None, Schedule(s.epochs, batch, s.lr, seed=s.seed), out_dir,
+                          views, None, Schedule(s.epochs, batch, s.lr, seed=s.seed), out_dir, device=s.device,
                           ckd=ckd, stage=f"experts-{name}")
-    seconds = time.perf_counter() - t0
+    seconds = _now(s.device) - t0
     loss = dataclasses.asdict(ckd)
+    # The experts are evaluated on the CPU, as the product runs them: their weights come back there.
     return {t: Expert(t, tuple(tasks[t]), ExpertConfig(first.in_channels, first.width, first.blocks, len(tasks[t])),
-                      heads[t].state_dict(), {}, loss) for t in tasks}, seconds
+                      {k: v.cpu() for k, v in heads[t].state_dict().items()}, {}, loss) for t in tasks}, seconds
 
 
 def run_cross_expert(pool: Pool, train: Dataset, test: Dataset, s: CrossExpertSettings, work_dir: Path,
                      views: TeacherViews | None = None, views_source: str = "",
                      progress: Progress = lambda m: None) -> dict:
-    """Cross-expert error share of composed models for the three expert sets."""
+    """Cross-expert error share of composed models for the three expert sets.
+
+    The ablation experts train on `s.device`; every expert set is evaluated on the CPU, so that the
+    pool's own experts give exactly the composed model's (CPU) predictions."""
+    s = dataclasses.replace(s, device=bench_device(s.device))
     queries = select_queries(pool, range(2, s.max_tasks + 1), s.queries, s.seed)
     if not queries:
         raise InvalidArgument("cross-expert errors need queries of at least 2 primitive tasks")
@@ -703,7 +855,8 @@ def run_cross_expert(pool: Pool, train: Dataset, test: Dataset, s: CrossExpertSe
                           "loss": next(iter(pool.experts.values())).loss, "train_s": None}
             continue
         if views is None:
-            views, views_source = teacher_views(pool, train, s.views, seed=s.seed, progress=progress)
+            views, views_source = teacher_views(pool, train, s.views, seed=s.seed, progress=progress,
+                                                device=s.device)
         experts, seconds = ablation_experts(pool, views, name, s, train, work_dir, progress)
         sets[name] = {"experts": experts, "source": "trained", "loss": dataclasses.asdict(VARIANTS[name][1]),
                       "train_s": round(seconds, 1)}
@@ -944,9 +1097,13 @@ def run(part: str, pool_dir: str | Path, quick: bool = False, dataset: str | Non
         progress: Progress = lambda m: None, **overrides) -> dict:
     """Run one part on a pool directory; `overrides` replace fields of the part's (quick) settings."""
     s = settings_for(part, quick, **overrides)
+    device = "cpu"
+    if part != "inference":  # before any work: an unknown or unavailable device is a one-line error
+        device = bench_device(s.device)  # type: ignore[union-attr]
+        s = dataclasses.replace(s, device=device)
     pool = pool_mod.load(pool_dir)
     seed = overrides.get("seed") or 0
-    hw = hardware()
+    hw = hardware(device)
     started = time.time()
     if part == "inference":
         result = run_inference(pool, s, progress)  # type: ignore[arg-type]
@@ -957,12 +1114,13 @@ def run(part: str, pool_dir: str | Path, quick: bool = False, dataset: str | Non
         if part == "baselines":
             views = None
             if run_dir and "ckd" in s.methods:  # type: ignore[union-attr]
-                views, _ = teacher_views(pool, train, 1, run_dir, seed, progress)
+                views, _ = teacher_views(pool, train, 1, run_dir, seed, progress, device)
             result = run_baselines(pool, train, test, s, views, progress)  # type: ignore[arg-type]
         else:
             views, source = None, ""
             if run_dir:
-                views, source = teacher_views(pool, train, s.views, run_dir, seed, progress)  # type: ignore[union-attr]
+                views, source = teacher_views(pool, train, s.views, run_dir, seed, progress,  # type: ignore[union-attr]
+                                              device)
             work_dir = work_dir or (None if quick else "runs/bench-cross-expert")
             if work_dir:
                 result = run_cross_expert(pool, train, test, s, Path(work_dir), views, source,  # type: ignore[arg-type]

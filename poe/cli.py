@@ -374,6 +374,8 @@ def _add_bench_suite_parsers(bsub) -> None:
     bb.add_argument("--methods", type=lambda v: tuple(_split([v])),
                     help="baselines to run, comma-separated (default scratch,transfer,ckd)")
     bb.add_argument("--compose-repeats", type=int, help="compose calls timed per query (median; default 5)")
+    bb.add_argument("--device", help="where the baselines train: cpu (default), cuda, cuda:N or auto (CUDA when "
+                                     "available); PoE's compose time is always measured on the CPU")
 
     bx = common("cross-expert", "share of errors across primitive tasks, experts trained on L_soft, L_scale, both",
                 "Trains two ablation expert sets (L_soft only, L_scale only) on the pool's frozen library and "
@@ -385,6 +387,8 @@ def _add_bench_suite_parsers(bsub) -> None:
                                        "(default runs/bench-cross-expert; quick: a temporary directory)")
     bx.add_argument("--retrain-both", action="store_true",
                     help="also train the L_soft + L_scale set on the same schedule instead of using the pool's")
+    bx.add_argument("--device", help="where the ablation experts train: cpu (default), cuda, cuda:N or auto (CUDA "
+                                     "when available); the expert sets are evaluated on the CPU")
 
     bi = common("inference", "images/s of composed models (fused, reference) and the oracle on the CPU",
                 "Throughput at batch 1 and 256 of composed models (TorchScript, as `poe compose` ships them) "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -37,7 +38,16 @@ def sha256_hex(data: bytes) -> str:
 
 def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
     """Canonical safetensors bytes of a state dict (contiguous CPU tensors, sorted keys)."""
-    return st_save({k: v.detach().cpu().contiguous() for k, v in sorted(state.items())})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(state.items())}
+    if all(t.dtype in _NUMPY_DTYPES for t in tensors.values()):
+        # The same bytes as safetensors.torch.save, about 6x faster: that one checks every tensor
+        # for shared storage and converts them one by one (2-3 ms for a composed model).
+        return np_save({k: t.numpy() for k, t in tensors.items()})
+    return st_save(tensors)
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool)
 
 
 def tensors_from_bytes(data: bytes, expected_sha256: str | None = None, what: str = "blob") -> dict[str, torch.Tensor]:

@@ -1,15 +1,16 @@
 """The composer's core: resolve a request against a pool in the registry, fetch tensors, compose.
 
-Per request, on the hot path (a class set not composed before, experts already in memory):
-resolve (pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan
-the experts locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
+Per request, on the hot path (a class set not composed before, experts already in memory): resolve
+(pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan the experts
+locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
 sha256-verified), consolidate (`poe.compose.composed_state`: concatenating tensors, no module
-construction), serialize (`ScriptCache`: a scripted template of the same structure gets the new
-tensors, then `torch.jit.save`). Composed files are kept in a byte-bounded LRU and recorded in the
-registry in the background (provenance, hit counts, download by sha256); concurrent identical
-requests build once. A memory miss rebuilds instead of fetching the registry's copy: measured on
-this machine, the registry round trip for a lookup alone (about 13 ms) costs more than the whole
-composition (about 10 ms), so the registry record is never on the request path.
+construction), serialize (`ScriptCache`: the archive template of the same tensor layout is written
+again with the new tensors, `poe.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on
+the hot path once a layout has been seen, and `warm` sees them all). Composed files are kept in a
+byte-bounded LRU and recorded in the registry in the background (provenance, hit counts, download by
+sha256); concurrent identical requests build once. A memory miss rebuilds instead of fetching the
+registry's copy: measured on this machine, the registry round trip for a lookup alone (about 13 ms)
+costs more than the whole composition (2-4 ms), so the registry record is never on the request path.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class StageTimer:
 
 
 class ComposerEngine:
-    def __init__(self, registry: RegistryClient, settings: Settings, script_copies: int = 4):
+    def __init__(self, registry: RegistryClient, settings: Settings, script_copies: int = 2):
         self.registry = registry
         self.settings = settings
         self.scripts = ScriptCache(copies=script_copies)
@@ -254,13 +255,14 @@ class ComposerEngine:
         check()
         with timer.stage("consolidate"):
             state = composed_state(pool, p, fused)
-            weights_sha = sha256_hex(tensors_to_bytes(state))
-            meta = metadata(pool, p, None, req.execution, weights_sha)
-            meta["dataset"] = pool.hierarchy.dataset
         with timer.stage("serialize"):
             if req.format == "torchscript":
-                data = self.scripts.export_state(state, meta, lambda: build(pool, p, fused))
+                template = self.scripts.template(state, lambda: build(pool, p, fused))
+                views = template.views(state)
+                meta = self._meta(pool, p, req, template.weights_sha256(views))
+                data = template.render(views, meta)
             else:
+                meta = self._meta(pool, p, req, sha256_hex(tensors_to_bytes(state)))
                 data = st_save({k: v.contiguous() for k, v in state.items()},
                                metadata={"poe.json": json.dumps(meta, sort_keys=True),
                                          "spec": json.dumps(self._spec(pool, p, req.execution), sort_keys=True)})
@@ -270,6 +272,10 @@ class ComposerEngine:
         self._models.put(header["model_id"], comp, len(data))
         self._record(view, p, req, comp)
         return comp
+
+    @staticmethod
+    def _meta(pool: Pool, p: Plan, req: ComposeRequest, weights_sha256: str) -> dict:
+        return {**metadata(pool, p, None, req.execution, weights_sha256), "dataset": pool.hierarchy.dataset}
 
     @staticmethod
     def _spec(pool: Pool, p: Plan, execution: str) -> dict:
@@ -304,17 +310,27 @@ class ComposerEngine:
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warm(self, ref: str = "") -> PoolView:
-        """Fetch a pool's tensors and script a template per number of experts (fused), so that the
-        first requests meet the latency target."""
+        """Fetch a pool's tensors, script each structure and save an archive template for every
+        tensor layout of the fused execution (n experts keeping k classes), so that no request
+        waits for TorchScript. Layouts beyond the template cache's size stay lazy."""
         view = self.view(ref)
-        tasks = list(view.pool.experts)
-        if not tasks:
+        pool = view.pool
+        if not pool.experts:
             raise NotFound(f"pool {view.ref} has no experts")
         self.tensors(view.library_sha256)
-        for t in tasks:
+        for t in pool.experts:
             self.tensors(view.expert_sha256[t])
-        for n in range(1, len(tasks) + 1):
-            p = plan(view.pool, tasks=tasks[:n])
-            pool = self._pool_with_tensors(view, p)
-            self.scripts.export_state(composed_state(pool, p, True), {}, lambda pool=pool, p=p: build(pool, p, True))
+        largest_first = sorted(pool.experts, key=lambda t: -len(pool.hierarchy.tasks[t]))
+        budget = self.scripts.max_templates
+        for n in range(1, len(largest_first) + 1):
+            kept = {t: list(pool.hierarchy.tasks[t]) for t in largest_first[:n]}
+            while budget > 0:  # every total from all the n tasks' classes down to one class each
+                p = plan(pool, classes=[c for ids in kept.values() for c in ids])
+                full = self._pool_with_tensors(view, p)
+                self.scripts.template(composed_state(full, p, True), lambda full=full, p=p: build(full, p, True))
+                budget -= 1
+                shrink = next((t for t in kept if len(kept[t]) > 1), None)
+                if shrink is None:
+                    break
+                kept[shrink].pop()
         return view

@@ -7,6 +7,7 @@ between its markers, and that the figures are consistent with each other and wit
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -268,8 +269,20 @@ def test_settings_presets_and_overrides():
         bench_suite.settings_for("nonsense", quick=True)
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is not available")
+
+
 @pytest.mark.parametrize("args, message", [
     (["bench", "baselines", "--pool", "{tmp}/nowhere"], "not a pool directory"),
+    (["bench", "baselines", "--pool", "{pool}", "--quick", "--device", "gpu"], "unknown device 'gpu'"),
+    (["bench", "cross-expert", "--pool", "{pool}", "--quick", "--device", "cuda0"], "unknown device 'cuda0'"),
+    pytest.param(["bench", "baselines", "--pool", "{pool}", "--quick", "--device", "cuda"],
+                 "CUDA is not available", marks=NO_CUDA),
+    pytest.param(["bench", "cross-expert", "--pool", "{pool}", "--quick", "--device", "cuda:1"],
+                 "CUDA is not available", marks=NO_CUDA),
+    # The device is checked before any work, even before the pool is loaded.
+    pytest.param(["bench", "baselines", "--pool", "{tmp}/nowhere", "--device", "cuda"],
+                 "CUDA is not available", marks=NO_CUDA),
     (["bench", "baselines", "--pool", "{pool}", "--quick", "--methods", "scratch,magic"], "unknown baselines"),
     (["bench", "inference", "--pool", "{pool}", "--quick", "--sizes", "7"], "no query sizes"),
     (["bench", "cross-expert", "--pool", "{pool}", "--quick", "--max-tasks", "1"], "at least 2 primitive tasks"),
@@ -278,6 +291,78 @@ def test_bad_input_is_one_line(pool_dir, tmp_path, args, message):
     rc, _, err = run_cli(*[a.format(pool=pool_dir, tmp=tmp_path) for a in args])
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("poe: error:") and message in lines[-1], err
+
+
+# -- --device ------------------------------------------------------------------------------------
+
+def test_default_device_is_the_cpu(baselines, cross_expert):
+    for result, line in ((baselines[0], "baselines trained on the CPU"),
+                         (cross_expert[0], "ablation experts trained on the CPU")):
+        assert result["settings"]["device"] == "cpu" and result["hardware"]["device"] == "cpu"
+        assert "gpu" not in result["hardware"]
+        assert line in bench_suite.markdown(result)
+
+
+def test_device_cpu_quick(pool_dir, tmp_path):
+    """`--device cpu` is the default, stated: the same run, and the command line records it."""
+    docs = tmp_path / "B.md"
+    # (options in the order `poe bench` states them in the command line)
+    result, out, _ = run_part("baselines", pool_dir, docs, tmp_path, "--queries", "1", "--methods", "transfer,ckd",
+                              "--device", "cpu")
+    assert result["settings"]["device"] == "cpu" and "--device cpu" in result["command"]
+    assert result["queries"] == 1 and all(in_unit(result["rows"][0][m]["accuracy"]) for m in ("transfer", "ckd"))
+    assert "baselines trained on the CPU; PoE composed and evaluated on the CPU" in out
+    result, out, _ = run_part("cross-expert", pool_dir, docs, tmp_path, "--max-tasks", "2", "--device", "cpu")
+    assert result["settings"]["device"] == "cpu" and result["expert_sets"]["soft"]["source"] == "trained"
+    assert "ablation experts trained on the CPU" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA where it is available")
+def test_device_auto_without_cuda_is_the_cpu():
+    assert bench_suite.bench_device("auto") == "cpu" and bench_suite.bench_device("cpu") == "cpu"
+    with pytest.raises(InvalidArgument, match="CUDA is not available"):
+        bench_suite.bench_device("cuda:0")
+
+
+def test_device_names_are_checked():
+    for name in ("gpu", "cuda:", "cuda:x", "CPU", "mps", ""):
+        with pytest.raises(InvalidArgument, match="unknown device"):
+            bench_suite.settings_for("baselines", quick=True, device=name)
+    assert bench_suite.settings_for("cross-expert", quick=True, device="cuda:3").device == "cuda:3"  # checked at run
+
+
+def test_cross_expert_checkpoint_key_of_the_cpu_is_unchanged(random_pool):
+    """Existing CPU runs resume: the CPU's work-dir key is the one it was before --device existed;
+    experts trained on a GPU get their own."""
+    import hashlib
+
+    from poe import pool as pool_mod
+    from poe.data import Dataset
+    from poe.train import TeacherViews
+
+    g = torch.Generator().manual_seed(0)
+    train = Dataset("random", torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g),
+                    torch.arange(8) % 10, tuple(random_pool.hierarchy.classes))
+    views = TeacherViews(train.images, torch.randn(8, 10, generator=g))
+    s = bench_suite.CrossExpertSettings(epochs=1, batch_size=64, views=1)
+    h = hashlib.sha256(pool_mod.tensors_to_bytes(random_pool.library_state))
+    h.update(train.labels.numpy().tobytes())
+    h.update(views.logits[:1000].numpy().tobytes())
+    h.update(str((len(views), s.epochs, s.batch_size, s.lr, s.seed, bench_suite.VARIANTS["soft"][1])).encode())
+    before = f"{random_pool.name}-{random_pool.version}-soft-{h.hexdigest()[:12]}"
+    assert bench_suite._settings_key(random_pool, train, views, "soft", s) == before
+    for device in ("cuda", "cuda:1"):
+        cuda = bench_suite._settings_key(random_pool, train, views, "soft", dataclasses.replace(s, device=device))
+        assert cuda != before and cuda.startswith(f"{random_pool.name}-{random_pool.version}-soft-")
+
+
+def test_hardware_names_the_device():
+    hw = bench_suite.hardware("cpu")
+    assert hw["device"] == "cpu" and "gpu" not in hw and "GPU" not in bench_suite.hardware_line(hw)
+    gpu = dict(hw, device="cuda", gpu="NVIDIA H200", cuda="13.0")
+    assert "GPU NVIDIA H200 (CUDA 13.0)" in bench_suite.hardware_line(gpu)
+    assert bench_suite.device_label("cuda", gpu) == "the GPU NVIDIA H200 (cuda)"
+    assert bench_suite.device_label("cpu", gpu) == "the CPU"
 
 
 def test_help_of_every_part():

@@ -1,0 +1,100 @@
+"""Archive templates (poe.archive): the composer's files without torch.jit.save on the hot path."""
+
+import hashlib
+import io
+import itertools
+import struct
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from poe.archive import ArchiveTemplate, TemplateError, probe_state
+from poe.compose import build, composed_state, plan
+from poe.export import EXTRA_FILE, ScriptCache, _swap_tensors, load_torchscript, script, to_torchscript_bytes
+from poe.pool import tensors_to_bytes
+
+
+def _records(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert z.testzip() is None  # every CRC checks out
+        return {i.filename: z.read(i) for i in z.infolist()}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rendered_archive_holds_what_jit_save_writes(random_pool, fused):
+    """Every record (code, data.pkl, storages) is byte for byte torch.jit.save's for the same state."""
+    x = torch.rand(3, 1, 28, 28)
+    for classes in (["Sandal", "Bag"], ["Shirt", "Coat", "Ankle boot"], ["Trouser", "Dress", "Sneaker", "Bag"]):
+        p = plan(random_pool, classes)
+        state = composed_state(random_pool, p, fused)
+        model = build(random_pool, p, fused).eval()
+        scripted = script(model)
+        meta = {"classes": list(p.class_names)}
+        reference = _records(to_torchscript_bytes(scripted, meta))
+        probe = probe_state(state)
+        _swap_tensors(scripted, probe)
+        template = ArchiveTemplate.from_archive(to_torchscript_bytes(scripted, {}), probe, EXTRA_FILE)
+        rendered = template.render(template.views(state), meta)
+        got = _records(rendered)
+        assert set(got) == set(reference)
+        differ = [name for name in got if got[name] != reference[name]]
+        assert all(name.endswith(".data/serialization_id") for name in differ), differ
+
+        loaded, loaded_meta = load_torchscript(rendered)
+        assert loaded_meta == meta
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+        # The weights' hash without building the safetensors bytes, and data aligned as torch does.
+        assert template.weights_sha256(template.views(state)) == hashlib.sha256(tensors_to_bytes(state)).hexdigest()
+        with zipfile.ZipFile(io.BytesIO(rendered)) as z:
+            for info in z.infolist():
+                name_len, extra_len = struct.unpack_from("<HH", rendered, info.header_offset + 26)
+                assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+
+
+def test_one_template_per_layout_and_none_for_new_class_sets_of_a_known_layout(random_pool):
+    cache = ScriptCache(copies=1)
+    tasks = list(random_pool.experts)
+    pairs = list(itertools.combinations(tasks, 2))
+    for a, b in pairs:  # same number of experts and classes kept: one layout for all of them
+        p = plan(random_pool, tasks=[a, b])
+        cache.export_state(composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
+    layouts = {tuple(len(random_pool.hierarchy.tasks[t]) for t in pair) for pair in pairs}
+    sums = {sum(sizes) for sizes in layouts}
+    assert cache.templated == len(sums)  # fused: the layout depends on the total of kept classes only
+    assert cache.scripted == 1
+
+
+def test_tensors_to_bytes_is_safetensors_byte_for_byte():
+    g = torch.Generator().manual_seed(0)
+    state = {"b.weight": torch.randn(3, 4, generator=g), "a.count": torch.tensor(7),
+             "c.ids": torch.arange(5), "d.half": torch.randn(2, generator=g).half(), "e.flag": torch.tensor([True])}
+    assert tensors_to_bytes(state) == st_save(dict(sorted(state.items())))
+    state["f.bf16"] = torch.randn(4, generator=g).bfloat16()  # numpy has no bfloat16: the slow path
+    assert tensors_to_bytes(state) == st_save(dict(sorted(state.items())))
+
+
+class _WithFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.register_buffer("flag", torch.tensor([True]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.flag
+
+
+def test_layouts_that_cannot_be_probed_fall_back_to_jit_save():
+    model = _WithFlag()
+    with pytest.raises(TemplateError):
+        probe_state(model.state_dict())
+    cache = ScriptCache(copies=1)
+    data = cache.export(model, {"k": 1})
+    loaded, meta = load_torchscript(data)
+    x = torch.rand(4, 3)
+    assert meta == {"k": 1} and torch.equal(loaded(x), model(x))
+    other = _WithFlag()  # the same layout again: the fallback serves it, and scripting is not repeated
+    assert torch.equal(load_torchscript(cache.export(other, {}))[0](x), other(x))
+    assert cache.scripted == 1 and EXTRA_FILE == "poe.json"
