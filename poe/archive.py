@@ -50,7 +50,13 @@ def tensor_layout(state: dict[str, torch.Tensor]) -> tuple:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes as both TorchScript and safetensors store them (contiguous, little-endian
     on this platform), without copying when the tensor is already contiguous."""
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    try:
+        return memoryview(t.numpy() if t.dim() else t.reshape(1).numpy()).cast("B")
+    except TypeError:  # a dtype numpy lacks (bfloat16): reinterpret the bytes instead
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def probe_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

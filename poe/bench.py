@@ -8,8 +8,10 @@ Cases:
   from the registry's blob store (an S3 server: moto's, on loopback) and verified: p50 / p99.
 - throughput: distinct compositions per second with N concurrent clients.
 
-Everything runs in this process except the network hop: registry and composer on a real gRPC
-server on 127.0.0.1, clients on real channels.
+Three processes, as deployed, talking gRPC over 127.0.0.1: the registry (with its SQL store and
+its blob store: moto's S3 server in the same process, or a folder), the composer (a server in
+this process; the warm and cold cases' single client too) and, for the throughput case, the
+clients. The composer's server CPU time per request is reported with the throughput.
 """
 
 from __future__ import annotations
@@ -60,15 +62,57 @@ def class_sets_by_tasks(pool, n_tasks: int, rng: random.Random) -> list[tuple[st
     return out
 
 
-def _start_stack(settings: Settings, pool_dir: Path):
+def _registry_process(env: dict[str, str], s3: bool, conn) -> None:
+    """A registry server on a free port of 127.0.0.1, with moto's S3 server as its blob store when
+    `s3`, until told to stop (runs in a child process)."""
     from poe_services.host import create_server
 
-    host = create_server("127.0.0.1:0", settings, ("registry", "composer"), migrate=True, warm=False)
+    moto = None
+    if s3:
+        from moto.server import ThreadedMotoServer
+
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        host_, port_ = moto.get_host_and_port()
+        env = {**env, "POE_BLOB_URL": "s3://poe-bench", "POE_S3_ENDPOINT": f"{host_}:{port_}",
+               "POE_S3_ACCESS_KEY": "bench", "POE_S3_SECRET_KEY": "bench-secret"}
+    host = create_server("127.0.0.1:0", Settings.from_env(env), ("registry",), migrate=True)
     host.start()
-    target = f"127.0.0.1:{host.port}"
-    with RegistryClient(target) as reg:
+    conn.send(host.port)
+    conn.recv()
+    host.stop(0).wait()
+    if moto is not None:
+        moto.stop()
+
+
+def _start_stack(env: dict[str, str], record: bool, pool_dir: Path, s3: bool):
+    """The registry in a process of its own, as deployed (its SQL store, blob uploads and hashing
+    never share the composer's GIL), and the composer on a server in this process."""
+    from poe_services.host import create_server
+
+    ctx = multiprocessing.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    registry = ctx.Process(target=_registry_process, args=(env, s3, child_conn), name="bench-registry", daemon=True)
+    registry.start()
+    deadline = time.monotonic() + 120
+    while not conn.poll(0.2):
+        if not registry.is_alive() or time.monotonic() > deadline:
+            registry.kill()
+            raise RuntimeError(f"the benchmark's registry did not start (exit code {registry.exitcode})")
+    registry_target = f"127.0.0.1:{conn.recv()}"
+    with RegistryClient(registry_target) as reg:
         pv, _ = reg.import_pool(pool_dir)
-    return host, target, f"{pv.name}@{pv.version}"
+    settings = dataclasses.replace(Settings.from_env({**env, "POE_REGISTRY_ADDR": registry_target}),
+                                   record_compositions=record)
+    host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=registry_target, warm=False)
+    host.start()
+
+    def stop() -> None:
+        host.stop(0).wait()
+        conn.send("stop")
+        registry.join(30)
+
+    return host, f"127.0.0.1:{host.port}", f"{pv.name}@{pv.version}", stop
 
 
 def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
@@ -118,18 +162,8 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
     pool_dir = Path(pool_dir)
     pool = load_pool(pool_dir, with_oracle=False)
     rng = random.Random(seed)
-    moto = None
     env = {"POE_HOME": str(home)}
-    if s3:
-        from moto.server import ThreadedMotoServer
-
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        host_, port_ = moto.get_host_and_port()
-        env.update(POE_BLOB_URL="s3://poe-bench", POE_S3_ENDPOINT=f"{host_}:{port_}",
-                   POE_S3_ACCESS_KEY="bench", POE_S3_SECRET_KEY="bench-secret")
-    settings = dataclasses.replace(Settings.from_env(env), record_compositions=record)
-    host, target, ref = _start_stack(settings, pool_dir)
+    host, target, ref, stop_stack = _start_stack(env, record, pool_dir, s3)
     engine = host.runtimes["composer"].engine
     result: dict = {"pool": ref, "blob_store": "s3 (moto)" if s3 else "file", "record_compositions": record,
                     "torch_threads": torch.get_num_threads(), "cases": {}}
@@ -188,7 +222,5 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                                 "server_cpu_ms_per_request": round(server_cpu / max(1, len(seconds)) * 1e3, 3),
                                 "archive_templates_made": engine.scripts.templated - templated}
     finally:
-        host.stop(0).wait()
-        if moto is not None:
-            moto.stop()
+        stop_stack()
     return result

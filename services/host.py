@@ -28,6 +28,10 @@ SERVICE_NAMES = {"registry": "poe.v1.Registry", "composer": "poe.v1.Composer", "
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Health name for liveness probes: SERVING while the process answers gRPC. Readiness follows each
+# service (a composer whose registry is down is NOT_SERVING); liveness must not, or an outage of
+# the registry would restart every composer and extractor.
+LIVENESS = "liveness"
 
 
 class Host:
@@ -93,6 +97,7 @@ def create_server(address: str, settings: Settings, services: tuple[str, ...] = 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", NOT_SERVING)
+    health_servicer.set(LIVENESS, SERVING)
     if registry_target is None and "registry" in services:
         registry_target = f"127.0.0.1:{port}"
     runtimes: dict = {}

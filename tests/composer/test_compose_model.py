@@ -181,6 +181,9 @@ def test_registry_down_is_unavailable(tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{host.port}") as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="poe.v1.Composer"))
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # ...but alive: Kubernetes' liveness probe asks for "liveness" and must not restart it.
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="liveness"))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         host.stop(0).wait()
 

@@ -162,6 +162,10 @@ def probe_problems(objs: list[dict]) -> list[str]:
                 continue
             if probe["grpc"].get("port") != ports["grpc"]:
                 problems.append(f"{name_of(obj)}: {kind} on port {probe['grpc'].get('port')}, gRPC is {ports['grpc']}")
+        live = (c.get("livenessProbe") or {}).get("grpc", {})
+        if live.get("service") != "liveness":
+            problems.append(f"{name_of(obj)}: liveness asks for {live.get('service')!r}, not 'liveness' (a registry "
+                            "outage would restart it)")
         ready = (c.get("readinessProbe") or {}).get("grpc", {})
         if ready.get("service") != POE_COMPONENTS[comp]:
             problems.append(f"{name_of(obj)}: readiness asks for {ready.get('service')!r}, not {POE_COMPONENTS[comp]}")

@@ -174,7 +174,7 @@ startupProbe:
 livenessProbe:
   grpc:
     port: {{ $port }}
-    service: {{ $.probes.livenessService | default "" | quote }}
+    service: {{ $.probes.livenessService | default "liveness" | quote }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with .probes.readiness }}
