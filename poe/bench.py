@@ -224,3 +224,43 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
     finally:
         stop_stack()
     return result
+
+
+def markdown(result: dict, command: str) -> str:
+    """The result as the Markdown that `--update-docs` writes: command, hardware, tables, targets."""
+    from poe.bench_suite import hardware, hardware_line
+
+    cases, tput = result["cases"], result["throughput"]
+    warm = [v for k, v in cases.items() if k.startswith("warm_")]
+    lines = [f"Command: `{command}`", "",
+             f"Measured on {hardware_line(hardware())}; composer with {result['torch_threads']} torch thread(s), "
+             f"blob store {result['blob_store']}, recording of new compositions in the registry "
+             f"**{'on' if result['record_compositions'] else 'off'}**."
+             + (" *Quick run: the figures mean nothing.*" if result.get("quick") else ""), "",
+             "| case | requests | p50 ms | p99 ms | mean ms | jit.save floor ms | p50 / floor | templates made |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, v in cases.items():
+        name = f"warm, {key.split('_')[1]} task(s)" if key.startswith("warm_") else "cold (experts fetched)"
+        lines.append(f"| {name} | {v['n']} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['mean_ms']:.1f} | "
+                     f"{v.get('jit_save_floor_ms', '') and format(v['jit_save_floor_ms'], '.1f')} | "
+                     f"{v.get('p50_over_floor', '')} | {v.get('archive_templates_made', '')} |")
+    lines += ["", f"Throughput: **{tput['compositions_per_s']:.0f} distinct compositions/s** with {tput['clients']} "
+              f"concurrent clients in another process ({tput['requests']} requests; latency under that load p50 "
+              f"{tput['p50_ms']:.0f} ms, p99 {tput['p99_ms']:.0f} ms); the composer's server spent "
+              f"{tput['server_cpu_ms_per_request']:.1f} ms of CPU per request.", ""]
+    p50 = max(v["p50_ms"] for v in warm)
+    p99 = max(v["p99_ms"] for v in warm)
+    ratio = max(v["p50_over_floor"] for v in warm)
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    cold = cases["cold"]["p50_ms"]
+    rate = tput["compositions_per_s"]
+    lines.append("Targets (DESIGN.md), worst case over 1-5 tasks: "
+                 f"warm p50 <= 10 ms: {p50:.1f} ms, {verdict(p50 <= 10)}; "
+                 f"warm p99 <= 30 ms: {p99:.1f} ms, {verdict(p99 <= 30)}; "
+                 f"within 3x of the `torch.jit.save` floor: {ratio:.2f}x, {verdict(ratio <= 3)}; "
+                 f"cold p50 <= 150 ms: {cold:.1f} ms, {verdict(cold <= 150)}; "
+                 f">= 200 compositions/s: {rate:.0f}/s, {verdict(rate >= 200)}.")
+    return "\n".join(lines)

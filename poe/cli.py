@@ -273,10 +273,17 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
                            throughput_requests=20 if quick else args.requests, s3=not args.file_blobs,
                            record=not args.no_record,
                            progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    result["quick"] = quick
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
+    if args.update_docs:
+        from poe import bench_suite
+
+        section = "compose-no-record" if args.no_record else "compose"
+        path = bench_suite.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)))
+        print(f"bench: wrote section {section} of {path}", file=sys.stderr)
     print(text)
     return 0
 
@@ -477,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--no-record", action="store_true", help="do not record compositions in the registry")
     bc.add_argument("--quick", action="store_true", help="a few requests per case (seconds; used by the tests)")
     bc.add_argument("--json-out", help="also write the result to this JSON file")
+    bc.add_argument("--update-docs", action="store_true",
+                    help="write the table between this benchmark's markers in --docs (section compose, or "
+                         "compose-no-record with --no-record)")
+    bc.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bc.set_defaults(func=cmd_bench_compose)
     _add_bench_suite_parsers(bsub)  # baselines, cross-expert, inference
 
