@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from poe.errors import PoeError
+from poe.errors import InvalidArgument, PoeError
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -228,16 +228,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench_pool(args: argparse.Namespace) -> int:
     from poe import pool as pool_mod
     from poe.data import load_dataset
-    from poe.evaluate import evaluate_pool
+    from poe.evaluate import evaluate_pool, evaluate_served_pool
     from poe.nets import count_params
 
+    if bool(args.target) != bool(args.served):
+        raise InvalidArgument("--target and --served go together: the composer's address and the pool it serves")
     pool = pool_mod.load(args.pool)
     test = load_dataset(args.dataset or pool.info.get("dataset", "fashion-mnist"), "test")
     t0 = time.time()
-    rows = evaluate_pool(pool, test, args.max_tasks, fused=args.execution == "fused")
+    if args.target:  # models from the composer; the oracle from --pool
+        rows = evaluate_served_pool(args.target, args.served, pool.oracle(), test, args.max_tasks, args.execution)
+        ref = rows[0]["pool"] if rows else args.served
+    else:
+        rows = evaluate_pool(pool, test, args.max_tasks, fused=args.execution == "fused")
+        ref = pool.ref
     oracle_params = count_params(pool.oracle())
     deltas = [r["delta"] for r in rows]
-    summary = {"pool": pool.ref, "queries": len(rows), "test_images": len(test),
+    summary = {"pool": ref, "served_by": args.target, "oracle_from": pool.ref, "queries": len(rows),
+               "test_images": len(test),
                "oracle_params": oracle_params, "oracle_test_acc": pool.info.get("oracle", {}).get("test_acc"),
                "mean_delta_pt": round(100 * sum(deltas) / len(deltas), 3),
                "worst_delta_pt": round(100 * min(deltas), 3),
@@ -467,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bp = bsub.add_parser("pool", help="accuracy of every query of 1..5 primitive tasks against the restricted oracle")
-    bp.add_argument("--pool", default="pools/fashion-mnist", help="pool directory (default pools/fashion-mnist)")
+    bp.add_argument("--pool", default="pools/fashion-mnist",
+                    help="pool directory (default pools/fashion-mnist); with --target only its oracle is used")
+    bp.add_argument("--target", metavar="HOST:PORT",
+                    help="take every model from the composer (and the tasks from the registry) at this address")
+    bp.add_argument("--served", metavar="NAME[@VERSION]", help="with --target: the pool the composer serves")
     bp.add_argument("--dataset", help="test data set (default: the pool's)")
     bp.add_argument("--max-tasks", type=int, default=5)
     bp.add_argument("--execution", choices=["fused", "reference"], default="fused")

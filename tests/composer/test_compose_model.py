@@ -258,3 +258,18 @@ def test_bench_compose_quick_runs(pool_dir, tmp_path):
         assert 0 < case["p50_ms"] <= case["p99_ms"]
     assert result["cases"]["warm_3"]["jit_save_floor_ms"] > 0
     assert result["throughput"]["compositions_per_s"] > 0 and result["throughput"]["n"] == 6
+
+
+def test_served_pool_accuracy_equals_local_evaluation(stack, random_pool, fmnist_test):
+    """`poe bench pool --target`: models through ComposeModel score exactly what local builds score."""
+    from poe.data import Dataset
+    from poe.evaluate import evaluate_pool, evaluate_served_pool
+
+    _, target = stack
+    test = Dataset("fashion-mnist", fmnist_test.images[:1000], fmnist_test.labels[:1000], fmnist_test.classes)
+    served = evaluate_served_pool(target, "test-pool", random_pool.oracle(), test, max_tasks=1)
+    local = evaluate_pool(random_pool, test, max_tasks=1)
+    assert [r["tasks"] for r in served] == [r["tasks"] for r in local] and len(served) == 5
+    for s, lo in zip(served, local, strict=True):
+        assert s["accuracy"] == lo["accuracy"] and s["oracle_accuracy"] == lo["oracle_accuracy"], s["tasks"]
+        assert s["params"] == lo["params"] and s["pool"] == "test-pool@1"
