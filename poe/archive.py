@@ -124,6 +124,11 @@ class ArchiveTemplate:
         return cls(tensor_layout(probe), bytes(body), bytes(central), entries, slots, extra_name,
                    st_header, st_order)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the template holds (about one composed file)."""
+        return len(self._body) + len(self._central) + len(self._st_header)
+
     def views(self, state: dict[str, torch.Tensor]) -> dict[str, memoryview]:
         if tensor_layout(state) != self.layout:
             raise ValueError("archive template: the state's layout differs from the template's")

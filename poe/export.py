@@ -123,12 +123,16 @@ class ScriptCache:
       about 1 ms where `torch.jit.save` costs 5-9 ms, and holds the GIL for less of it.
 
     Each structure keeps up to `copies` scripted modules so that concurrent template saves don't
-    wait on each other; templates are kept for the `max_templates` most recent layouts.
+    wait on each other; templates (each about the size of one composed file) are kept, least
+    recently used first out, within `max_template_bytes`; `on_bytes` hears the total.
     """
 
-    def __init__(self, copies: int = 4, max_templates: int = 1024):
+    def __init__(self, copies: int = 4, max_template_bytes: int = 64 * 1024 * 1024,
+                 on_bytes: Callable[[int], None] = lambda n: None):
         self._copies = copies
-        self.max_templates = max_templates
+        self.max_template_bytes = max_template_bytes
+        self.template_bytes = 0
+        self._on_bytes = on_bytes
         self._lock = threading.Lock()
         self._free: dict[tuple, queue.SimpleQueue] = {}
         self._made: dict[tuple, int] = {}
@@ -187,10 +191,19 @@ class ScriptCache:
                 self._free[key].put(scripted)
         with self._lock:
             self.templated += 1
-            self._templates[layout] = made
-            while len(self._templates) > self.max_templates:
-                self._templates.popitem(last=False)
+            if layout not in self._templates:
+                self._templates[layout] = made
+                self.template_bytes += _nbytes(made)
+            while self.template_bytes > self.max_template_bytes and len(self._templates) > 1:
+                _, old = self._templates.popitem(last=False)
+                self.template_bytes -= _nbytes(old)
+            self._on_bytes(self.template_bytes)
         return made
+
+    @property
+    def full(self) -> bool:
+        """Whether one more template would push an older one out."""
+        return self.template_bytes >= self.max_template_bytes
 
 
 class _SavingTemplate:
@@ -210,6 +223,10 @@ class _SavingTemplate:
         with self._lock:
             _swap_tensors(self._scripted, state)
             return to_torchscript_bytes(self._scripted, meta)
+
+
+def _nbytes(template: ArchiveTemplate | _SavingTemplate) -> int:
+    return template.nbytes if isinstance(template, ArchiveTemplate) else 0
 
 
 def _swap_tensors(scripted: torch.jit.ScriptModule, state: dict[str, torch.Tensor]) -> None:

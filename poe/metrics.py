@@ -50,7 +50,7 @@ CACHE_MISSES = Counter(
 CACHE_BYTES = Gauge(
     "poe_compose_cache_bytes",
     "Bytes held by the composer's in-memory caches.",
-    ["cache"],  # model | tensor
+    ["cache"],  # model | tensor | template
 )
 BYTES_STREAMED = Counter(
     "poe_compose_streamed_bytes_total",

@@ -107,7 +107,8 @@ class ComposerEngine:
     def __init__(self, registry: RegistryClient, settings: Settings, script_copies: int = 2):
         self.registry = registry
         self.settings = settings
-        self.scripts = ScriptCache(copies=script_copies)
+        self.scripts = ScriptCache(copies=script_copies, max_template_bytes=settings.template_cache_bytes,
+                                   on_bytes=lambda n: metrics.CACHE_BYTES.labels("template").set(n))
         self._tensors: ByteLRU[dict[str, torch.Tensor]] = ByteLRU(
             settings.cache_bytes, lambda n: metrics.CACHE_BYTES.labels("tensor").set(n))
         self._models: ByteLRU[Composition] = ByteLRU(
@@ -312,7 +313,7 @@ class ComposerEngine:
     def warm(self, ref: str = "") -> PoolView:
         """Fetch a pool's tensors, script each structure and save an archive template for every
         tensor layout of the fused execution (n experts keeping k classes), so that no request
-        waits for TorchScript. Layouts beyond the template cache's size stay lazy."""
+        waits for TorchScript. Layouts beyond the template cache's bytes stay lazy."""
         view = self.view(ref)
         pool = view.pool
         if not pool.experts:
@@ -321,16 +322,14 @@ class ComposerEngine:
         for t in pool.experts:
             self.tensors(view.expert_sha256[t])
         largest_first = sorted(pool.experts, key=lambda t: -len(pool.hierarchy.tasks[t]))
-        budget = self.scripts.max_templates
         for n in range(1, len(largest_first) + 1):
             kept = {t: list(pool.hierarchy.tasks[t]) for t in largest_first[:n]}
-            while budget > 0:  # every total from all the n tasks' classes down to one class each
+            while True:  # every total from all the n tasks' classes down to one each
                 p = plan(pool, classes=[c for ids in kept.values() for c in ids])
                 full = self._pool_with_tensors(view, p)
                 self.scripts.template(composed_state(full, p, True), lambda full=full, p=p: build(full, p, True))
-                budget -= 1
                 shrink = next((t for t in kept if len(kept[t]) > 1), None)
-                if shrink is None:
+                if shrink is None or self.scripts.full:  # at least each structure is scripted
                     break
                 kept[shrink].pop()
         return view

@@ -98,3 +98,15 @@ def test_layouts_that_cannot_be_probed_fall_back_to_jit_save():
     other = _WithFlag()  # the same layout again: the fallback serves it, and scripting is not repeated
     assert torch.equal(load_torchscript(cache.export(other, {}))[0](x), other(x))
     assert cache.scripted == 1 and EXTRA_FILE == "poe.json"
+
+
+def test_templates_are_bounded_by_bytes(random_pool):
+    seen = []
+    cache = ScriptCache(copies=1, max_template_bytes=1, on_bytes=seen.append)  # room for one template only
+    x = torch.rand(2, 1, 28, 28)
+    for classes in (["Sandal", "Bag"], ["Sandal", "Sneaker", "Bag"], ["Sandal", "Bag"]):
+        p = plan(random_pool, classes)
+        data = cache.export_state(composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
+        assert torch.allclose(load_torchscript(data)[0](x), build(random_pool, p, True).eval()(x), atol=1e-6)
+    assert cache.templated == 3  # the first layout was pushed out by the second, so it was saved again
+    assert cache.full and len(cache._templates) == 1 and seen[-1] == cache.template_bytes > 0
