@@ -370,3 +370,19 @@ def test_help_of_every_part():
         with pytest.raises(SystemExit) as e:
             run_cli("bench", part, "--help")
         assert e.value.code == 0
+
+
+def test_one_class_queries_are_left_out_of_the_speedup():
+    """An untrained model already gets a one-class query right: its 'time to PoE's accuracy' is noise."""
+    from poe.bench_suite import summarize_baselines
+
+    def row(classes, speedup):
+        m = {"accuracy": 1.0, "best_monitor_accuracy": 1.0, "params": 1, "flops": 1, "reached": True,
+             "time_to_target_s": 1.0, "train_s": 1.0}
+        return {"n": 1, "classes": classes, "speedup_vs_fastest": speedup,
+                "oracle": {"accuracy": 1.0, "params": 9, "flops": 9},
+                "poe": {"accuracy": 1.0, "params": 1, "flops": 1, "compose_s": 0.005}, "transfer": m}
+
+    summary = summarize_baselines([row(["Bag"], 2.0), row(["Sandal", "Sneaker"], 5000.0)], ("transfer",))
+    sp = summary["all"]["speedup_vs_fastest"]
+    assert sp == {"queries": 1, "median": 5000.0, "min": 5000.0, "one_class_queries_left_out": 1}
