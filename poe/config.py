@@ -46,6 +46,7 @@ class Settings:
     default_pool: str = "fashion-mnist"
     model_cache_bytes: int = 256 * 1024 * 1024
     template_cache_bytes: int = 64 * 1024 * 1024  # archive templates (one per tensor layout)
+    composer_threads: int = 1  # torch intra-op threads in a process hosting the composer (0: torch's own)
     alias_ttl: float = 5.0
     record_compositions: bool = True
     # Extractor: jobs training at once; torch threads per worker (0: OMP_NUM_THREADS or the cores, over
@@ -83,6 +84,7 @@ class Settings:
             default_pool=env.get("POE_DEFAULT_POOL", "fashion-mnist"),
             model_cache_bytes=int(env.get("POE_MODEL_CACHE_BYTES", str(256 * 1024 * 1024))),
             template_cache_bytes=int(env.get("POE_TEMPLATE_CACHE_BYTES", str(64 * 1024 * 1024))),
+            composer_threads=int(env.get("POE_COMPOSER_THREADS", "1")),
             alias_ttl=float(env.get("POE_ALIAS_TTL", "5")),
             record_compositions=env.get("POE_RECORD_COMPOSITIONS", "true").lower() in ("1", "true", "yes"),
             extractor_max_jobs=int(env.get("POE_EXTRACTOR_MAX_JOBS", "1")),

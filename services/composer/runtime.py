@@ -6,6 +6,7 @@ import logging
 import threading
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2
 
 from poe.config import Settings
@@ -25,6 +26,11 @@ class ComposerRuntime:
 
     def __init__(self, settings: Settings, registry_target: str | None = None, warm: bool = True):
         self.settings = settings
+        if settings.composer_threads > 0:
+            # Composing concatenates small tensors, which intra-op threads do not speed up; with
+            # several threads, their spin-waits compete with the gRPC threads (measured with
+            # `poe bench compose`: about 10% more compositions/s, and steadier, with one).
+            torch.set_num_threads(settings.composer_threads)
         self.registry = RegistryClient(registry_target or settings.registry_addr, timeout=30.0)
         self.engine = ComposerEngine(self.registry, settings)
         self._warm = warm
