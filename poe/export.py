@@ -193,10 +193,10 @@ class ScriptCache:
             self.templated += 1
             if layout not in self._templates:
                 self._templates[layout] = made
-                self.template_bytes += _nbytes(made)
+                self.template_bytes += made.nbytes
             while self.template_bytes > self.max_template_bytes and len(self._templates) > 1:
                 _, old = self._templates.popitem(last=False)
-                self.template_bytes -= _nbytes(old)
+                self.template_bytes -= old.nbytes
             self._on_bytes(self.template_bytes)
         return made
 
@@ -209,6 +209,8 @@ class ScriptCache:
 class _SavingTemplate:
     """The fallback for a layout `poe.archive` cannot template: swap the tensors into a scripted
     module and `torch.jit.save` it on every render (one at a time: it owns one scripted module)."""
+
+    nbytes = 0  # holds no archive bytes
 
     def __init__(self, scripted: torch.jit.ScriptModule, layout: tuple):
         self._scripted, self._lock, self.layout = scripted, threading.Lock(), layout
@@ -223,10 +225,6 @@ class _SavingTemplate:
         with self._lock:
             _swap_tensors(self._scripted, state)
             return to_torchscript_bytes(self._scripted, meta)
-
-
-def _nbytes(template: ArchiveTemplate | _SavingTemplate) -> int:
-    return template.nbytes if isinstance(template, ArchiveTemplate) else 0
 
 
 def _swap_tensors(scripted: torch.jit.ScriptModule, state: dict[str, torch.Tensor]) -> None:
