@@ -42,7 +42,7 @@ test: venv data
 
 # poe up, import the shipped pool, compose through ComposeModel, evaluate on the real test images.
 demo: venv data
-	$(PY) -m poe.demo --pool $(POOL) --out out
+	$(PY) -m poe.cli.demo --pool $(POOL) --out out
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info out

@@ -16,10 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from poe.config import Settings
-from poe.errors import InvalidArgument, Unavailable
-from poe.grpc_errors import ErrorInterceptor
-from poe.metrics import MetricsInterceptor, serve_metrics
+from poe.engine.config import Settings
+from poe.engine.errors import InvalidArgument, Unavailable
+from poe_services.errors import ErrorInterceptor
+from poe_services.metrics import MetricsInterceptor, serve_metrics
 
 log = logging.getLogger(__name__)
 

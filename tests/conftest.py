@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from poe import hierarchy
-from poe.nets import ExpertConfig, WideResNet, WRNConfig, make_expert
-from poe.pool import Expert, Pool, library_state_from_student
+from poe.engine import hierarchy
+from poe.engine.nets import ExpertConfig, WideResNet, WRNConfig, make_expert
+from poe.engine.pool import Expert, Pool, library_state_from_student
 
 
 def pytest_configure(config):
@@ -60,13 +60,13 @@ def random_pool() -> Pool:
 
 @pytest.fixture(scope="session")
 def fmnist_test():
-    from poe.data import load_fashion_mnist
+    from poe.engine.data import load_fashion_mnist
 
     return load_fashion_mnist("test")
 
 
 @pytest.fixture(scope="session")
 def fmnist_train():
-    from poe.data import load_fashion_mnist
+    from poe.engine.data import load_fashion_mnist
 
     return load_fashion_mnist("train")

@@ -3,9 +3,9 @@
 Per request, on the hot path (a class set not composed before, experts already in memory): resolve
 (pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan the experts
 locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
-sha256-verified), consolidate (`poe.compose.composed_state`: concatenating tensors, no module
+sha256-verified), consolidate (`poe.engine.compose.composed_state`: concatenating tensors, no module
 construction), serialize (`ScriptCache`: the archive template of the same tensor layout is written
-again with the new tensors, `poe.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on
+again with the new tensors, `poe.engine.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on
 the hot path once a layout has been seen, and `warm` sees them all). Composed files are kept in a
 byte-bounded LRU and recorded in the registry in the background (provenance, hit counts, download by
 sha256); concurrent identical requests build once. A memory miss rebuilds instead of fetching the
@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save as st_save
 
-from poe import metrics
-from poe.compose import Plan, build, composed_state, plan, plan_params
-from poe.config import Settings
-from poe.errors import InvalidArgument, NotFound
-from poe.export import ScriptCache, metadata
-from poe.hierarchy import Hierarchy
-from poe.nets import ExpertConfig, Library, count_flops, make_expert
-from poe.pool import Expert, Pool, sha256_hex, tensors_to_bytes, wrn_config_from_dict
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine.compose import Plan, build, composed_state, plan, plan_params
+from poe.engine.config import Settings
+from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine.export import ScriptCache, metadata
+from poe.engine.hierarchy import Hierarchy
+from poe.engine.nets import ExpertConfig, Library, count_flops, make_expert
+from poe.engine.pool import Expert, Pool, sha256_hex, tensors_to_bytes, wrn_config_from_dict
+from poe_services import metrics
 from poe_services.composer.caches import ByteLRU, SingleFlight
 
 log = logging.getLogger(__name__)

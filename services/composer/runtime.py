@@ -9,9 +9,9 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
-from poe.config import Settings
-from poe.errors import NotFound, PoeError
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings
+from poe.engine.errors import NotFound, PoeError
 from poe_services.composer.engine import ComposerEngine
 from poe_services.composer.servicer import SERVICE_NAME, add_to_server
 

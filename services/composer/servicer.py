@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from poe import metrics
-from poe.errors import Cancelled, PoeError
+from poe.engine.errors import Cancelled, PoeError
 from poe.v1 import composer_pb2 as pb
 from poe.v1 import composer_pb2_grpc
+from poe_services import metrics
 from poe_services.composer.engine import ComposerEngine, ComposeRequest, Composition, StageTimer
 
 SERVICE_NAME = "poe.v1.Composer"
@@ -24,7 +24,7 @@ _FORMAT_ENUM = {"torchscript": pb.MODEL_FORMAT_TORCHSCRIPT, "safetensors": pb.MO
 
 
 def to_request(msg) -> ComposeRequest:
-    from poe.grpc_errors import field_error
+    from poe.engine.errors import field_error
 
     if msg.execution not in _EXECUTIONS:
         raise field_error("execution", f"unknown value {msg.execution}")

@@ -17,11 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from poe.data import Dataset, to_float
-from poe.errors import DataLoss, InvalidArgument
-from poe.grpc_errors import field_error
-from poe.nets import WideResNet, WRNConfig
-from poe.pool import tensors_from_bytes, wrn_config_from_dict
+from poe.engine.data import Dataset, to_float
+from poe.engine.errors import DataLoss, InvalidArgument, field_error
+from poe.engine.nets import WideResNet, WRNConfig
+from poe.engine.pool import tensors_from_bytes, wrn_config_from_dict
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_ORACLE_BYTES = 4 << 30
@@ -115,7 +114,7 @@ def read_wrn_file(path: Path, config_json: str, field: str) -> tuple[WRNConfig, 
 
 
 def load_torchscript(path: Path, field: str, device: str = "cpu") -> torch.jit.ScriptModule:
-    from poe.export import quiet_jit
+    from poe.engine.export import quiet_jit
 
     try:
         with quiet_jit():

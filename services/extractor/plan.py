@@ -22,16 +22,15 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from poe import hierarchy as hierarchy_mod
-from poe.config import Settings, resolve_device
-from poe.data import Dataset, load_dataset
-from poe.errors import AlreadyExists, InvalidArgument, NotFound, PoeError
-from poe.grpc_errors import field_error
-from poe.hierarchy import Hierarchy
-from poe.nets import WRNConfig, count_params
-from poe.pool import config_to_dict
-from poe.registry_client import RegistryClient
-from poe.train import CKDSettings, Schedule
+from poe.client.registry import RegistryClient
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.config import Settings, resolve_device
+from poe.engine.data import Dataset, load_dataset
+from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError, field_error
+from poe.engine.hierarchy import Hierarchy
+from poe.engine.nets import WRNConfig, count_params
+from poe.engine.pool import config_to_dict
+from poe.engine.train import CKDSettings, Schedule
 from poe.v1 import extractor_pb2 as pb
 from poe_services.extractor import oracles
 

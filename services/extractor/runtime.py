@@ -40,14 +40,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from poe import metrics
-from poe.config import Settings, resolve_device
-from poe.errors import AlreadyExists, FailedPrecondition, NotFound, PoeError, Unavailable
-from poe.grpc_errors import translate_rpc_errors
-from poe.registry_client import RegistryClient
+from poe.client.errors import translate_rpc_errors
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings, resolve_device
+from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, PoeError, Unavailable
 from poe.v1 import common_pb2 as c
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import registry_pb2 as r
+from poe_services import metrics
 from poe_services.extractor import worker
 from poe_services.extractor.plan import FORMAT, Planner, check_job_id, request_dict
 
@@ -750,7 +750,7 @@ class ExtractorRuntime:
     def snapshot(self, job_id: str) -> tuple[c.ExtractionJob, pb.ExtractionProgress]:
         """The job's record (with this extractor's live progress when it runs here) and progress."""
         if not job_id:
-            from poe.grpc_errors import field_error
+            from poe.engine.errors import field_error
 
             raise field_error("job_id", "required")
         with self._lock:

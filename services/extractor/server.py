@@ -17,12 +17,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from poe.config import Settings
-from poe.errors import Unavailable
-from poe.grpc_errors import ErrorInterceptor
-from poe.metrics import MetricsInterceptor
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings
+from poe.engine.errors import Unavailable
+from poe_services.errors import ErrorInterceptor
 from poe_services.extractor.runtime import SERVICE_NAME, ExtractorRuntime
+from poe_services.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]

@@ -1,6 +1,6 @@
 """The gRPC surface of `poe.v1.Extractor`: convert messages, call the runtime, convert back.
 
-No status codes here: domain errors propagate to `poe.grpc_errors.ErrorInterceptor`.
+No status codes here: domain errors propagate to `poe_services.errors.ErrorInterceptor`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from poe.grpc_errors import field_error
+from poe.engine.errors import field_error
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import extractor_pb2_grpc
 

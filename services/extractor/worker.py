@@ -64,7 +64,7 @@ class Extraction:
     # -- helpers -------------------------------------------------------------------------------
 
     def _oracle(self):
-        from poe.pool import tensors_from_bytes
+        from poe.engine.pool import tensors_from_bytes
         from poe_services.extractor import oracles
 
         o = self.spec["oracle"]
@@ -87,11 +87,11 @@ class Extraction:
     # -- the job -------------------------------------------------------------------------------
 
     def run_all(self) -> None:
-        from poe import hierarchy as hierarchy_mod
-        from poe import pipeline
-        from poe.nets import ExpertConfig, Library, WRNConfig, count_params
-        from poe.pool import config_to_dict, library_state_from_student, tensors_from_bytes, tensors_to_bytes
-        from poe.train import CKDSettings, Schedule, TeacherViews, train_experts
+        from poe.engine import hierarchy as hierarchy_mod
+        from poe.engine import pipeline
+        from poe.engine.nets import ExpertConfig, Library, WRNConfig, count_params
+        from poe.engine.pool import config_to_dict, library_state_from_student, tensors_from_bytes, tensors_to_bytes
+        from poe.engine.train import CKDSettings, Schedule, TeacherViews, train_experts
         from poe_services.extractor import oracles
         from poe_services.extractor.plan import load_data, task_seed
 
@@ -183,10 +183,10 @@ class Extraction:
 
 
 def _features(library, views, device: str):
-    """The frozen library's features of every view, fp16 on the CPU (as poe.train caches them)."""
+    """The frozen library's features of every view, fp16 on the CPU (as poe.engine.train caches them)."""
     import torch
 
-    from poe.data import to_float
+    from poe.engine.data import to_float
 
     with torch.no_grad():
         return torch.cat([library.to(device)(to_float(views.images[i:i + 1000]).to(device)).to("cpu", torch.float16)
@@ -197,7 +197,7 @@ def _val_metrics(library, head, ids: list[int], test, device: str) -> dict:
     """The expert's accuracy on the test images of its own classes (when the data set has a test split)."""
     import torch
 
-    from poe.data import to_float
+    from poe.engine.data import to_float
 
     if test is None:
         return {}
@@ -228,7 +228,7 @@ def main(job_id: str, spec_json: str, run_dir: str, device: str, threads: int, c
         Extraction(spec, Path(run_dir), device, report).run_all()
         report.send(event="trained")
     except Exception as e:  # everything is reported, then the process ends
-        from poe.errors import PoeError
+        from poe.engine.errors import PoeError
 
         code = 1
         if isinstance(e, PoeError):

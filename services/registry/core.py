@@ -24,11 +24,10 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from poe.blobstore import CHUNK_SIZE, BlobStore
-from poe.errors import DataLoss, NotFound, Unavailable
-from poe.grpc_errors import field_error
+from poe.engine.errors import DataLoss, NotFound, Unavailable, field_error
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
+from poe_services.registry.blobstore import CHUNK_SIZE, BlobStore
 from poe_services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from poe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Domain objects of the registry: what the store takes and returns (never ORM rows).
 
 `*Spec` classes describe something to register; the other classes are stored records. Hierarchies
-are `poe.hierarchy.Hierarchy`, the core's own type.
+are `poe.engine.hierarchy.Hierarchy`, the core's own type.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from poe.hierarchy import Hierarchy
+from poe.engine.hierarchy import Hierarchy
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from poe.hierarchy import Hierarchy
+from poe.engine.hierarchy import Hierarchy
 from poe_services.registry import entities as e
 
 NAMING = {

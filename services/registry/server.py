@@ -23,12 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from poe.blobstore import open_blob_store
-from poe.config import Settings
-from poe.errors import FailedPrecondition, Unavailable
-from poe.grpc_errors import ErrorInterceptor
+from poe.engine.config import Settings
+from poe.engine.errors import FailedPrecondition, Unavailable
 from poe.v1 import registry_pb2_grpc
+from poe_services.errors import ErrorInterceptor
 from poe_services.registry import db
+from poe_services.registry.blobstore import open_blob_store
 from poe_services.registry.core import Registry
 from poe_services.registry.servicer import SERVICE_NAME, RegistryServicer
 from poe_services.registry.sqlstore import SqlRegistryStore

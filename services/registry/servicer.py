@@ -1,6 +1,6 @@
 """The gRPC surface of `poe.v1.Registry`: convert messages, call `core.Registry`, convert back.
 
-No status codes here: domain errors propagate to `poe.grpc_errors.ErrorInterceptor`.
+No status codes here: domain errors propagate to `poe_services.errors.ErrorInterceptor`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from poe.blobstore import CHUNK_SIZE
-from poe.grpc_errors import field_error
-from poe.hierarchy import Hierarchy
+from poe.engine.errors import field_error
+from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
 from poe.v1 import registry_pb2_grpc
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
+from poe_services.registry.blobstore import CHUNK_SIZE
 from poe_services.registry.core import Registry
 
 SERVICE_NAME = r.DESCRIPTOR.services_by_name["Registry"].full_name  # "poe.v1.Registry"

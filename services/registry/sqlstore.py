@@ -18,9 +18,8 @@ from typing import TypeVar
 from sqlalchemy import Engine, delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from poe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from poe.grpc_errors import field_error
-from poe.hierarchy import Hierarchy
+from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, field_error
+from poe.engine.hierarchy import Hierarchy
 from poe_services.registry import db
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v

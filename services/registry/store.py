@@ -1,6 +1,6 @@
 """The abstract registry metadata store: every operation, what it returns, what it raises.
 
-Implementations return the dataclasses of `entities` and raise `poe.errors` exceptions:
+Implementations return the dataclasses of `entities` and raise `poe.engine.errors` exceptions:
 InvalidArgument (naming the field), NotFound, AlreadyExists, FailedPrecondition, Unavailable
 (database down). Blobs are not stored here: the store records each blob's sha256, size and media
 type, and the `before_commit` hooks let the caller make the bytes visible inside the transaction
@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from poe.hierarchy import Hierarchy
+from poe.engine.hierarchy import Hierarchy
 from poe_services.registry.entities import (
     Blob,
     ComposedModel,

@@ -6,16 +6,9 @@ import base64
 import hashlib
 import json
 import math
-import re
 
-from poe.grpc_errors import field_error
-
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # pools, data sets, tasks
-VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-ALIAS = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
-FORMAT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+from poe.engine.errors import field_error
+from poe.engine.names import ALIAS, FORMAT, NAME, SHA256, VERSION
 
 
 def name(value: str, field: str, what: str = "name") -> str:

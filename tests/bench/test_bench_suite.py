@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from poe import bench_suite
-from poe.cli import main
-from poe.compose import compose
-from poe.errors import InvalidArgument
-from poe.pool import load as load_pool
-from poe.pool import save as save_pool
+from poe.bench import suite as bench_suite
+from poe.cli.main import main
+from poe.engine.compose import compose
+from poe.engine.errors import InvalidArgument
+from poe.engine.pool import load as load_pool
+from poe.engine.pool import save as save_pool
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -336,9 +336,9 @@ def test_cross_expert_checkpoint_key_of_the_cpu_is_unchanged(random_pool):
     experts trained on a GPU get their own."""
     import hashlib
 
-    from poe import pool as pool_mod
-    from poe.data import Dataset
-    from poe.train import TeacherViews
+    from poe.engine import pool as pool_mod
+    from poe.engine.data import Dataset
+    from poe.engine.train import TeacherViews
 
     g = torch.Generator().manual_seed(0)
     train = Dataset("random", torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g),
@@ -374,7 +374,7 @@ def test_help_of_every_part():
 
 def test_one_class_queries_are_left_out_of_the_speedup():
     """An untrained model already gets a one-class query right: its 'time to PoE's accuracy' is noise."""
-    from poe.bench_suite import summarize_baselines
+    from poe.bench.suite import summarize_baselines
 
     def row(classes, speedup):
         m = {"accuracy": 1.0, "best_monitor_accuracy": 1.0, "params": 1, "flops": 1, "reached": True,

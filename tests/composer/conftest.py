@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from poe.config import Settings
-from poe.pool import save as save_pool
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings
+from poe.engine.pool import save as save_pool
 
 
 def make_settings(tmp_path, **overrides) -> Settings:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from poe.client import Composer
-from poe.compose import compose
-from poe.errors import InvalidArgument, NotFound, Unavailable
-from poe.metrics import serve_metrics
+from poe.client.composer import Composer
+from poe.engine.compose import compose
+from poe.engine.errors import InvalidArgument, NotFound, Unavailable
 from poe.v1 import composer_pb2 as pb
 from poe.v1 import composer_pb2_grpc
+from poe_services.metrics import serve_metrics
 
 
 def test_compose_returns_a_verified_model_equal_to_local_composition(stack, random_pool):
@@ -40,7 +40,7 @@ def test_compose_returns_a_verified_model_equal_to_local_composition(stack, rand
 
 def test_client_in_another_process_loads_with_plain_torch(stack, tmp_path, random_pool):
     _, target = stack
-    out = subprocess.run([sys.executable, "-m", "poe.cli", "compose", "--target", target, "--classes",
+    out = subprocess.run([sys.executable, "-m", "poe.cli.main", "compose", "--target", target, "--classes",
                           "Coat,Trouser", "-o", str(tmp_path / "m.pt"), "--json"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
@@ -165,7 +165,7 @@ def test_raw_status_codes(stack):
 def test_registry_down_is_unavailable(tmp_path):
     import socket
 
-    from poe.config import Settings
+    from poe.engine.config import Settings
     from poe_services.host import create_server
 
     with socket.socket() as s:  # a port nothing listens on
@@ -232,7 +232,7 @@ def test_metrics_are_exported(stack):
 def test_compositions_are_recorded_in_the_registry(stack):
     import time
 
-    from poe.registry_client import RegistryClient
+    from poe.client.registry import RegistryClient
 
     _, target = stack
     with Composer(target) as c:
@@ -249,7 +249,7 @@ def test_compositions_are_recorded_in_the_registry(stack):
 
 def test_bench_compose_quick_runs(pool_dir, tmp_path):
     """The benchmark harness itself (tiny request counts) against a real S3 server (moto)."""
-    from poe import bench
+    from poe.bench import compose as bench
 
     result = bench.run(pool_dir, tmp_path, per_case=2, cold=2, clients=2, throughput_requests=6, s3=True)
     assert result["blob_store"] == "s3 (moto)"
@@ -262,8 +262,8 @@ def test_bench_compose_quick_runs(pool_dir, tmp_path):
 
 def test_served_pool_accuracy_equals_local_evaluation(stack, random_pool, fmnist_test):
     """`poe bench pool --target`: models through ComposeModel score exactly what local builds score."""
-    from poe.data import Dataset
-    from poe.evaluate import evaluate_pool, evaluate_served_pool
+    from poe.engine.data import Dataset
+    from poe.engine.evaluate import evaluate_pool, evaluate_served_pool
 
     _, target = stack
     test = Dataset("fashion-mnist", fmnist_test.images[:1000], fmnist_test.labels[:1000], fmnist_test.classes)

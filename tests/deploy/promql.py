@@ -1,7 +1,7 @@
 """Which metrics a PromQL expression reads: a small tokenizer, no full parser.
 
 `metric_names_in(expr)` returns the metric names an expression selects, so the dashboard and the
-alert rules can be checked against the names the services really export (poe/metrics.py, or a live
+alert rules can be checked against the names the services really export (services/metrics.py, or a live
 scrape of a running service: `unknown_metrics(expr, exported)` with the names from /metrics).
 
 It understands what our expressions use and what PromQL allows around it: function and aggregation

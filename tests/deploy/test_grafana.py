@@ -1,6 +1,6 @@
 """The Grafana dashboard (deploy/grafana/poe-dashboard.json). Grafana itself is not installable
 here, so the JSON is checked for what the issue asks it to show and for metric names that the
-services really export (poe/metrics.py; test_prometheus.py runs its queries through promtool)."""
+services really export (services/metrics.py; test_prometheus.py runs its queries through promtool)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from deploy_paths import GRAFANA
 from promql import metric_names_in, unknown_metrics
 
-from poe.metrics import ALL_METRIC_NAMES
+from poe_services.metrics import ALL_METRIC_NAMES
 
 DASHBOARD = json.loads((GRAFANA / "poe-dashboard.json").read_text())
 PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]

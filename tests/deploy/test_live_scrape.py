@@ -16,7 +16,7 @@ import yaml
 from deploy_paths import GRAFANA, PROMETHEUS
 from promql import exposed_metric_names, unknown_metrics
 
-from poe.pool import save as save_pool
+from poe.engine.pool import save as save_pool
 
 
 def _free_port() -> int:
@@ -34,7 +34,7 @@ def live(tmp_path_factory, random_pool):
     pool_dir = save_pool(random_pool, tmp / "pool")
     port, metrics_port = _free_port(), _free_port()
     env = {**os.environ, "POE_HOME": str(tmp / "home"), "POE_DEFAULT_POOL": "test-pool", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "poe.cli", "up", "--port", str(port), "--metrics-port",
+    proc = subprocess.Popen([sys.executable, "-m", "poe.cli.main", "up", "--port", str(port), "--metrics-port",
                              str(metrics_port), "--host", "127.0.0.1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = f"127.0.0.1:{port}"
@@ -58,8 +58,8 @@ def live(tmp_path_factory, random_pool):
 
 
 def test_dashboard_and_rules_name_only_metrics_a_live_composer_exports(live):
-    from poe.client import Composer
-    from poe.registry_client import RegistryClient
+    from poe.client.composer import Composer
+    from poe.client.registry import RegistryClient
 
     target, metrics_port, pool_dir = live
     with RegistryClient(target) as reg:

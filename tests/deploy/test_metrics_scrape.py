@@ -1,5 +1,5 @@
 """The metric names of the dashboard and the rules, against a real /metrics endpoint served by
-poe.metrics (the module every service exports from). A test with a running composer can do the
+poe_services.metrics (the module every service exports from). A test with a running composer can do the
 same with promql.exposed_metric_names(body of its /metrics)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 from deploy_paths import GRAFANA, PROMETHEUS
 from promql import exposed_metric_names, unknown_metrics
 
-from poe import metrics
+from poe_services import metrics
 
 
 @pytest.fixture(scope="module")

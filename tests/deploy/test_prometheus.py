@@ -1,5 +1,5 @@
 """Alert rules (deploy/prometheus/alerts.yaml) with the real promtool: syntax, unit tests, and the
-metric names every expression reads, against poe/metrics.py."""
+metric names every expression reads, against services/metrics.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deploy_paths import CHART, GRAFANA, PROMETHEUS
 from k8s_checks import load_docs
 from promql import metric_names_in, unknown_metrics
 
-from poe.metrics import ALL_METRIC_NAMES
+from poe_services.metrics import ALL_METRIC_NAMES
 
 ALERTS = PROMETHEUS / "alerts.yaml"
 

@@ -1,4 +1,4 @@
-"""Archive templates (poe.archive): the composer's files without torch.jit.save on the hot path."""
+"""Archive templates (poe.engine.archive): the composer's files without torch.jit.save on the hot path."""
 
 import hashlib
 import io
@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from poe.archive import ArchiveTemplate, TemplateError, probe_state
-from poe.compose import build, composed_state, plan
-from poe.export import EXTRA_FILE, ScriptCache, _swap_tensors, load_torchscript, script, to_torchscript_bytes
-from poe.pool import tensors_to_bytes
+from poe.engine.archive import ArchiveTemplate, TemplateError, probe_state
+from poe.engine.compose import build, composed_state, plan
+from poe.engine.export import EXTRA_FILE, ScriptCache, _swap_tensors, load_torchscript, script, to_torchscript_bytes
+from poe.engine.pool import tensors_to_bytes
 
 
 def _records(data: bytes) -> dict[str, bytes]:

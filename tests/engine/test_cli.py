@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from poe.pool import save as save_pool
+from poe.engine.pool import save as save_pool
 
-POE = [sys.executable, "-m", "poe.cli"]
+POE = [sys.executable, "-m", "poe.cli.main"]
 
 
 def run(*args, cwd=None):

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poe.compose import build, compose, plan
-from poe.errors import InvalidArgument, NotFound
-from poe.nets import count_params
+from poe.engine.compose import build, compose, plan
+from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine.nets import count_params
 
 TASKS = ["tops", "warm-layers", "lower-body-and-dresses", "footwear", "bags"]
 
@@ -98,7 +98,7 @@ def test_composed_state_equals_built_model(random_pool, fused):
     """The composer's hot path (tensors only) gives exactly the state of the built model."""
     for req in ({"tasks": TASKS}, {"classes": ["Sandal", "Bag", "Shirt"]}, {"classes": ["Coat"]},
                 {"tasks": ["tops", "footwear"]}):
-        from poe.compose import composed_state
+        from poe.engine.compose import composed_state
 
         p = plan(random_pool, **req)
         expected = build(random_pool, p, fused).state_dict()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from poe.data import FASHION_MNIST_CLASSES, Dataset, augment, load_dataset, load_image_folder, load_npz, read_idx
-from poe.errors import DataError
+from poe.engine.data import FASHION_MNIST_CLASSES, Dataset, augment, load_dataset, load_image_folder, load_npz, read_idx
+from poe.engine.errors import DataError
 
 
 def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:

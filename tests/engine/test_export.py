@@ -5,10 +5,10 @@ import textwrap
 
 import torch
 
-from poe.compose import compose
-from poe.export import load_torchscript, metadata, to_torchscript_bytes, weights_sha256
-from poe.pool import load as load_pool
-from poe.pool import save as save_pool
+from poe.engine.compose import compose
+from poe.engine.export import load_torchscript, metadata, to_torchscript_bytes, weights_sha256
+from poe.engine.pool import load as load_pool
+from poe.engine.pool import save as save_pool
 
 
 def test_pool_round_trip_and_sha256_check(random_pool, tmp_path):
@@ -24,7 +24,7 @@ def test_pool_round_trip_and_sha256_check(random_pool, tmp_path):
     path.write_bytes(bytes(data))
     import pytest
 
-    from poe.errors import DataLoss
+    from poe.engine.errors import DataLoss
 
     with pytest.raises(DataLoss, match="sha256 mismatch"):
         load_pool(tmp_path / "pool")
@@ -80,7 +80,7 @@ def test_reference_and_fused_files_agree(random_pool):
 def test_load_rejects_non_model(tmp_path):
     import pytest
 
-    from poe.errors import InvalidArgument
+    from poe.engine.errors import InvalidArgument
 
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InvalidArgument, match="not a TorchScript"):
@@ -92,9 +92,9 @@ def test_script_cache_reuses_templates_and_stays_exact(random_pool):
     classes it keeps, exports to a file that computes exactly its own function."""
     import itertools
 
-    from poe.compose import build as build_model
-    from poe.compose import plan
-    from poe.export import ScriptCache
+    from poe.engine.compose import build as build_model
+    from poe.engine.compose import plan
+    from poe.engine.export import ScriptCache
 
     cache = ScriptCache(copies=1)
     x = torch.rand(4, 1, 28, 28)
@@ -113,9 +113,9 @@ def test_script_cache_reuses_templates_and_stays_exact(random_pool):
 def test_script_cache_is_safe_under_concurrency(random_pool):
     from concurrent.futures import ThreadPoolExecutor
 
-    from poe.compose import build as build_model
-    from poe.compose import plan
-    from poe.export import ScriptCache
+    from poe.engine.compose import build as build_model
+    from poe.engine.compose import plan
+    from poe.engine.export import ScriptCache
 
     cache = ScriptCache(copies=2)
     x = torch.rand(2, 1, 28, 28)
@@ -133,9 +133,9 @@ def test_script_cache_is_safe_under_concurrency(random_pool):
 
 
 def test_script_cache_from_state_matches_built_model(random_pool):
-    from poe.compose import build as build_model
-    from poe.compose import composed_state, plan
-    from poe.export import ScriptCache
+    from poe.engine.compose import build as build_model
+    from poe.engine.compose import composed_state, plan
+    from poe.engine.export import ScriptCache
 
     cache = ScriptCache(copies=1)
     x = torch.rand(3, 1, 28, 28)

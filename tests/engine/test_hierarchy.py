@@ -1,7 +1,7 @@
 import pytest
 
-from poe import hierarchy
-from poe.errors import InvalidArgument
+from poe.engine import hierarchy
+from poe.engine.errors import InvalidArgument
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from poe.losses import ckd_loss, kd_loss
+from poe.engine.losses import ckd_loss, kd_loss
 
 
 def _softmax(v):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from poe.evaluate import evaluate_pool
-from poe.nets import count_params
-from poe.pool import load
+from poe.engine.evaluate import evaluate_pool
+from poe.engine.nets import count_params
+from poe.engine.pool import load
 
 SHIPPED_POOL = Path(__file__).resolve().parents[2] / "pools" / "fashion-mnist"
 

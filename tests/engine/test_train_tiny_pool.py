@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from poe import pipeline
-from poe.compose import compose
-from poe.evaluate import evaluate_model, logits_of
-from poe.hierarchy import builtin
-from poe.nets import WRNConfig
-from poe.train import CKDSettings, Schedule
+from poe.engine import pipeline
+from poe.engine.compose import compose
+from poe.engine.evaluate import evaluate_model, logits_of
+from poe.engine.hierarchy import builtin
+from poe.engine.nets import WRNConfig
+from poe.engine.train import CKDSettings, Schedule
 
 
 @pytest.mark.slow

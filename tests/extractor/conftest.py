@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from poe.config import Settings
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings
 
 # Tiny networks and schedules: a whole job trains in about a second.
 TINY = {"student_depth": 10, "student_width": 1, "expert_width": 4, "library_epochs": 1, "expert_epochs": 1,
@@ -79,9 +79,9 @@ def data(tmp_path_factory, fmnist_train, fmnist_test) -> dict:
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory, data) -> dict:
     """A WRN-10-1 trained for 3 epochs on the subset: {"safetensors", "torchscript", "model"}."""
-    from poe import pipeline
-    from poe.export import quiet_jit
-    from poe.train import Schedule
+    from poe.engine import pipeline
+    from poe.engine.export import quiet_jit
+    from poe.engine.train import Schedule
 
     run = tmp_path_factory.mktemp("oracle-run")
     spec = pipeline.OracleSpec(depth=10, width=1, schedule=Schedule(epochs=3, batch_size=50, lr=0.05))
@@ -157,7 +157,7 @@ class Extractors:
 
     def start(self, **env: str):
         """(server, client, runtime) of a new, started extractor."""
-        from poe_services.extractor.client import ExtractorClient
+        from poe.client.extractor import ExtractorClient
         from poe_services.extractor.server import create_server
 
         settings = make_settings(self.tmp_path, self.registry_target, **env)
@@ -218,6 +218,6 @@ def poll() -> Callable[..., bool]:
 @pytest.fixture(scope="session")
 def pool_dir(random_pool, tmp_path_factory) -> Path:
     """The root conftest's random pool (test-pool@1, all five tasks) as a pool directory."""
-    from poe import pool as pool_mod
+    from poe.engine import pool as pool_mod
 
     return pool_mod.save(random_pool, tmp_path_factory.mktemp("pool") / "test-pool")

@@ -12,8 +12,8 @@ import sys
 
 import yaml
 
-from poe.cli import main
-from poe.hierarchy import builtin
+from poe.cli.main import main
+from poe.engine.hierarchy import builtin
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -23,7 +23,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, capsys, poll):
-    from poe import pool as pool_mod
+    from poe.engine import pool as pool_mod
 
     client, runtime = extractor
     target = client.target
@@ -38,7 +38,7 @@ def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, c
 
     # Start with --follow in another process (a TorchScript oracle, a local hierarchy file, a new
     # expert on the base pool), then Ctrl-C: it detaches and the job keeps running.
-    argv = [sys.executable, "-m", "poe.cli", "extract", "--target", target, "--dataset", data["idx"],
+    argv = [sys.executable, "-m", "poe.cli.main", "extract", "--target", target, "--dataset", data["idx"],
             "--oracle", oracle["torchscript"], "--hierarchy", str(tmp_path / "h2.yaml"), "--base-pool", "test-pool",
             "--expert-epochs", "12", "--batch-size", "10", "--views", "1", "--follow"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,

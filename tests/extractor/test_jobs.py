@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from poe.errors import AlreadyExists, FailedPrecondition
-from poe.hierarchy import builtin
+from poe.engine.errors import AlreadyExists, FailedPrecondition
+from poe.engine.hierarchy import builtin
 from poe.v1 import common_pb2 as c
 
 PENDING, RUNNING = c.EXTRACTION_STATE_PENDING, c.EXTRACTION_STATE_RUNNING
@@ -83,7 +83,7 @@ def test_tiny_extraction_end_to_end(extractor, registry, params, data, settings,
     assert poll(lambda: not list(run.glob("*.ckpt")) and not (run / "teacher_views.safetensors").exists())
 
     # The composer serves the new pool.
-    from poe.client import Composer
+    from poe.client.composer import Composer
     from poe_services.host import create_server
 
     host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=registry.target, warm=False)
@@ -189,7 +189,7 @@ def test_incremental_experts_reuse_library_and_experts(extractor, registry, para
     """New experts on a published pool: the library and the other experts are reused as they are."""
     import dataclasses
 
-    from poe import pool as pool_mod
+    from poe.engine import pool as pool_mod
 
     client, _runtime = extractor
     partial = dataclasses.replace(random_pool, experts={t: e for t, e in random_pool.experts.items()
@@ -235,7 +235,7 @@ def test_incremental_experts_reuse_library_and_experts(extractor, registry, para
 
 def test_worker_error_fails_the_job(extractor, registry, params, oracle, tmp_path, settings):
     """An oracle that passes the start-up check (two images) but fails on a real batch."""
-    from poe.export import quiet_jit
+    from poe.engine.export import quiet_jit
 
     class Picky(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from poe.errors import AlreadyExists, InvalidArgument, NotFound, PoeError
-from poe.export import quiet_jit
+from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError
+from poe.engine.export import quiet_jit
 
 
 def code_of(err: PoeError) -> grpc.StatusCode:

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from poe.blobstore import FileBlobStore, S3BlobStore
-from poe.config import Settings
+from poe.engine.config import Settings
 from poe_services.registry import db
+from poe_services.registry.blobstore import FileBlobStore, S3BlobStore
 from poe_services.registry.models import Base
 
 PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -317,7 +317,7 @@ def registry_settings_any(request, tmp_path) -> Settings:
 @pytest.fixture
 def registry(registry_settings_any):
     """A started registry server on a free port and a client: (client, server, settings)."""
-    from poe.registry_client import RegistryClient
+    from poe.client.registry import RegistryClient
     from poe_services.registry.server import create_server
 
     server, port = create_server("127.0.0.1:0", registry_settings_any)
@@ -330,7 +330,7 @@ def registry(registry_settings_any):
 
 @pytest.fixture(scope="session")
 def pool_dir(random_pool, tmp_path_factory) -> Path:
-    """A small pool directory with random weights (poe.pool.save; nothing trained)."""
-    from poe import pool as pool_mod
+    """A small pool directory with random weights (poe.engine.pool.save; nothing trained)."""
+    from poe.engine import pool as pool_mod
 
     return pool_mod.save(random_pool, tmp_path_factory.mktemp("pool") / "test-pool")

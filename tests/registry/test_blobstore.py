@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from poe.blobstore import S3_PART_SIZE, FileBlobStore, S3BlobStore, blob_path, open_blob_store
-from poe.config import Settings
-from poe.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from poe.engine.config import Settings
+from poe.engine.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from poe_services.registry.blobstore import S3_PART_SIZE, FileBlobStore, S3BlobStore, blob_path, open_blob_store
 
 
 def sha(data: bytes) -> str:

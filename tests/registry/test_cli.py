@@ -12,8 +12,8 @@ import sys
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from poe.cli import build_parser, main
-from poe.registry_client import RegistryClient
+from poe.cli.main import build_parser, main
+from poe.client.registry import RegistryClient
 from poe_services.registry.server import create_server
 
 
@@ -93,7 +93,7 @@ def test_help_and_serve_parser(capsys):
     assert all(cmd in out for cmd in ("migrate", "import", "list", "serve"))
     import argparse
 
-    from poe.cli_registry import add_serve_parser
+    from poe.cli.registry import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="poe")
     serve = parser.add_subparsers(dest="command").add_parser("serve").add_subparsers(dest="service")
@@ -107,7 +107,7 @@ def test_registry_serve_process_stops_cleanly_on_sigterm(tmp_path):
     env = {**os.environ, "POE_HOME": str(tmp_path), "POE_LOG_LEVEL": "WARNING"}
     for var in ("POE_DATABASE_URL", "POE_BLOB_URL"):
         env.pop(var, None)
-    proc = subprocess.Popen([sys.executable, "-m", "poe.cli", "registry", "serve", "--port", "0", "--migrate",
+    proc = subprocess.Popen([sys.executable, "-m", "poe.cli.main", "registry", "serve", "--port", "0", "--migrate",
                              "--host", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -8,8 +8,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from poe import errors
-from poe.grpc_errors import INTERNAL_MESSAGE, ErrorInterceptor, error_from_rpc, field_error, translate_rpc_errors
+from poe.client.errors import error_from_rpc, translate_rpc_errors
+from poe.engine import errors
+from poe.engine.errors import field_error
+from poe_services.errors import INTERNAL_MESSAGE, ErrorInterceptor
 
 CASES = [
     (errors.InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -96,7 +98,7 @@ def test_domain_errors_map_to_codes_for_every_handler_kind(channel, exc, code):
 
 def test_unexpected_error_is_internal_generic_and_logged(channel, caplog):
     _raise["exc"] = KeyError("secret-table-name")
-    with caplog.at_level(logging.ERROR, logger="poe.grpc_errors"):
+    with caplog.at_level(logging.ERROR, logger="poe_services.errors"):
         for kind, call in _calls(channel).items():
             with pytest.raises(grpc.RpcError) as info:
                 call()

@@ -9,9 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from poe import hierarchy as hierarchy_mod
-from poe.errors import NotFound, Unavailable
-from poe.registry_client import RegistryClient
+from poe.client.registry import RegistryClient
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.errors import NotFound, Unavailable
 from poe_services.registry.server import create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

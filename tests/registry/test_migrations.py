@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from poe.cli import main
-from poe.errors import FailedPrecondition
+from poe.cli.main import main
+from poe.engine.errors import FailedPrecondition
 from poe_services.registry import db
 from poe_services.registry.models import Base
 from poe_services.registry.server import create_server
@@ -44,7 +44,7 @@ def test_upgrade_empty_database_to_head_and_back_to_base(empty_db_url):
 
 
 def test_refuses_out_of_date_schema_and_names_the_command(empty_db_url, tmp_path):
-    from poe.config import Settings
+    from poe.engine.config import Settings
 
     engine = db.make_engine(empty_db_url)
     try:
@@ -73,7 +73,7 @@ def test_refuses_out_of_date_schema_and_names_the_command(empty_db_url, tmp_path
 
 
 def test_auto_migrate_on_start(empty_db_url, tmp_path):
-    from poe.config import Settings
+    from poe.engine.config import Settings
 
     cfg = Settings.from_env({"POE_HOME": str(tmp_path), "POE_DATABASE_URL": empty_db_url,
                              "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}", "POE_REGISTRY_AUTO_MIGRATE": "true"})

@@ -50,7 +50,7 @@ def test_services_and_streaming_shapes():
 
 
 def test_pool_format_constant_matches_the_core():
-    from poe import pool
-    from poe.registry_client import POOL_FORMAT
+    from poe.client.registry import POOL_FORMAT
+    from poe.engine import pool
 
     assert POOL_FORMAT == pool.FORMAT

@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from poe import hierarchy as hierarchy_mod
-from poe.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from poe.v1 import registry_pb2 as r
 
 SAFETENSORS_JSON = json.dumps({"depth": 10, "width": 1})
@@ -211,7 +211,7 @@ def test_duplicate_registration_idempotent_and_conflicts(registry):
 
 
 def test_two_clients_register_the_same_content_at_once(registry, poll):
-    from poe.registry_client import RegistryClient
+    from poe.client.registry import RegistryClient
 
     client, server, _ = registry
     _, _, library = _seed(client)

@@ -8,9 +8,9 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from poe import hierarchy as hierarchy_mod
-from poe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from poe.hierarchy import Hierarchy
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from poe.engine.hierarchy import Hierarchy
 from poe_services.registry import db
 from poe_services.registry import entities as e
 from poe_services.registry.models import BlobRow, ExpertRow, OracleRow, PoolVersionRow

@@ -15,7 +15,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from poe.config import settings
+    from poe.engine.config import settings
     from poe_services.registry.db import make_engine
 
     engine = make_engine(settings().database_url)

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from poe.errors import InvalidArgument, PoeError
+from poe.engine.errors import InvalidArgument, PoeError
 
 EMBEDDED = "embedded"
 NUMERIC = ("student_depth", "student_width", "stem_stride", "expert_width", "library_epochs", "expert_epochs",
@@ -34,7 +34,7 @@ NUMERIC = ("student_depth", "student_width", "stem_stride", "expert_width", "lib
 
 
 def _default_target() -> str:
-    from poe.config import settings
+    from poe.engine.config import settings
 
     return settings().extractor_addr
 
@@ -43,13 +43,13 @@ def _default_target() -> str:
 def extractor_client(target: str) -> Iterator:
     """(ExtractorClient, embedded host or None) for `target`; `embedded` hosts registry + extractor
     in this process on a loopback port for the block."""
-    from poe_services.extractor.client import ExtractorClient
+    from poe.client.extractor import ExtractorClient
 
     if target != EMBEDDED:
         with ExtractorClient(target) as client:
             yield client, None
         return
-    from poe.config import settings
+    from poe.engine.config import settings
     from poe_services.host import create_server
 
     cfg = settings()
@@ -72,7 +72,7 @@ def _ts(t) -> str | None:
 
 
 def job_dict(job, progress=None, with_params: bool = False) -> dict:
-    from poe_services.extractor.client import state_name
+    from poe.client.extractor import state_name
 
     out = {"id": job.id, "state": state_name(job.state), "progress": round(job.progress, 4), "stage": job.stage,
            "message": job.message, "error": job.error or None, "pool": job.pool or None,
@@ -99,7 +99,7 @@ def _follow(client, job_id: str, as_json: bool, host=None) -> int:
     """Show progress until the job ends; Ctrl-C detaches (the job keeps running)."""
     from tqdm import tqdm
 
-    from poe_services.extractor.client import TERMINAL, state_name
+    from poe.client.extractor import TERMINAL, state_name
 
     # The message goes in {desc}: tqdm puts ", " before a {postfix}.
     bar = tqdm(total=1000, bar_format=f"job {job_id[:12]} {{percentage:3.0f}}%|{{bar:24}}| {{desc}}",
@@ -166,9 +166,9 @@ def _oracle(args: argparse.Namespace, params: dict, target: str) -> None:
 
 def _upload(path: Path, config_json: str, args: argparse.Namespace, target: str) -> int:
     """Register a local safetensors oracle (and its hierarchy) in the registry; returns its id."""
-    from poe.hierarchy import builtin, load
-    from poe.pool import config_to_dict
-    from poe.registry_client import RegistryClient
+    from poe.client.registry import RegistryClient
+    from poe.engine.hierarchy import builtin, load
+    from poe.engine.pool import config_to_dict
     from poe_services.extractor import oracles
 
     if not path.is_file():
@@ -284,7 +284,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from poe.config import settings
+    from poe.engine.config import settings
     from poe_services.extractor.server import serve
 
     cfg = settings()
@@ -355,7 +355,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_serve_parser(serve_subparsers) -> argparse.ArgumentParser:
     """Add `extractor` under a `poe serve` group: the extractor alone, reaching the registry at
-    --registry (default POE_REGISTRY_ADDR). (`poe serve extractor` in poe/cli_serve.py hosts it
+    --registry (default POE_REGISTRY_ADDR). (`poe serve extractor` in poe/cli/serve.py hosts it
     through poe_services.host instead; this hook is for groups built without the host.)"""
     s = serve_subparsers.add_parser("extractor", help="run the extractor service (poe.v1.Extractor)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")

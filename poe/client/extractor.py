@@ -6,7 +6,7 @@
             print(update.progress.phase, update.job.progress)
         final = ex.wait(job.id, timeout=3600)               # the terminal ExtractionJob
 
-Methods raise `poe.errors` exceptions (InvalidArgument, NotFound, ...) instead of grpc.RpcError.
+Methods raise `poe.engine.errors` exceptions (InvalidArgument, NotFound, ...) instead of grpc.RpcError.
 Importing this module does not import torch.
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.json_format import ParseDict, ParseError
 
-from poe.errors import InvalidArgument, PoeError, Unavailable
-from poe.grpc_errors import translate_rpc_errors
+from poe.client.errors import translate_rpc_errors
+from poe.engine.errors import InvalidArgument, PoeError, Unavailable
 from poe.v1 import common_pb2 as c
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import extractor_pb2_grpc
@@ -49,7 +49,7 @@ class ExtractorClient:
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
                  timeout: float | None = 120.0):
         if target is None and channel is None:
-            from poe.config import settings
+            from poe.engine.config import settings
 
             target = settings().extractor_addr
         self.target = target or "<channel>"

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from poe.client import Composer
-from poe.compose import build, plan
-from poe.config import Settings
-from poe.export import quiet_jit, script
-from poe.pool import load as load_pool
-from poe.registry_client import RegistryClient
+from poe.client.composer import Composer
+from poe.client.registry import RegistryClient
+from poe.engine.compose import build, plan
+from poe.engine.config import Settings
+from poe.engine.export import quiet_jit, script
+from poe.engine.pool import load as load_pool
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -234,7 +234,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
 
 def markdown(result: dict, command: str) -> str:
     """The result as the Markdown that `--update-docs` writes: command, hardware, tables, targets."""
-    from poe.bench_suite import hardware, hardware_line
+    from poe.bench.suite import hardware, hardware_line
 
     cases, tput = result["cases"], result["throughput"]
     warm = [v for k, v in cases.items() if k.startswith("warm_")]

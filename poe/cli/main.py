@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from poe.errors import InvalidArgument, PoeError
+from poe.engine.errors import InvalidArgument, PoeError
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -29,12 +29,12 @@ def _class_refs(values: list[str]) -> list[str | int]:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from poe import pipeline
-    from poe import pool as pool_mod
-    from poe.config import resolve_device
-    from poe.data import load_dataset
-    from poe.nets import WRNConfig
-    from poe.train import CKDSettings, Schedule
+    from poe.engine import pipeline
+    from poe.engine import pool as pool_mod
+    from poe.engine.config import resolve_device
+    from poe.engine.data import load_dataset
+    from poe.engine.nets import WRNConfig
+    from poe.engine.train import CKDSettings, Schedule
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(args.device)
@@ -90,9 +90,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
     classes, tasks = _class_refs(_split(args.classes)), _split(args.tasks)
     if not args.local:
         return _compose_remote(args, classes, tasks)
-    from poe import pool as pool_mod
-    from poe.compose import compose
-    from poe.export import metadata, to_torchscript_bytes
+    from poe.engine import pool as pool_mod
+    from poe.engine.compose import compose
+    from poe.engine.export import metadata, to_torchscript_bytes
 
     t0 = time.perf_counter()
     pool = pool_mod.load(args.local, with_oracle=False)
@@ -119,8 +119,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -> int:
-    from poe.client import Composer
-    from poe.config import settings
+    from poe.client.composer import Composer
+    from poe.engine.config import settings
 
     target = args.target or settings().composer_addr
     with Composer(target, timeout=args.timeout) as c:
@@ -145,7 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from poe.export import load_torchscript
+    from poe.engine.export import load_torchscript
 
     model, meta = load_torchscript(Path(args.model))
     c, h, w = meta["input"]["shape"]
@@ -178,7 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _find_pool_dir(ref: str, explicit: str | None) -> Path | None:
-    from poe.config import settings
+    from poe.engine.config import settings
 
     if explicit:
         return Path(explicit)
@@ -188,10 +188,10 @@ def _find_pool_dir(ref: str, explicit: str | None) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from poe import pool as pool_mod
-    from poe.data import load_dataset
-    from poe.evaluate import evaluate_model, logits_of
-    from poe.export import load_torchscript
+    from poe.engine import pool as pool_mod
+    from poe.engine.data import load_dataset
+    from poe.engine.evaluate import evaluate_model, logits_of
+    from poe.engine.export import load_torchscript
 
     model, meta = load_torchscript(Path(args.model))
     test = load_dataset(args.dataset or meta.get("dataset", "fashion-mnist"), "test")
@@ -226,10 +226,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -- bench ---------------------------------------------------------------------------------------
 
 def cmd_bench_pool(args: argparse.Namespace) -> int:
-    from poe import pool as pool_mod
-    from poe.data import load_dataset
-    from poe.evaluate import evaluate_pool, evaluate_served_pool
-    from poe.nets import count_params
+    from poe.engine import pool as pool_mod
+    from poe.engine.data import load_dataset
+    from poe.engine.evaluate import evaluate_pool, evaluate_served_pool
+    from poe.engine.nets import count_params
 
     if bool(args.target) != bool(args.served):
         raise InvalidArgument("--target and --served go together: the composer's address and the pool it serves")
@@ -272,7 +272,7 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
 def cmd_bench_compose(args: argparse.Namespace) -> int:
     import tempfile
 
-    from poe import bench
+    from poe.bench import compose as bench
 
     quick = args.quick
     with tempfile.TemporaryDirectory(prefix="poe-bench-") as home:
@@ -287,7 +287,7 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
     if args.update_docs:
-        from poe import bench_suite
+        from poe.bench import suite as bench_suite
 
         section = "compose-no-record" if args.no_record else "compose"
         path = bench_suite.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)))
@@ -318,8 +318,8 @@ def _bench_command(args: argparse.Namespace) -> str:
 
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
-    """`poe bench baselines | cross-expert | inference`: the measurements in poe/bench_suite.py."""
-    from poe import bench_suite
+    """`poe bench baselines | cross-expert | inference`: the measurements in poe/bench/suite.py."""
+    from poe.bench import suite as bench_suite
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "bench", "func", *_SUITE_COMMON)}
     if options.pop("fp32", False):
@@ -511,12 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
 
-    from poe import cli_registry  # `poe registry ...` (migrate, import, list, serve)
-    cli_registry.add_parser(sub)
-    from poe import cli_serve  # `poe serve NAME`, `poe up`
-    cli_serve.add_parsers(sub)
-    from poe import cli_extract  # `poe extract ...` (start, status, list, cancel)
-    cli_extract.add_parser(sub)
+    from poe.cli import extract, registry, serve
+
+    registry.add_parser(sub)  # `poe registry ...` (migrate, import, list, serve)
+    serve.add_parsers(sub)  # `poe serve NAME`, `poe up`
+    extract.add_parser(sub)  # `poe extract ...` (start, status, list, cancel)
     return parser
 
 

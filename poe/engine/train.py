@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from poe.data import Dataset, augment, to_float
-from poe.losses import ckd_loss, kd_loss
-from poe.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, make_expert
+from poe.engine.data import Dataset, augment, to_float
+from poe.engine.losses import ckd_loss, kd_loss
+from poe.engine.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, make_expert
 
 
 @dataclass

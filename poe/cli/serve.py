@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from poe.cli_registry import _add_storage_flags, _settings
+from poe.cli.registry import _add_storage_flags, _settings
 
 
 def _run(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None) -> int:

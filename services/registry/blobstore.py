@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlparse
 
-from poe.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from poe.engine.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from poe.config import Settings
+    from poe.engine.config import Settings
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: read size, and the largest gRPC chunk the services send
 S3_PART_SIZE = 8 << 20  # multipart part size (S3 needs >= 5 MiB for all but the last part)
@@ -518,7 +518,7 @@ def open_blob_store(url: str, settings: Settings | None = None) -> BlobStore:
         return FileBlobStore(path)
     if parsed.scheme == "s3":
         if settings is None:
-            from poe.config import settings as current
+            from poe.engine.config import settings as current
 
             settings = current()
         return S3BlobStore(parsed.netloc, parsed.path, settings.s3_endpoint, settings.s3_access_key,

@@ -1,6 +1,7 @@
-"""The one place that maps `poe.errors` exceptions to gRPC status codes, and back.
+"""Server half of the error mapping: domain exceptions raised by any handler become status codes.
 
-Servers install `ErrorInterceptor`; servicers simply raise domain errors:
+Servers install `ErrorInterceptor`; servicers simply raise `poe.engine.errors` exceptions, whose
+`code` attribute names the status:
 
     InvalidArgument -> INVALID_ARGUMENT     NotFound -> NOT_FOUND
     AlreadyExists -> ALREADY_EXISTS         FailedPrecondition -> FAILED_PRECONDITION
@@ -10,64 +11,24 @@ Servers install `ErrorInterceptor`; servicers simply raise domain errors:
 A plain `PoeError` (code INTERNAL) keeps its message, which is written for users; any other
 exception is reported as "internal error" so that no stack detail leaks to clients. An error built
 with `field_error("pool", "...")` names the offending request field in its message and in the
-trailing metadata key `poe-field`. Clients call `error_from_rpc` (or use `translate_rpc_errors`)
-to get the same domain exceptions back.
+trailing metadata key `poe-field`. The client half (`poe.client.errors`) turns statuses back into
+the same exceptions.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
-from poe.errors import (
-    AlreadyExists,
-    Cancelled,
-    DataLoss,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PoeError,
-    Unavailable,
-)
+from poe.client.errors import FIELD_METADATA_KEY, error_from_rpc
+from poe.engine.errors import PoeError
 
 log = logging.getLogger(__name__)
 
-FIELD_METADATA_KEY = "poe-field"
 INTERNAL_MESSAGE = "internal error (details in the server log)"
-
-_TO_CODE: dict[str, grpc.StatusCode] = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
-    "DATA_LOSS": grpc.StatusCode.DATA_LOSS,
-    "CANCELLED": grpc.StatusCode.CANCELLED,
-    "INTERNAL": grpc.StatusCode.INTERNAL,
-}
-
-_FROM_CODE: dict[grpc.StatusCode, type[PoeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.CANCELLED: Cancelled,
-}
-
-
-def field_error(field: str, reason: str) -> InvalidArgument:
-    """An InvalidArgument whose message starts with the request field it is about."""
-    err = InvalidArgument(f"{field}: {reason}")
-    err.field = field  # type: ignore[attr-defined]
-    return err
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -75,7 +36,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         exc = error_from_rpc(exc)  # a downstream service's error passes through with its code
     if isinstance(exc, PoeError):
-        return _TO_CODE.get(exc.code, grpc.StatusCode.INTERNAL), str(exc) or type(exc).__name__
+        return grpc.StatusCode[exc.code], str(exc) or type(exc).__name__
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -139,31 +100,3 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler.stream_stream:
             return handler._replace(stream_stream=_wrap_stream_response(handler.stream_stream, method))
         return handler
-
-
-# -- client side ---------------------------------------------------------------------------------
-
-def error_from_rpc(e: grpc.RpcError, what: str | None = None) -> PoeError:
-    """The domain exception for a failed call (`what` prefixes the message, e.g. the target)."""
-    code = e.code() if isinstance(e, grpc.Call) else None
-    details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
-    cls = _FROM_CODE.get(code, PoeError)  # type: ignore[arg-type]
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = f"deadline exceeded ({details})"
-    message = f"{what}: {details}" if what and cls is Unavailable else details
-    err = cls(message)
-    if isinstance(e, grpc.Call):
-        for key, value in e.trailing_metadata() or ():
-            if key == FIELD_METADATA_KEY:
-                err.field = value  # type: ignore[attr-defined]
-    err.grpc_code = code  # type: ignore[attr-defined]
-    return err
-
-
-@contextmanager
-def translate_rpc_errors(what: str | None = None) -> Iterator[None]:
-    """Re-raise `grpc.RpcError` inside the block as the matching `poe.errors` exception."""
-    try:
-        yield
-    except grpc.RpcError as e:
-        raise error_from_rpc(e, what) from None

@@ -1,7 +1,7 @@
 """The paper's measurements on our data: `poe bench baselines | cross-expert | inference`.
 
 - **baselines**: for queries of 1..5 primitive tasks, accuracy and size of the oracle restricted to
-  the query's classes, of PoE (train-free, `poe.compose`) and of three models trained for the query
+  the query's classes, of PoE (train-free, `poe.engine.compose`) and of three models trained for the query
   (PAPER.md, "Baselines"), and the time each needs to be built:
 
   - *Scratch*: the library's architecture, freshly initialised, plus a head of width w*n (w = the
@@ -58,17 +58,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from poe import pool as pool_mod
-from poe.compose import build, compose, plan, plan_params
-from poe.config import resolve_device
-from poe.data import Dataset, load_dataset, to_float
-from poe.errors import InvalidArgument
-from poe.evaluate import logits_of, restricted_accuracy
-from poe.export import quiet_jit
-from poe.losses import ckd_loss
-from poe.nets import ExpertConfig, Head, Library, count_flops, count_params
-from poe.pool import Expert, Pool
-from poe.train import CKDSettings, Schedule, TeacherViews, fit, make_teacher_views, train_experts
+from poe.engine import pool as pool_mod
+from poe.engine.compose import build, compose, plan, plan_params
+from poe.engine.config import resolve_device
+from poe.engine.data import Dataset, load_dataset, to_float
+from poe.engine.errors import InvalidArgument
+from poe.engine.evaluate import logits_of, restricted_accuracy
+from poe.engine.export import quiet_jit
+from poe.engine.losses import ckd_loss
+from poe.engine.nets import ExpertConfig, Head, Library, count_flops, count_params
+from poe.engine.pool import Expert, Pool
+from poe.engine.train import CKDSettings, Schedule, TeacherViews, fit, make_teacher_views, train_experts
 
 Progress = Callable[[str], None]
 PARTS = ("baselines", "cross-expert", "inference")
@@ -336,7 +336,7 @@ def head_logits(head: nn.Module, features: torch.Tensor, batch_size: int = 1000)
 
 def device_logits(model: nn.Module, images: torch.Tensor, device: str = "cpu",
                   batch_size: int = 1000) -> torch.Tensor:
-    """`poe.evaluate.logits_of` for a model on `device` (images there or on the CPU): logits on the CPU."""
+    """`poe.engine.evaluate.logits_of` for a model on `device` (images there or on the CPU): logits on the CPU."""
     if device == "cpu":
         return logits_of(model, images, batch_size)
     with torch.no_grad():
@@ -388,7 +388,7 @@ def head_width(pool: Pool, n_tasks: int) -> int:
 
 def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch.Tensor, s: BaselineSettings,
                     progress: Progress = lambda m: None) -> dict:
-    """Train with `poe.train.fit`, evaluating on the monitor slice every `eval_every` steps.
+    """Train with `poe.engine.train.fit`, evaluating on the monitor slice every `eval_every` steps.
 
     The clock (which starts with the setup time) runs only during training steps; on a CUDA device
     it waits for the queued kernels before every reading. Returns the time at which the monitor
@@ -442,7 +442,7 @@ def train_to_target(name: str, t: _Trainee, target: float, monitor_labels: torch
 
 
 def _autocast(enabled: bool, device: str = "cpu"):
-    """bf16 autocast for the device's type (cpu or cuda), as `poe.train` trains."""
+    """bf16 autocast for the device's type (cpu or cuda), as `poe.engine.train` trains."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
@@ -823,7 +823,7 @@ def ablation_experts(pool: Pool, views: TeacherViews, name: str, s: CrossExpertS
                      work_dir: Path, progress: Progress = lambda m: None) -> tuple[dict[str, Expert], float]:
     """One expert per primitive task, trained with the variant's loss on the pool's frozen library.
 
-    Training runs through `poe.train.train_experts`, checkpointed under a directory named after the
+    Training runs through `poe.engine.train.train_experts`, checkpointed under a directory named after the
     settings, so an interrupted full run resumes and a finished one is not trained again.
     """
     ckd = VARIANTS[name][1]

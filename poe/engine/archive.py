@@ -9,7 +9,7 @@ which record holds which tensor; `render` then lays out the same records with an
 bytes. The record payloads are byte for byte those `torch.jit.save` writes for that state (a test
 checks it), and data starts on 64-byte boundaries as in torch's own writer.
 
-The same template gives the weights' sha256 (the hash of `poe.pool.tensors_to_bytes(state)`, the
+The same template gives the weights' sha256 (the hash of `poe.engine.pool.tensors_to_bytes(state)`, the
 canonical safetensors bytes) from the header it precomputes for the layout, without building them.
 
 Per composition this costs a copy of the template, a CRC per tensor and the sha256: about 0.5 ms
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from poe.pool import tensors_to_bytes
+from poe.engine.pool import tensors_to_bytes
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header, then name and extra field
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry, then name and extra field
@@ -135,7 +135,7 @@ class ArchiveTemplate:
         return {name: tensor_bytes(t) for name, t in state.items()}
 
     def weights_sha256(self, views: dict[str, memoryview]) -> str:
-        """sha256 of the canonical safetensors bytes (`poe.pool.tensors_to_bytes`) of the state."""
+        """sha256 of the canonical safetensors bytes (`poe.engine.pool.tensors_to_bytes`) of the state."""
         h = hashlib.sha256(self._st_header)
         for name in self._st_order:
             h.update(views[name])

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poe.errors import InvalidArgument, NotFound
-from poe.nets import Head, Library, PreActBlock
-from poe.pool import Pool
+from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine.nets import Head, Library, PreActBlock
+from poe.engine.pool import Pool
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def composed_state(pool: Pool, p: Plan, fused: bool = True) -> dict[str, torch.T
 
     This is the composer's hot path: concatenating a few dozen small tensors costs well under a
     millisecond, where constructing the modules costs 10-20 ms. Combined with a scripted template
-    of the same structure (`poe.export.ScriptCache`) it gives the same model file as `build`.
+    of the same structure (`poe.engine.export.ScriptCache`) it gives the same model file as `build`.
     """
     state = {f"library.{k}": v for k, v in pool.library_state.items()}
     experts = [pool.experts[t] for t in p.tasks]

@@ -8,7 +8,7 @@ A file written here loads with plain torch, without this project installed::
     logits = model(x)                      # x: float32 [N, C, H, W] in [0, 1]
 
 `sha256` in poe.json is the hash of the weights: the canonical safetensors serialisation of the
-model's state dict (`poe.pool.tensors_to_bytes`), so it identifies the function, not the container.
+model's state dict (`poe.engine.pool.tensors_to_bytes`), so it identifies the function, not the container.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from poe.archive import ArchiveTemplate, TemplateError, probe_state, tensor_layout
-from poe.compose import ComposedModel, Plan, plan_params
-from poe.errors import InvalidArgument
-from poe.pool import Pool, sha256_hex, tensors_to_bytes
+from poe.engine.archive import ArchiveTemplate, TemplateError, probe_state, tensor_layout
+from poe.engine.compose import ComposedModel, Plan, plan_params
+from poe.engine.errors import InvalidArgument
+from poe.engine.pool import Pool, sha256_hex, tensors_to_bytes
 
 EXTRA_FILE = "poe.json"
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class ScriptCache:
 
 
 class _SavingTemplate:
-    """The fallback for a layout `poe.archive` cannot template: swap the tensors into a scripted
+    """The fallback for a layout `poe.engine.archive` cannot template: swap the tensors into a scripted
     module and `torch.jit.save` it on every render (one at a time: it owns one scripted module)."""
 
     nbytes = 0  # holds no archive bytes

@@ -14,7 +14,6 @@ class ids (ints or digit strings).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -22,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from poe.errors import InvalidArgument, NotFound
+from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine.names import NAME
 
 FORMAT = "poe.hierarchy/v1"
-_TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def validate(h: Hierarchy) -> None:
     seen: dict[int, str] = {}
     twice = []
     for task, ids in h.tasks.items():
-        if not _TASK_NAME.match(task):
+        if not NAME.match(task):
             raise InvalidArgument(f"hierarchy: task name {task!r} must be lower-case letters, digits, '.', '_' or '-'")
         if not ids:
             raise InvalidArgument(f"hierarchy: task {task!r} has no classes")
@@ -179,7 +178,7 @@ def load(path: str | Path) -> Hierarchy:
 
 def builtin(name: str) -> Hierarchy:
     """A hierarchy shipped with the package, e.g. `fashion-mnist`."""
-    ref = resources.files("poe.hierarchies") / f"{name}.yaml"
+    ref = resources.files("poe.engine.hierarchies") / f"{name}.yaml"
     if not ref.is_file():
         raise NotFound(f"no built-in hierarchy {name!r}")
     return loads(ref.read_text(), f"hierarchy {name}")

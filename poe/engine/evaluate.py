@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from poe.compose import build, plan
-from poe.data import Dataset, to_float
-from poe.pool import Pool
+from poe.engine.compose import build, plan
+from poe.engine.data import Dataset, to_float
+from poe.engine.pool import Pool
 
 
 @dataclass
@@ -83,8 +83,8 @@ def evaluate_served_pool(target: str, ref: str, oracle: nn.Module, test: Dataset
     """`evaluate_pool` for a pool the composer at `target` serves: every query's model comes through
     ComposeModel (sha256-verified) and is loaded with plain `torch.jit.load`; the registry is asked
     at the same address for the pool's primitive tasks."""
-    from poe.client import Composer
-    from poe.registry_client import RegistryClient
+    from poe.client.composer import Composer
+    from poe.client.registry import RegistryClient
 
     with RegistryClient(target) as registry:
         pv = registry.get_pool(ref)

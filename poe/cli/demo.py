@@ -55,22 +55,22 @@ def _wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120.0) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poe-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", default=str(Path(__file__).resolve().parent.parent / "pools" / "fashion-mnist"))
+    parser.add_argument("--pool", default=str(Path(__file__).resolve().parents[2] / "pools" / "fashion-mnist"))
     parser.add_argument("--out", default="out", help="where the composed models are written")
     args = parser.parse_args(argv)
 
     import torch
 
-    from poe.client import Composer
-    from poe.data import load_fashion_mnist
-    from poe.evaluate import evaluate_model, logits_of
-    from poe.nets import count_params
-    from poe.pool import load as load_pool
+    from poe.client.composer import Composer
+    from poe.engine.data import load_fashion_mnist
+    from poe.engine.evaluate import evaluate_model, logits_of
+    from poe.engine.nets import count_params
+    from poe.engine.pool import load as load_pool
 
     torch.set_num_threads(os.cpu_count() or 1)
     # Import first, into the embedded registry under POE_HOME, so that `poe up` warms the composer
     # for this pool before it reports SERVING (the table then shows steady-state latencies).
-    imp = subprocess.run([sys.executable, "-m", "poe.cli", "registry", "import", args.pool, "--target", "embedded",
+    imp = subprocess.run([sys.executable, "-m", "poe.cli.main", "registry", "import", args.pool, "--target", "embedded",
                           "--json"], capture_output=True, text=True)
     if imp.returncode != 0:
         raise SystemExit(imp.stderr.strip().splitlines()[-1] if imp.stderr.strip() else "import failed")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{port}"
     print(f"demo: starting `poe up` on {target} (metrics on :{metrics_port})", flush=True)
     env = {**os.environ, "POE_DEFAULT_POOL": ref.split("@")[0]}
-    proc = subprocess.Popen([sys.executable, "-m", "poe.cli", "up", "--port", str(port), "--metrics-port",
+    proc = subprocess.Popen([sys.executable, "-m", "poe.cli.main", "up", "--port", str(port), "--metrics-port",
                              str(metrics_port), "--host", "127.0.0.1"], env=env)
     try:
         _wait_serving(target, proc)

@@ -5,7 +5,7 @@
         res = reg.resolve_classes("fashion-mnist", ["Sandal", "Bag"])
         weights = reg.download(res.library.blob.sha256)      # bytes, sha256 verified
 
-Every method raises `poe.errors` exceptions (NotFound, InvalidArgument, Unavailable, DataLoss, ...)
+Every method raises `poe.engine.errors` exceptions (NotFound, InvalidArgument, Unavailable, DataLoss, ...)
 instead of grpc.RpcError. Results are the generated protobuf messages (typed through the .pyi
 stubs). Uploads send the metadata first, then the bytes in chunks of 1 MiB. Downloads are checked
 against their sha256 here as well as on the server.
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from poe.errors import DataLoss, InvalidArgument, NotFound
-from poe.grpc_errors import translate_rpc_errors
+from poe.client.errors import translate_rpc_errors
+from poe.engine.errors import DataLoss, InvalidArgument, NotFound
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
 from poe.v1 import registry_pb2_grpc
@@ -30,10 +30,10 @@ from poe.v1 import registry_pb2_grpc
 if TYPE_CHECKING:
     import torch
 
-    from poe.hierarchy import Hierarchy
+    from poe.engine.hierarchy import Hierarchy
 
 CHUNK_SIZE = 1 << 20
-POOL_FORMAT = "poe.pool/v1"  # poe.pool.FORMAT (not imported here: poe.pool pulls in torch)
+POOL_FORMAT = "poe.pool/v1"  # poe.engine.pool.FORMAT (not imported here: poe.engine.pool pulls in torch)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 
 STATES = {
@@ -61,7 +61,7 @@ class RegistryClient:
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
                  timeout: float | None = 60.0):
         if target is None and channel is None:
-            from poe.config import settings
+            from poe.engine.config import settings
 
             target = settings().registry_addr
         self.target = target or "<channel>"
@@ -98,7 +98,7 @@ class RegistryClient:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects (Unavailable after `timeout` seconds)."""
-        from poe.errors import Unavailable
+        from poe.engine.errors import Unavailable
 
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
@@ -223,7 +223,7 @@ class RegistryClient:
 
     def download_tensors(self, sha256: str) -> dict[str, torch.Tensor]:
         """A safetensors blob as a state dict (never unpickled)."""
-        from poe.pool import tensors_from_bytes
+        from poe.engine.pool import tensors_from_bytes
 
         return tensors_from_bytes(self.download(sha256), sha256, f"blob {sha256[:12]}...")
 
@@ -280,7 +280,7 @@ class RegistryClient:
 
     def import_pool(self, directory: str | Path, *, aliases: Iterable[str] = (),
                     progress: Callable[[str], None] | None = None) -> tuple[r.PoolVersion, bool]:
-        """Register a pool directory (pool.json + safetensors; see poe.pool) and publish it.
+        """Register a pool directory (pool.json + safetensors; see poe.engine.pool) and publish it.
 
         The files' bytes are uploaded as they are on disk, after checking them against the sha256
         in pool.json (DataLoss on mismatch). Importing the same directory again is idempotent.
@@ -292,7 +292,7 @@ class RegistryClient:
 
     def _import_pool(self, root: Path, aliases: tuple[str, ...],
                      progress: Callable[[str], None] | None) -> tuple[r.PoolVersion, bool]:
-        from poe import hierarchy as hierarchy_mod
+        from poe.engine import hierarchy as hierarchy_mod
 
         manifest_path = root / "pool.json"
         if not manifest_path.is_file():

@@ -1,7 +1,7 @@
 """Domain errors shared by the core library and the services.
 
 Each class names the gRPC status it maps to; the services translate them in one interceptor
-(`poe.grpc_errors`), the CLI prints the message on one line and exits non-zero.
+(`poe_services.errors`), the CLI prints the message on one line and exits non-zero.
 """
 
 from __future__ import annotations
@@ -45,3 +45,10 @@ class DataLoss(PoeError):
 
 class Cancelled(PoeError):
     code = "CANCELLED"
+
+
+def field_error(field: str, reason: str) -> InvalidArgument:
+    """An InvalidArgument whose message starts with the request field it is about."""
+    err = InvalidArgument(f"{field}: {reason}")
+    err.field = field  # type: ignore[attr-defined]
+    return err

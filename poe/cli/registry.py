@@ -25,7 +25,7 @@ EMBEDDED = "embedded"
 
 
 def _settings(args: argparse.Namespace):
-    from poe.config import settings
+    from poe.engine.config import settings
 
     return settings(database_url=getattr(args, "database_url", None), blob_url=getattr(args, "blob_url", None))
 
@@ -37,7 +37,7 @@ def _default_target() -> str:
 @contextlib.contextmanager
 def registry_client(target: str, args: argparse.Namespace) -> Iterator:
     """A RegistryClient for `target`; `embedded` starts a registry on a loopback port for the block."""
-    from poe.registry_client import RegistryClient
+    from poe.client.registry import RegistryClient
 
     if target != EMBEDDED:
         with RegistryClient(target) as client:

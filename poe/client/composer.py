@@ -1,6 +1,6 @@
 """Client SDK for the composer: `Composer(target).compose(classes=[...])`.
 
-    from poe.client import Composer
+    from poe.client.composer import Composer
     with Composer("127.0.0.1:50051") as c:
         result = c.compose(classes=["Sandal", "Sneaker", "Bag"])
         model, meta = result.load()          # a TorchScript module and its poe.json
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import grpc
 
-from poe.errors import DataLoss, Unavailable
-from poe.grpc_errors import translate_rpc_errors
+from poe.client.errors import translate_rpc_errors
+from poe.engine.errors import DataLoss, Unavailable
 from poe.v1 import composer_pb2 as pb
 from poe.v1 import composer_pb2_grpc
 
@@ -50,7 +50,7 @@ class ComposeResult:
 
     def load(self):
         """(TorchScript module, poe.json) for a TorchScript result."""
-        from poe.export import load_torchscript
+        from poe.engine.export import load_torchscript
 
         return load_torchscript(self.data)
 
@@ -67,7 +67,7 @@ class Composer:
     def __init__(self, target: str | None = None, *, timeout: float = 30.0, retries: int = 4,
                  channel: grpc.Channel | None = None):
         if target is None and channel is None:
-            from poe.config import settings
+            from poe.engine.config import settings
 
             target = settings().composer_addr
         self.target = target or "<channel>"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poe.errors import DataError, InvalidArgument
+from poe.engine.errors import DataError, InvalidArgument
 
 # As published by Zalando Research (github.com/zalandoresearch/fashion-mnist), label order.
 FASHION_MNIST_CLASSES = (
@@ -113,7 +113,7 @@ def load_idx_pair(directory: Path, prefix: str, name: str, classes: tuple[str, .
 
 
 def default_data_dir() -> Path:
-    from poe.config import settings
+    from poe.engine.config import settings
 
     return settings().data_dir
 

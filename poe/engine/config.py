@@ -17,7 +17,7 @@ def _default_home() -> Path:
 
 def _default_pools_dir() -> Path:
     """The pools shipped in the source tree (pools/ beside the package)."""
-    return Path(__file__).resolve().parent.parent / "pools"
+    return Path(__file__).resolve().parents[2] / "pools"
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def resolve_device(name: str | None = None) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from poe.errors import InvalidArgument
+        from poe.engine.errors import InvalidArgument
 
         raise InvalidArgument(f"device {name!r} requested but CUDA is not available")
     return name

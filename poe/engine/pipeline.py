@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from poe import hierarchy as hierarchy_mod
-from poe.data import Dataset
-from poe.errors import FailedPrecondition, InvalidArgument
-from poe.hierarchy import Hierarchy
-from poe.nets import ExpertConfig, WideResNet, WRNConfig, count_params
-from poe.pool import Expert, Pool, config_to_dict, library_state_from_student, wrn_config_from_dict
-from poe.train import (
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.data import Dataset
+from poe.engine.errors import FailedPrecondition, InvalidArgument
+from poe.engine.hierarchy import Hierarchy
+from poe.engine.nets import ExpertConfig, WideResNet, WRNConfig, count_params
+from poe.engine.pool import Expert, Pool, config_to_dict, library_state_from_student, wrn_config_from_dict
+from poe.engine.train import (
     CKDSettings,
     ProgressFn,
     Schedule,
@@ -149,7 +149,7 @@ def experts_stage(run: Path, student: WideResNet, views: TeacherViews, test: Dat
 def _expert_accuracy(student, heads, tasks, test: Dataset, device) -> dict:
     """Each expert's accuracy on the test images of its own classes (its 'validation accuracy')."""
     lib = student.library.eval().to(device)
-    from poe.data import to_float
+    from poe.engine.data import to_float
 
     out = {}
     for t, head in heads.items():

@@ -24,10 +24,10 @@ from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from poe import hierarchy as hierarchy_mod
-from poe.errors import DataLoss, InvalidArgument, NotFound
-from poe.hierarchy import Hierarchy
-from poe.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, count_params, make_expert
+from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.errors import DataLoss, InvalidArgument, NotFound
+from poe.engine.hierarchy import Hierarchy
+from poe.engine.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, count_params, make_expert
 
 FORMAT = "poe.pool/v1"
 

@@ -1,0 +1,99 @@
+"""The typed contract: every conversion between the `poe.v1` messages and domain values.
+
+Clients and servicers both convert through this module, so an enum value, an extraction state or a
+hierarchy is spelled out once. It depends on the generated stubs and on the engine's light modules
+(no torch), never on a service.
+"""
+
+from __future__ import annotations
+
+from poe.engine.errors import field_error
+from poe.engine.hierarchy import Hierarchy
+from poe.v1 import common_pb2 as c
+from poe.v1 import composer_pb2 as cpb
+
+# -- enums -----------------------------------------------------------------------------------------
+
+EXECUTIONS = {"fused": cpb.EXECUTION_FUSED, "reference": cpb.EXECUTION_REFERENCE}
+FORMATS = {"torchscript": cpb.MODEL_FORMAT_TORCHSCRIPT, "safetensors": cpb.MODEL_FORMAT_SAFETENSORS}
+_EXECUTION_NAMES = {v: k for k, v in EXECUTIONS.items()} | {cpb.EXECUTION_UNSPECIFIED: "fused"}
+_FORMAT_NAMES = {v: k for k, v in FORMATS.items()} | {cpb.MODEL_FORMAT_UNSPECIFIED: "torchscript"}
+
+
+def execution_name(value: int, field: str = "execution") -> str:
+    """"fused" | "reference" for an Execution enum value (UNSPECIFIED: the default, fused)."""
+    try:
+        return _EXECUTION_NAMES[value]
+    except KeyError:
+        raise field_error(field, f"unknown value {value}") from None
+
+
+def format_name(value: int, field: str = "format") -> str:
+    """"torchscript" | "safetensors" for a ModelFormat enum value (UNSPECIFIED: torchscript)."""
+    try:
+        return _FORMAT_NAMES[value]
+    except KeyError:
+        raise field_error(field, f"unknown value {value}") from None
+
+
+# -- extraction states -----------------------------------------------------------------------------
+
+STATES = {"pending": c.EXTRACTION_STATE_PENDING, "running": c.EXTRACTION_STATE_RUNNING,
+          "succeeded": c.EXTRACTION_STATE_SUCCEEDED, "failed": c.EXTRACTION_STATE_FAILED,
+          "cancelled": c.EXTRACTION_STATE_CANCELLED}
+_STATE_NAMES = {v: k for k, v in STATES.items()}
+TERMINAL_STATES = frozenset({c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_FAILED, c.EXTRACTION_STATE_CANCELLED})
+
+
+def state_value(name: str | None, field: str = "state") -> int:
+    """The ExtractionState enum value for a state name; "" or None is UNSPECIFIED (any state)."""
+    if not name:
+        return c.EXTRACTION_STATE_UNSPECIFIED
+    try:
+        return STATES[str(name).lower()]
+    except KeyError:
+        raise field_error(field, f"unknown state {name!r} (expected one of {', '.join(STATES)})") from None
+
+
+def state_name(value: int) -> str:
+    """"pending" | "running" | "succeeded" | "failed" | "cancelled", or "unspecified"."""
+    return _STATE_NAMES.get(value, "unspecified")
+
+
+# -- hierarchies -----------------------------------------------------------------------------------
+
+def hierarchy_message(h: Hierarchy) -> c.Hierarchy:
+    """A Hierarchy message with both class ids and class names per primitive task."""
+    return c.Hierarchy(dataset=h.dataset, version=h.version, classes=list(h.classes),
+                       tasks=[c.PrimitiveTask(name=t, class_ids=list(ids), class_names=[h.classes[i] for i in ids])
+                              for t, ids in h.tasks.items()])
+
+
+def hierarchy_from_message(msg: c.Hierarchy, field: str = "hierarchy") -> Hierarchy:
+    """The domain hierarchy of a message; a task may list class ids or class names (case-insensitive).
+
+    Raises InvalidArgument naming `field` when the message is inconsistent."""
+    classes = tuple(msg.classes)
+    if not classes:
+        raise field_error(f"{field}.classes", "must not be empty")
+    index = {n.casefold(): i for i, n in enumerate(classes)}
+    tasks: dict[str, tuple[int, ...]] = {}
+    for t in msg.tasks:
+        if t.class_ids:
+            ids = tuple(t.class_ids)
+            bad = [i for i in ids if not 0 <= i < len(classes)]
+            if bad:
+                raise field_error(f"{field}.tasks",
+                                  f"task {t.name!r}: class ids {bad} out of range 0..{len(classes) - 1}")
+        else:  # names only
+            unknown = [n for n in t.class_names if n.casefold() not in index]
+            if unknown:
+                raise field_error(f"{field}.tasks", f"task {t.name!r}: unknown classes {unknown}")
+            ids = tuple(index[n.casefold()] for n in t.class_names)
+        if t.name in tasks:
+            raise field_error(f"{field}.tasks", f"task {t.name!r} listed twice")
+        tasks[t.name] = ids
+    try:
+        return Hierarchy(msg.dataset, msg.version or 1, classes, tasks)
+    except ValueError as err:  # InvalidArgument from the hierarchy's own validation
+        raise field_error(field, str(err)) from None
