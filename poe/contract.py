@@ -7,6 +7,9 @@ hierarchy is spelled out once. It depends on the generated stubs and on the engi
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from poe.engine.errors import field_error
 from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
@@ -34,6 +37,63 @@ def format_name(value: int, field: str = "format") -> str:
         return _FORMAT_NAMES[value]
     except KeyError:
         raise field_error(field, f"unknown value {value}") from None
+
+
+def request_refs(classes, tasks) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The class and task references of a request message (ComposeModel, DescribeComposition,
+    ResolveClasses), blank entries dropped."""
+    return tuple(x for x in classes if x.strip()), tuple(t for t in tasks if t.strip())
+
+
+# -- the ComposeModel header ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComposeHeader:
+    """What ComposeModel sends before a model's bytes, and DescribeComposition returns
+    (`poe.v1.ComposedModelHeader`; the proto documents each field)."""
+
+    model_id: str
+    pool: str  # name@version
+    classes: tuple[str, ...]  # output columns in order
+    class_ids: tuple[int, ...]
+    tasks: tuple[str, ...]  # primitive tasks whose experts were consolidated
+    expert_ids: tuple[int, ...]
+    params: int
+    flops: int
+    size: int = 0  # size and sha256 of the model file; 0 and "" until it is built
+    sha256: str = ""
+    format: str = "torchscript"  # a key of FORMATS
+    execution: str = "fused"  # a key of EXECUTIONS
+    input_shape: tuple[int, ...] = ()  # [C, H, W]
+    expected_accuracy: float = 0.0
+    cache_hit: bool = False
+    metadata: dict = dataclasses.field(default_factory=dict)  # the model's poe.json
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise field_error("format", f"expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.execution not in EXECUTIONS:
+            raise field_error("execution", f"expected one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+
+    def to_message(self) -> cpb.ComposedModelHeader:
+        return cpb.ComposedModelHeader(
+            model_id=self.model_id, pool=self.pool, classes=self.classes, class_ids=self.class_ids, tasks=self.tasks,
+            expert_ids=self.expert_ids, params=self.params, flops=self.flops, size=self.size, sha256=self.sha256,
+            format=FORMATS[self.format], execution=EXECUTIONS[self.execution], input_shape=self.input_shape,
+            expected_accuracy=self.expected_accuracy, cache_hit=self.cache_hit,
+            metadata_json=json.dumps(self.metadata, sort_keys=True) if self.metadata else "")
+
+    @classmethod
+    def from_message(cls, msg: cpb.ComposedModelHeader) -> ComposeHeader:
+        try:
+            metadata = json.loads(msg.metadata_json) if msg.metadata_json else {}
+        except json.JSONDecodeError as err:
+            raise field_error("header.metadata_json", f"not JSON ({err})") from None
+        return cls(model_id=msg.model_id, pool=msg.pool, classes=tuple(msg.classes), class_ids=tuple(msg.class_ids),
+                   tasks=tuple(msg.tasks), expert_ids=tuple(msg.expert_ids), params=msg.params, flops=msg.flops,
+                   size=msg.size, sha256=msg.sha256, format=format_name(msg.format, "header.format"),
+                   execution=execution_name(msg.execution, "header.execution"), input_shape=tuple(msg.input_shape),
+                   expected_accuracy=msg.expected_accuracy, cache_hit=msg.cache_hit, metadata=metadata)
 
 
 # -- extraction states -----------------------------------------------------------------------------

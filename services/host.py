@@ -1,8 +1,12 @@
-"""One gRPC server hosting any of the three services (DESIGN.md, "Addresses").
+"""The one way to host services: a gRPC server carrying any of registry, composer and extractor.
 
-`poe up` hosts registry, composer and extractor on one port; `poe serve NAME` hosts one (what
-Kubernetes runs). Every server gets the same interceptors (metrics outside, error mapping inside),
-grpc.health.v1 (per service, and "" for the whole server) and server reflection.
+`poe up` hosts all three on one port; `poe serve NAME` and `poe registry serve` host one (what
+Kubernetes runs); tests and the embedded CLI targets build the same server. Every server gets the
+same interceptors (metrics outside, error mapping inside), grpc.health.v1 and server reflection.
+
+Health names: one per hosted service ("poe.v1.Registry", ...), set by its runtime; "" (the
+overall health) is SERVING exactly when every hosted service is; "liveness" is SERVING while the
+process answers. On stop every name turns NOT_SERVING before the port closes.
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterable
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from poe.engine.config import Settings
-from poe.engine.errors import InvalidArgument, Unavailable
+from poe.engine.errors import Unavailable, field_error
 from poe_services.errors import ErrorInterceptor
 from poe_services.metrics import MetricsInterceptor, serve_metrics
 
@@ -25,7 +31,10 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("registry", "composer", "extractor")
 SERVICE_NAMES = {"registry": "poe.v1.Registry", "composer": "poe.v1.Composer", "extractor": "poe.v1.Extractor"}
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+# Blobs and composed models stream in chunks of at most 1 MiB; 8 MiB bounds any one message.
+MAX_MESSAGE_BYTES = 8 << 20
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Health name for liveness probes: SERVING while the process answers gRPC. Readiness follows each
@@ -34,111 +43,190 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LIVENESS = "liveness"
 
 
-class Host:
-    """A started-or-not server and the runtimes it hosts."""
+class HealthReporter(Protocol):
+    """What a runtime reports its health through (HealthServicer has the same method)."""
 
-    def __init__(self, server: grpc.Server, port: int, runtimes: dict, health_servicer: health.HealthServicer):
-        self.server, self.port, self.runtimes, self.health = server, port, runtimes, health_servicer
-        self._overall = threading.Thread(target=self._watch_overall, name="health-overall", daemon=True)
-        self._stop = threading.Event()
+    def set(self, service: str, status: int, /) -> None: ...
+
+
+class ServiceRuntime(Protocol):
+    """One hosted service. The host calls attach() while building the server, start() once it
+    listens, begin_shutdown() before it stops accepting calls and close() after the last call."""
+
+    def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
+        """Add the servicer to `server`; report the service's status through `health`."""
+
+    def start(self) -> None:
+        """The server is listening (a composer may now read from a registry on the same port)."""
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work; in-flight calls may still finish."""
+
+    def close(self) -> None:
+        """Release everything (idempotent)."""
+
+
+class ServerHealth:
+    """The runtimes' HealthReporter: forwards each service's status to the grpc health servicer
+    and keeps the overall health ("") SERVING exactly when every hosted service is."""
+
+    def __init__(self, servicer: health.HealthServicer, services: Iterable[str]):
+        self.servicer = servicer
+        self._lock = threading.Lock()
+        self._statuses = dict.fromkeys(services, NOT_SERVING)
+        self._shutting_down = False
+        for name in self._statuses:
+            servicer.set(name, NOT_SERVING)
+        servicer.set(health.OVERALL_HEALTH, NOT_SERVING)
+        servicer.set(LIVENESS, SERVING)
+
+    def set(self, service: str, status: int, /) -> None:
+        if service in (health.OVERALL_HEALTH, LIVENESS):
+            raise ValueError(f"health name {service!r} belongs to the host, not to a service")
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._statuses[service] = status
+            self.servicer.set(service, status)
+            overall = SERVING if all(s == SERVING for s in self._statuses.values()) else NOT_SERVING
+            self.servicer.set(health.OVERALL_HEALTH, overall)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every name (liveness included) NOT_SERVING for good; later sets are ignored."""
+        with self._lock:
+            self._shutting_down = True
+            self.servicer.enter_graceful_shutdown()
+
+
+class Host:
+    """A built server and the runtimes it hosts (in start order). Not started yet."""
+
+    def __init__(self, server: grpc.Server, port: int, runtimes: dict[str, ServiceRuntime],
+                 server_health: ServerHealth):
+        self.server, self.port, self.runtimes, self.health = server, port, runtimes, server_health
+        self._lock = threading.Lock()
+        self._closed: threading.Event | None = None
 
     def start(self) -> None:
         self.server.start()
-        for rt in self.runtimes.values():
-            if hasattr(rt, "start"):
-                rt.start()
-        self._overall.start()
-
-    def _watch_overall(self) -> None:
-        # "" is SERVING only while every hosted service is.
-        while not self._stop.wait(0.2):
-            statuses = []
-            for name in self.runtimes:
-                try:
-                    resp = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), None)
-                    statuses.append(resp.status)
-                except Exception:
-                    statuses.append(NOT_SERVING)
-            self.health.set("", SERVING if all(s == SERVING for s in statuses) else NOT_SERVING)
+        for runtime in self.runtimes.values():
+            runtime.start()
 
     def stop(self, grace: float | None = 10.0) -> threading.Event:
-        """NOT_SERVING first, then stop accepting and let in-flight streams finish within `grace`."""
-        self._stop.set()
-        self.health.set("", NOT_SERVING)
-        for rt in self.runtimes.values():
-            rt.begin_shutdown()
+        """NOT_SERVING everywhere, stop accepting, let in-flight calls finish within `grace` s,
+        then close the runtimes. Returns an event set once everything is closed (the same event
+        on every call)."""
+        with self._lock:
+            if self._closed is not None:
+                return self._closed
+            self._closed = closed = threading.Event()
+        self.health.enter_graceful_shutdown()
+        for runtime in self.runtimes.values():
+            runtime.begin_shutdown()
         stopped = self.server.stop(grace)
 
         def close() -> None:
             stopped.wait()
-            for rt in self.runtimes.values():
-                rt.close()
+            try:
+                for name, runtime in reversed(self.runtimes.items()):
+                    try:
+                        runtime.close()
+                    except Exception:
+                        log.exception("%s: close failed", name)
+            finally:
+                closed.set()
 
         threading.Thread(target=close, name="host-close", daemon=True).start()
-        return stopped
+        return closed
+
+    def __enter__(self) -> Host:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(None).wait()
 
 
-def create_server(address: str, settings: Settings, services: tuple[str, ...] = SERVICES, *,
+def _make_runtime(name: str, settings: Settings, registry_target: str | None, migrate: bool | None,
+                  warm: bool) -> ServiceRuntime:
+    if name == "registry":
+        from poe_services.registry.runtime import RegistryRuntime
+
+        return RegistryRuntime(settings, migrate=migrate)
+    if name == "composer":
+        from poe_services.composer.runtime import ComposerRuntime
+
+        return ComposerRuntime(settings, registry_target, warm=warm)
+    from poe_services.extractor.runtime import ExtractorRuntime
+
+    return ExtractorRuntime(settings, registry_target)
+
+
+def create_server(address: str, settings: Settings, services: Iterable[str] = SERVICES, *,
                   registry_target: str | None = None, migrate: bool | None = None, warm: bool = True,
                   max_workers: int = 32) -> Host:
     """A server bound to `address` (port 0 picks a free one) hosting `services`; not started.
 
     Composer and extractor reach the registry at `registry_target`, or on this very server when
-    it hosts the registry, else at settings.registry_addr.
+    it hosts the registry, else at settings.registry_addr. `migrate` (registry): bring the schema
+    to head first (default settings.registry_auto_migrate). `warm` (composer): load the default
+    pool before reporting SERVING.
     """
+    services = tuple(dict.fromkeys(services))
     unknown = [s for s in services if s not in SERVICES]
     if unknown or not services:
-        raise InvalidArgument(f"services: expected some of {', '.join(SERVICES)}, got {', '.join(unknown) or 'none'}")
+        raise field_error("services", f"expected some of {', '.join(SERVICES)}, got {', '.join(unknown) or 'none'}")
+    services = tuple(s for s in SERVICES if s in services)  # the registry first: the others may read from it
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="poe-rpc"),
-                         interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=GRPC_OPTIONS)
+                         interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
     port = server.add_insecure_port(address)
     if not port:
         raise Unavailable(f"cannot listen on {address}")
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", NOT_SERVING)
-    health_servicer.set(LIVENESS, SERVING)
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server_health = ServerHealth(servicer, (SERVICE_NAMES[s] for s in services))
     if registry_target is None and "registry" in services:
         registry_target = f"127.0.0.1:{port}"
-    runtimes: dict = {}
+    runtimes: dict[str, ServiceRuntime] = {}
     try:
-        if "registry" in services:
-            from poe_services.registry.server import RegistryRuntime
-
-            runtimes["registry"] = RegistryRuntime(settings, migrate=migrate)
-        if "composer" in services:
-            from poe_services.composer.runtime import ComposerRuntime
-
-            runtimes["composer"] = ComposerRuntime(settings, registry_target, warm=warm)
-        if "extractor" in services:
-            from poe_services.extractor.runtime import ExtractorRuntime
-
-            runtimes["extractor"] = ExtractorRuntime(settings, registry_target)
-        for rt in runtimes.values():
-            rt.attach(server, health_servicer)
+        for name in services:
+            runtimes[name] = _make_runtime(name, settings, registry_target, migrate, warm)
+        for runtime in runtimes.values():
+            runtime.attach(server, server_health)
     except BaseException:
-        for rt in runtimes.values():
-            rt.close()
+        for runtime in reversed(runtimes.values()):
+            runtime.close()
+        server.stop(None)
         raise
-    names = [SERVICE_NAMES[s] for s in runtimes]
     reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return Host(server, port, runtimes, health_servicer)
+        (*(SERVICE_NAMES[s] for s in services), health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return Host(server, port, runtimes, server_health)
 
 
-def run(settings: Settings, services: tuple[str, ...], port: int, metrics_port: int | None, host: str = "[::]",
-        grace: float = 10.0, migrate: bool | None = None, banner=print) -> int:
-    """Serve until SIGTERM/SIGINT: NOT_SERVING, then drain in-flight calls for up to `grace` s."""
-    h = create_server(f"{host}:{port}", settings, services, migrate=migrate)
-    bound_metrics = serve_metrics(metrics_port) if metrics_port is not None else None
-    h.start()
-    names = ", ".join(SERVICE_NAMES[s] for s in h.runtimes)
-    banner(f"poe: {names} on {host}:{h.port}" + (f"; metrics on :{bound_metrics}/metrics" if bound_metrics else ""))
+def run(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None, host: str = "[::]",
+        grace: float = 10.0, migrate: bool | None = None, banner: Callable[[str], None] = print) -> int:
+    """Serve until SIGTERM/SIGINT: NOT_SERVING, then drain in-flight calls for up to `grace` s.
+
+    `metrics_port`: where /metrics listens (0: any free port; None: not at all).
+    """
+    hosted = create_server(f"{host}:{port}", settings, services, migrate=migrate)
+    bound_metrics = None
+    if metrics_port is not None:
+        try:
+            bound_metrics = serve_metrics(metrics_port)
+        except OSError as e:
+            hosted.stop(0).wait()
+            raise Unavailable(f"cannot serve /metrics on port {metrics_port}: {e}") from e
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda signum, _frame: done.set())
+    hosted.start()
+    names = ", ".join(SERVICE_NAMES[s] for s in hosted.runtimes)
+    banner(f"poe: {names} listening on {host}:{hosted.port}"
+           + (f"; metrics on :{bound_metrics}/metrics" if bound_metrics is not None else ""))
+    # A short wait, not one long one: Python runs signal handlers between bytecodes of the main thread.
     while not done.wait(0.5):
         pass
-    banner("poe: stopping (draining in-flight calls)")
-    h.stop(grace).wait()
+    banner(f"poe: stopping (draining in-flight calls for up to {grace:g} s)")
+    hosted.stop(grace).wait()
     return 0

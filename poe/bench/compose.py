@@ -1,4 +1,4 @@
-"""`poe bench compose`: ComposeModel end to end over gRPC on loopback (DESIGN.md's targets).
+"""`poe bench compose`: ComposeModel end to end over gRPC on loopback, against the product's latency targets.
 
 Cases:
 - warm: experts already in the composer's memory, each request a class set not composed before,
@@ -30,12 +30,15 @@ from pathlib import Path
 
 import torch
 
+from poe.bench.report import hardware, hardware_line
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
 from poe.engine.compose import build, plan
 from poe.engine.config import Settings
 from poe.engine.export import quiet_jit, script
 from poe.engine.pool import load as load_pool
+
+TITLE = "ComposeModel latency and throughput (gRPC on loopback)"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -192,7 +195,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                     if cs is None:  # e.g. one task: only 17 distinct class sets in Fashion-MNIST
                         break
                     r = c.compose(cs, pool=ref)
-                    assert not r.header["cache_hit"]
+                    assert not r.header.cache_hit
                     lat.append(r.seconds)
                     if i < 5:
                         floor_sets.setdefault(n, []).append(cs)
@@ -234,8 +237,6 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
 
 def markdown(result: dict, command: str) -> str:
     """The result as the Markdown that `--update-docs` writes: command, hardware, tables, targets."""
-    from poe.bench.suite import hardware, hardware_line
-
     cases, tput = result["cases"], result["throughput"]
     warm = [v for k, v in cases.items() if k.startswith("warm_")]
     lines = [f"Command: `{command}`", "",
@@ -263,7 +264,7 @@ def markdown(result: dict, command: str) -> str:
 
     cold = cases["cold"]["p50_ms"]
     rate = tput["compositions_per_s"]
-    lines.append("Targets (DESIGN.md), worst case over 1-5 tasks: "
+    lines.append("Targets, worst case over 1-5 tasks: "
                  f"warm p50 <= 10 ms: {p50:.1f} ms, {verdict(p50 <= 10)}; "
                  f"warm p99 <= 30 ms: {p99:.1f} ms, {verdict(p99 <= 30)}; "
                  f"within 3x of the `torch.jit.save` floor: {ratio:.2f}x, {verdict(ratio <= 3)}; "

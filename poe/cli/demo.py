@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{port}"
     print(f"demo: starting `poe up` on {target} (metrics on :{metrics_port})", flush=True)
     env = {**os.environ, "POE_DEFAULT_POOL": ref.split("@")[0]}
+    # The demo says itself when the services are ready; their INFO lines would interleave with its
+    # output. Warnings and errors still show (and POE_LOG_LEVEL=INFO shows everything).
+    env.setdefault("POE_LOG_LEVEL", "WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "poe.cli.main", "up", "--port", str(port), "--metrics-port",
                              str(metrics_port), "--host", "127.0.0.1"], env=env)
     try:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = composer.compose(classes, pool=ref)
                 again = composer.compose(classes, pool=ref)  # served from the composer's cache
                 model, meta = r.load()
-                r.save(Path(args.out) / f"{r.header['model_id']}.pt")
+                r.save(Path(args.out) / f"{r.header.model_id}.pt")
                 ev = evaluate_model(model, meta["class_ids"], test, oracle_logits)
                 rows.append((classes, r, again, ev))
         print()
@@ -108,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'delta':>6} {'compose':>8} {'cached':>7}")
         for classes, r, again, ev in rows:
             name = ", ".join(classes) if len(classes) < 5 else f"all {len(classes)} classes"
-            print(f"{name:<44} {len(r.header['tasks']):>7} {r.header['params']:>9,} "
-                  f"{r.header['params'] / oracle_params:>9.1%} {ev.accuracy:>8.4f} {ev.oracle_accuracy:>7.4f} "
+            print(f"{name:<44} {len(r.header.tasks):>7} {r.header.params:>9,} "
+                  f"{r.header.params / oracle_params:>9.1%} {ev.accuracy:>8.4f} {ev.oracle_accuracy:>7.4f} "
                   f"{100 * (ev.accuracy - ev.oracle_accuracy):>+6.2f} {r.seconds * 1e3:>6.1f}ms "
                   f"{again.seconds * 1e3:>5.1f}ms")
         print(f"\nmodels written to {args.out}/ (TorchScript; load with torch.jit.load)")

@@ -1,4 +1,4 @@
-"""`poe extract ...`: extraction jobs on the extractor service (and `poe serve extractor`'s hook).
+"""`poe extract ...`: extraction jobs on the extractor service (`poe serve extractor` runs it).
 
     poe extract --dataset D --oracle O [--hierarchy H] [--follow]   start a job (prints its id)
     poe extract status ID [--follow]                                 one job; --follow shows progress
@@ -72,7 +72,7 @@ def _ts(t) -> str | None:
 
 
 def job_dict(job, progress=None, with_params: bool = False) -> dict:
-    from poe.client.extractor import state_name
+    from poe.contract import state_name
 
     out = {"id": job.id, "state": state_name(job.state), "progress": round(job.progress, 4), "stage": job.stage,
            "message": job.message, "error": job.error or None, "pool": job.pool or None,
@@ -99,7 +99,7 @@ def _follow(client, job_id: str, as_json: bool, host=None) -> int:
     """Show progress until the job ends; Ctrl-C detaches (the job keeps running)."""
     from tqdm import tqdm
 
-    from poe.client.extractor import TERMINAL, state_name
+    from poe.contract import state_name
 
     # The message goes in {desc}: tqdm puts ", " before a {postfix}.
     bar = tqdm(total=1000, bar_format=f"job {job_id[:12]} {{percentage:3.0f}}%|{{bar:24}}| {{desc}}",
@@ -125,15 +125,16 @@ def _follow(client, job_id: str, as_json: bool, host=None) -> int:
     job = last.job
     if as_json:
         print(json.dumps(job_dict(job, last.progress)))
-    if job.state == TERMINAL[0]:
+    state = state_name(job.state)
+    if state == "succeeded":
         if not as_json:
             print(f"job {job.id} succeeded: published {job.pool}")
         return 0
-    if job.state == TERMINAL[1]:
+    if state == "failed":
         raise PoeError(f"job {job.id} failed: {job.error}")
-    if job.state == TERMINAL[2]:
+    if state == "cancelled":
         raise PoeError(f"job {job.id} was cancelled")
-    raise PoeError(f"job {job.id} is {state_name(job.state)}")  # pragma: no cover - follow ends on terminal
+    raise PoeError(f"job {job.id} is {state}")  # pragma: no cover - follow ends on terminal
 
 
 # -- start -----------------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ def _oracle(args: argparse.Namespace, params: dict, target: str) -> None:
 def _upload(path: Path, config_json: str, args: argparse.Namespace, target: str) -> int:
     """Register a local safetensors oracle (and its hierarchy) in the registry; returns its id."""
     from poe.client.registry import RegistryClient
+    from poe.engine.data import builtin_dataset
     from poe.engine.hierarchy import builtin, load
     from poe.engine.pool import config_to_dict
     from poe_services.extractor import oracles
@@ -177,10 +179,11 @@ def _upload(path: Path, config_json: str, args: argparse.Namespace, target: str)
         raise InvalidArgument("--upload sends safetensors oracles only; a TorchScript oracle must be a file the "
                               "extractor can read (pass its path without --upload)")
     cfg, model, data = oracles.read_wrn_file(path, config_json, "--oracle")
+    dataset = builtin_dataset(args.dataset or "")
     if args.hierarchy and Path(args.hierarchy).is_file():
         hier = load(args.hierarchy)
-    elif args.hierarchy or args.dataset in ("fashion-mnist", "fashion_mnist"):
-        hier = builtin(args.hierarchy or "fashion-mnist")
+    elif args.hierarchy or dataset is not None:
+        hier = builtin(args.hierarchy or dataset.hierarchy)
     else:
         raise InvalidArgument("--upload needs --hierarchy (the registry files oracles under a data set)")
     registry = args.registry or os.environ.get("POE_REGISTRY_ADDR") or target
@@ -197,8 +200,12 @@ def _start_params(args: argparse.Namespace, target: str) -> dict:
     if not args.dataset:
         raise InvalidArgument("--dataset is required (fashion-mnist, an IDX folder, an image folder or an .npz)")
     path = Path(args.dataset).expanduser()
-    params: dict = {"dataset": str(path.resolve()) if args.dataset != "fashion-mnist" and path.exists()
-                    else args.dataset}
+    params: dict = {"dataset": args.dataset}
+    if path.exists():
+        from poe.engine.data import builtin_dataset  # torch: imported only when a path could be meant
+
+        if builtin_dataset(args.dataset) is None:
+            params["dataset"] = str(path.resolve())  # the extractor's working directory is not ours
     if args.hierarchy:
         if Path(args.hierarchy).is_file():
             params["hierarchy_text"] = Path(args.hierarchy).read_text()
@@ -281,17 +288,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    from poe.engine.config import settings
-    from poe_services.extractor.server import serve
-
-    cfg = settings()
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(cfg, port=args.port, host=args.host, grace=args.grace, registry_target=args.registry)
-
-
 # -- parsers ---------------------------------------------------------------------------------------
 
 def _target_flag(p: argparse.ArgumentParser, default=None) -> None:
@@ -351,16 +347,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         p.set_defaults(func=func)
     return ex
-
-
-def add_serve_parser(serve_subparsers) -> argparse.ArgumentParser:
-    """Add `extractor` under a `poe serve` group: the extractor alone, reaching the registry at
-    --registry (default POE_REGISTRY_ADDR). (`poe serve extractor` in poe/cli/serve.py hosts it
-    through poe_services.host instead; this hook is for groups built without the host.)"""
-    s = serve_subparsers.add_parser("extractor", help="run the extractor service (poe.v1.Extractor)")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
-    s.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds to let in-flight calls finish on shutdown")
-    s.add_argument("--registry", metavar="HOST:PORT", help="registry address (default POE_REGISTRY_ADDR)")
-    s.set_defaults(func=cmd_serve)
-    return s

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from poe.engine.errors import InvalidArgument, PoeError
+from poe.engine.errors import PoeError
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -127,16 +127,16 @@ def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -
         result = c.compose(classes, tasks=tasks, pool=args.pool or "", execution=args.execution, format=args.format)
     out = result.save(args.output)
     h = result.header
-    summary = {"output": str(out), "model_id": h["model_id"], "pool": h["pool"], "classes": h["classes"],
-               "experts": h["tasks"], "params": h["params"], "flops": h["flops"], "bytes": h["size"],
-               "sha256": h["sha256"], "expected_accuracy": round(h["expected_accuracy"], 4),
-               "cache_hit": h["cache_hit"], "ms": round(result.seconds * 1e3, 1)}
+    summary = {"output": str(out), "model_id": h.model_id, "pool": h.pool, "classes": list(h.classes),
+               "experts": list(h.tasks), "params": h.params, "flops": h.flops, "bytes": h.size,
+               "sha256": h.sha256, "expected_accuracy": round(h.expected_accuracy, 4),
+               "cache_hit": h.cache_hit, "ms": round(result.seconds * 1e3, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{out}: {', '.join(h['classes'])} from {h['pool']} experts [{', '.join(h['tasks'])}], "
-              f"{h['params']:,} params, {h['flops'] / 1e6:.1f} MFLOPs, {h['size'] / 1024:.0f} KiB, expected accuracy "
-              f"{h['expected_accuracy']:.3f}, {summary['ms']} ms{' (cached)' if h['cache_hit'] else ''}")
+        print(f"{out}: {', '.join(h.classes)} from {h.pool} experts [{', '.join(h.tasks)}], "
+              f"{h.params:,} params, {h.flops / 1e6:.1f} MFLOPs, {h.size / 1024:.0f} KiB, expected accuracy "
+              f"{h.expected_accuracy:.3f}, {summary['ms']} ms{' (cached)' if h.cache_hit else ''}")
     return 0
 
 
@@ -226,46 +226,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -- bench ---------------------------------------------------------------------------------------
 
 def cmd_bench_pool(args: argparse.Namespace) -> int:
-    from poe.engine import pool as pool_mod
-    from poe.engine.data import load_dataset
-    from poe.engine.evaluate import evaluate_pool, evaluate_served_pool
-    from poe.engine.nets import count_params
+    from poe.bench import pool as bench_pool
 
-    if bool(args.target) != bool(args.served):
-        raise InvalidArgument("--target and --served go together: the composer's address and the pool it serves")
-    pool = pool_mod.load(args.pool)
-    test = load_dataset(args.dataset or pool.info.get("dataset", "fashion-mnist"), "test")
-    t0 = time.time()
-    if args.target:  # models from the composer; the oracle from --pool
-        rows = evaluate_served_pool(args.target, args.served, pool.oracle(), test, args.max_tasks, args.execution)
-        ref = rows[0]["pool"] if rows else args.served
-    else:
-        rows = evaluate_pool(pool, test, args.max_tasks, fused=args.execution == "fused")
-        ref = pool.ref
-    oracle_params = count_params(pool.oracle())
-    deltas = [r["delta"] for r in rows]
-    summary = {"pool": ref, "served_by": args.target, "oracle_from": pool.ref, "queries": len(rows),
-               "test_images": len(test),
-               "oracle_params": oracle_params, "oracle_test_acc": pool.info.get("oracle", {}).get("test_acc"),
-               "mean_delta_pt": round(100 * sum(deltas) / len(deltas), 3),
-               "worst_delta_pt": round(100 * min(deltas), 3),
-               "mean_accuracy": round(sum(r["accuracy"] for r in rows) / len(rows), 5),
-               "mean_oracle_accuracy": round(sum(r["oracle_accuracy"] for r in rows) / len(rows), 5),
-               "one_task_params_max": max(r["params"] for r in rows if r["n"] == 1),
-               "seconds": round(time.time() - t0, 1), "rows": rows}
+    summary = bench_pool.run(args.pool, args.dataset, args.max_tasks, args.execution, args.target, args.served)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"{'tasks':<58} {'params':>8} {'PoE':>7} {'oracle':>7} {'delta':>7}")
-    for r in rows:
-        print(f"{'+'.join(r['tasks']):<58} {r['params']:>8,} {r['accuracy']:>7.4f} {r['oracle_accuracy']:>7.4f} "
-              f"{100 * r['delta']:>+6.2f}")
-    print(f"{len(rows)} queries on {len(test)} test images: mean delta {summary['mean_delta_pt']:+.2f} pt, "
-          f"worst {summary['worst_delta_pt']:+.2f} pt; oracle {oracle_params:,} params, largest one-task model "
-          f"{summary['one_task_params_max']:,} ({summary['one_task_params_max'] / oracle_params:.1%})")
+    print(json.dumps(summary) if args.json else bench_pool.table(summary))
     return 0
 
 
@@ -273,6 +240,7 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
     import tempfile
 
     from poe.bench import compose as bench
+    from poe.bench import report
 
     quick = args.quick
     with tempfile.TemporaryDirectory(prefix="poe-bench-") as home:
@@ -287,16 +255,11 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
     if args.update_docs:
-        from poe.bench import suite as bench_suite
-
         section = "compose-no-record" if args.no_record else "compose"
-        path = bench_suite.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)))
+        path = report.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)), bench.TITLE)
         print(f"bench: wrote section {section} of {path}", file=sys.stderr)
     print(text)
     return 0
-
-
-_SUITE_COMMON = ("pool", "dataset", "quick", "run", "work_dir", "json_out", "json", "update_docs", "docs")
 
 
 def _bench_command(args: argparse.Namespace) -> str:
@@ -317,24 +280,34 @@ def _bench_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def cmd_bench_suite(args: argparse.Namespace) -> int:
-    """`poe bench baselines | cross-expert | inference`: the measurements in poe/bench/suite.py."""
-    from poe.bench import suite as bench_suite
+# The benchmarks that measure the method against trained models and the oracle, one module each.
+_BENCH_MODULES = {"baselines": "poe.bench.baselines", "cross-expert": "poe.bench.cross_expert",
+                  "inference": "poe.bench.inference"}
+# Options about where the result goes, not what is measured.
+_BENCH_OUTPUT_OPTIONS = ("command", "bench", "func", "pool", "quick", "json_out", "json", "update_docs", "docs")
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "bench", "func", *_SUITE_COMMON)}
+
+def cmd_bench_part(args: argparse.Namespace) -> int:
+    """`poe bench baselines | cross-expert | inference`: the module of _BENCH_MODULES, its Markdown
+    section (or JSON) printed, written to --json-out and, with --update-docs, into --docs."""
+    import importlib
+
+    from poe.bench import report
+
+    bench = importlib.import_module(_BENCH_MODULES[args.bench])
+    options = {k: v for k, v in vars(args).items() if k not in _BENCH_OUTPUT_OPTIONS}
+    if "run" in options:
+        options["run_dir"] = options.pop("run")
     if options.pop("fp32", False):
         options["bf16"] = False
-    result = bench_suite.run(args.bench, args.pool, quick=args.quick, dataset=getattr(args, "dataset", None),
-                             run_dir=getattr(args, "run", None), work_dir=getattr(args, "work_dir", None),
-                             command=_bench_command(args),
-                             progress=lambda m: print(f"bench {args.bench}: {m}", file=sys.stderr, flush=True),
-                             **options)
-    text = bench_suite.markdown(result)
+    result = bench.run(args.pool, quick=args.quick, command=_bench_command(args),
+                       progress=lambda m: print(f"bench {args.bench}: {m}", file=sys.stderr, flush=True), **options)
+    text = bench.markdown(result)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     if args.update_docs:
-        path = bench_suite.update_docs(args.docs, args.bench, text)
+        path = report.update_docs(args.docs, args.bench, text, bench.TITLE)
         print(f"bench {args.bench}: updated section '{args.bench}' of {path}", file=sys.stderr)
     print(json.dumps(result) if args.json else text)
     return 0
@@ -347,7 +320,7 @@ def _int_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
-def _add_bench_suite_parsers(bsub) -> None:
+def _add_bench_part_parsers(bsub) -> None:
     def common(name: str, help_: str, description: str) -> argparse.ArgumentParser:
         p = bsub.add_parser(name, help=help_, description=description)
         p.add_argument("--pool", default="pools/fashion-mnist", help="pool directory (default pools/fashion-mnist)")
@@ -359,7 +332,7 @@ def _add_bench_suite_parsers(bsub) -> None:
         p.add_argument("--update-docs", action="store_true",
                        help="write the tables between this benchmark's markers in --docs")
         p.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
-        p.set_defaults(func=cmd_bench_suite)
+        p.set_defaults(func=cmd_bench_part)
         return p
 
     def training(p: argparse.ArgumentParser, what: str) -> None:
@@ -501,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "compose-no-record with --no-record)")
     bc.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bc.set_defaults(func=cmd_bench_compose)
-    _add_bench_suite_parsers(bsub)  # baselines, cross-expert, inference
+    _add_bench_part_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")
     pr.add_argument("model", help="composed model file (TorchScript with poe.json)")

@@ -1,9 +1,9 @@
-"""`poe registry ...` commands (and `poe serve registry`, via add_serve_parser).
+"""`poe registry ...` commands.
 
     poe registry migrate [--status]                 bring the database schema to head (Alembic)
     poe registry import POOL_DIR [--target T]       register and publish a pool directory
     poe registry list [--target T] [--class NAME]   published pool versions
-    poe registry serve [--port P]                   run the registry service
+    poe registry serve [--port P]                   run the registry service (same as `poe serve registry`)
 
 `--target` is HOST:PORT of a running registry, or `embedded`: a registry started inside this
 process on a loopback port, on the configured database and blob store (POE_DATABASE_URL,
@@ -43,16 +43,16 @@ def registry_client(target: str, args: argparse.Namespace) -> Iterator:
         with RegistryClient(target) as client:
             yield client
         return
-    from poe_services.registry.server import create_server
+    from poe_services.host import create_server
 
     cfg = _settings(args)
-    server, port = create_server("127.0.0.1:0", cfg, migrate=cfg.database_url.startswith("sqlite"))
-    server.start()
+    host = create_server("127.0.0.1:0", cfg, ("registry",), migrate=cfg.database_url.startswith("sqlite"))
+    host.start()
     try:
-        with RegistryClient(f"127.0.0.1:{port}") as client:
+        with RegistryClient(f"127.0.0.1:{host.port}") as client:
             yield client
     finally:
-        server.stop(None)
+        host.stop(None).wait(30)
 
 
 def _add_storage_flags(p: argparse.ArgumentParser) -> None:
@@ -132,24 +132,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+    from poe.cli.serve import run_services
 
-    from poe_services.registry.server import serve
-
-    cfg = _settings(args)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(cfg, port=args.port, host=args.host, migrate=True if args.migrate else None)
+    return run_services(args, ("registry",), True if args.migrate else None)
 
 
 # -- parsers -------------------------------------------------------------------------------------
-
-def _serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
-    p.add_argument("--migrate", action="store_true",
-                   help="migrate the database schema before starting (default: refuse an out-of-date schema)")
-    _add_storage_flags(p)
-    p.set_defaults(func=cmd_serve)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -183,13 +171,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_storage_flags(ls)
     ls.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("serve", help="run the registry service (poe.v1.Registry)")
-    _serve_flags(s)
+    from poe.cli.serve import add_serve_flags  # here: poe.cli.serve imports this module
+
+    s = sub.add_parser("serve", help="run the registry service (poe.v1.Registry); same as `poe serve registry`")
+    add_serve_flags(s)
+    s.set_defaults(func=cmd_serve)
     return reg
-
-
-def add_serve_parser(serve_subparsers) -> argparse.ArgumentParser:
-    """Add `registry` under a `poe serve` group (for whoever builds that group)."""
-    s = serve_subparsers.add_parser("registry", help="run the registry service (poe.v1.Registry)")
-    _serve_flags(s)
-    return s

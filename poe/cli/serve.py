@@ -1,4 +1,8 @@
-"""`poe serve NAME` and `poe up`: run services (one per process in Kubernetes, all in one locally)."""
+"""`poe serve NAME` and `poe up`: run services (one per process in Kubernetes, all in one locally).
+
+Every command that serves (these two and `poe registry serve`) goes through
+poe_services.host.run: one server builder, one signal loop.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import sys
 from poe.cli.registry import _add_storage_flags, _settings
 
 
-def _run(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None) -> int:
+def run_services(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None) -> int:
+    """Host `services` with the flags of add_serve_flags until SIGTERM/SIGINT."""
     from poe_services.host import run
 
     cfg = _settings(args)
@@ -22,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from poe_services.host import SERVICES
 
     services = SERVICES if args.service == "all" else (args.service,)
-    return _run(args, services, True if args.migrate else None)
+    return run_services(args, services, True if args.migrate else None)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -32,24 +37,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"poe up: state in {cfg.home} ({'embedded SQLite' if embedded else 'external database'}, "
           f"blobs {cfg.blob_url})", file=sys.stderr, flush=True)
     # The embedded database belongs to this process: bring its schema to head on start.
-    return _run(args, ("registry", "composer", "extractor"), True if (embedded or args.migrate) else None)
+    return run_services(args, ("registry", "composer", "extractor"), True if (embedded or args.migrate) else None)
 
 
-def _flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=50051, help="gRPC port for every hosted service (default 50051)")
-    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (default 9464)")
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that serves."""
+    p.add_argument("--port", type=int, default=50051,
+                   help="gRPC port for every hosted service (default 50051; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus /metrics port (default 9464; 0 picks a free one)")
     p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to let in-flight calls finish on shutdown")
-    p.add_argument("--migrate", action="store_true", help="migrate the registry's schema before starting")
+    p.add_argument("--migrate", action="store_true",
+                   help="migrate the registry's schema before starting (default: refuse an out-of-date schema)")
     _add_storage_flags(p)
 
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="run one service (registry, composer, extractor) or all on one port")
     s.add_argument("service", choices=["registry", "composer", "extractor", "all"])
-    _flags(s)
+    add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("up", help="run all three services locally on one port with the embedded defaults")
-    _flags(u)
+    add_serve_flags(u)
     u.set_defaults(func=cmd_up)

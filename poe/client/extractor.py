@@ -15,24 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import grpc
 from google.protobuf.json_format import ParseDict, ParseError
 
-from poe.client.errors import translate_rpc_errors
+from poe.client.base import GrpcClient
+from poe.contract import TERMINAL_STATES, state_value
 from poe.engine.errors import InvalidArgument, PoeError, Unavailable
 from poe.v1 import common_pb2 as c
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import extractor_pb2_grpc
-
-STATES = {"pending": c.EXTRACTION_STATE_PENDING, "running": c.EXTRACTION_STATE_RUNNING,
-          "succeeded": c.EXTRACTION_STATE_SUCCEEDED, "failed": c.EXTRACTION_STATE_FAILED,
-          "cancelled": c.EXTRACTION_STATE_CANCELLED}
-STATE_NAMES = {v: k for k, v in STATES.items()}
-TERMINAL = (c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_FAILED, c.EXTRACTION_STATE_CANCELLED)
-
-
-def state_name(state: int) -> str:
-    return STATE_NAMES.get(state, "unspecified")
 
 
 def params_message(params: pb.ExtractionParams | dict) -> pb.ExtractionParams:
@@ -45,33 +35,12 @@ def params_message(params: pb.ExtractionParams | dict) -> pb.ExtractionParams:
         raise InvalidArgument(f"params: {e}") from None
 
 
-class ExtractorClient:
-    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
-                 timeout: float | None = 120.0):
-        if target is None and channel is None:
-            from poe.engine.config import settings
-
-            target = settings().extractor_addr
-        self.target = target or "<channel>"
-        self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(target)
-        self.stub = extractor_pb2_grpc.ExtractorStub(self.channel)
-        self.timeout = timeout
-        self._what = f"extractor at {self.target}"
-
-    def close(self) -> None:
-        if self._own_channel:
-            self.channel.close()
-
-    def __enter__(self) -> ExtractorClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _call(self, method, request, timeout: float | None = None):
-        with translate_rpc_errors(self._what):
-            return method(request, timeout=timeout or self.timeout)
+class ExtractorClient(GrpcClient):
+    SERVICE = pb.DESCRIPTOR.services_by_name["Extractor"]
+    STUB = extractor_pb2_grpc.ExtractorStub
+    ADDRESS_SETTING = "extractor_addr"
+    DEFAULT_TIMEOUT = 120.0
+    RETRYABLE = ("GetExtraction", "ListExtractions", "WatchExtraction")
 
     def start(self, params: pb.ExtractionParams | dict, job_id: str = "") -> c.ExtractionJob:
         return self._call(self.stub.StartExtraction,
@@ -84,27 +53,14 @@ class ExtractorClient:
         return self._call(self.stub.CancelExtraction, pb.CancelExtractionRequest(job_id=job_id)).job
 
     def list(self, state: str | None = None, page_size: int = 0) -> Iterator[c.ExtractionJob]:
-        """All matching jobs, newest first (follows the pages)."""
-        if state is not None and state not in STATES:
-            raise InvalidArgument(f"state: expected one of {', '.join(STATES)}, got {state!r}")
-        token = ""
-        while True:
-            resp = self._call(self.stub.ListExtractions, pb.ListExtractionsRequest(
-                state=STATES[state] if state else c.EXTRACTION_STATE_UNSPECIFIED, page_size=page_size,
-                page_token=token))
-            yield from resp.jobs
-            token = resp.next_page_token
-            if not token:
-                return
+        """All matching jobs, newest first (follows the pages); `state` a state name or None (any)."""
+        return self._list(self.stub.ListExtractions, pb.ListExtractionsRequest, "jobs", state=state_value(state),
+                          page_size=page_size)
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.WatchExtractionResponse]:
         """One stream of updates; it ends after a terminal state (or when the extractor stops)."""
-        call = self.stub.WatchExtraction(pb.WatchExtractionRequest(job_id=job_id), timeout=timeout)
-        try:
-            with translate_rpc_errors(self._what):
-                yield from call
-        finally:
-            call.cancel()  # a caller that stops early ends the stream on the server too
+        return self._stream(self.stub.WatchExtraction, pb.WatchExtractionRequest(job_id=job_id), timeout,
+                            unbounded=True)
 
     def follow(self, job_id: str, timeout: float | None = None,
                reconnect_for: float = 120.0) -> Iterator[pb.WatchExtractionResponse]:
@@ -126,7 +82,7 @@ class ExtractorClient:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > reconnect_for:
                     raise
-            if last is not None and last.job.state in TERMINAL:
+            if last is not None and last.job.state in TERMINAL_STATES:
                 return
             time.sleep(0.5)
 

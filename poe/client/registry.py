@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-
-from poe.client.errors import translate_rpc_errors
+from poe.client.base import GrpcClient
+from poe.contract import hierarchy_message, state_value
 from poe.engine.errors import DataLoss, InvalidArgument, NotFound
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
@@ -34,76 +33,29 @@ if TYPE_CHECKING:
 
 CHUNK_SIZE = 1 << 20
 POOL_FORMAT = "poe.pool/v1"  # poe.engine.pool.FORMAT (not imported here: poe.engine.pool pulls in torch)
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
-
-STATES = {
-    "pending": c.EXTRACTION_STATE_PENDING, "running": c.EXTRACTION_STATE_RUNNING,
-    "succeeded": c.EXTRACTION_STATE_SUCCEEDED, "failed": c.EXTRACTION_STATE_FAILED,
-    "cancelled": c.EXTRACTION_STATE_CANCELLED,
-}
 
 
 def _json(d: dict | None) -> str:
     return json.dumps(d, sort_keys=True) if d else ""
 
 
-def _chunks(data: bytes) -> Iterator[bytes]:
-    for i in range(0, len(data), CHUNK_SIZE):
-        yield data[i:i + CHUNK_SIZE]
-
-
-def hierarchy_message(h: Hierarchy) -> c.Hierarchy:
-    return c.Hierarchy(dataset=h.dataset, version=h.version, classes=list(h.classes),
-                       tasks=[c.PrimitiveTask(name=t, class_ids=list(ids)) for t, ids in h.tasks.items()])
-
-
-class RegistryClient:
-    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
-                 timeout: float | None = 60.0):
-        if target is None and channel is None:
-            from poe.engine.config import settings
-
-            target = settings().registry_addr
-        self.target = target or "<channel>"
-        self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
-        self.timeout = timeout
-        self._what = f"registry at {self.target}"
-
-    def close(self) -> None:
-        if self._own_channel:
-            self.channel.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _call(self, method: Callable, request, timeout: float | None = None):
-        with translate_rpc_errors(self._what):
-            return method(request, timeout=timeout or self.timeout)
+class RegistryClient(GrpcClient):
+    SERVICE = r.DESCRIPTOR.services_by_name["Registry"]
+    STUB = registry_pb2_grpc.RegistryStub
+    ADDRESS_SETTING = "registry_addr"
+    DEFAULT_TIMEOUT = 60.0
+    # GetComposedModel is a read but counts a hit; the writes are not retried (GrpcClient says why).
+    RETRYABLE = ("GetHierarchy", "GetOracle", "GetLibrary", "GetExpert", "ListExperts", "GetPool", "ListPools",
+                 "ResolveClasses", "Download", "GetExtractionJob", "ListExtractionJobs", "GetLineage")
 
     def _upload(self, method: Callable, request_cls, metadata, data: bytes):
+        """A client-streaming upload: the metadata, then the bytes in chunks of CHUNK_SIZE."""
         def requests() -> Iterator:
             yield request_cls(metadata=metadata)
-            for chunk in _chunks(data):
-                yield request_cls(chunk=chunk)
+            for i in range(0, len(data), CHUNK_SIZE):
+                yield request_cls(chunk=data[i:i + CHUNK_SIZE])
 
-        with translate_rpc_errors(self._what):
-            return method(requests(), timeout=self.timeout)
-
-    # -- health ------------------------------------------------------------------------------------
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel connects (Unavailable after `timeout` seconds)."""
-        from poe.engine.errors import Unavailable
-
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise Unavailable(f"{self._what}: not reachable within {timeout:.0f} s") from None
+        return self._call(method, requests())
 
     # -- hierarchies -------------------------------------------------------------------------------
 
@@ -155,15 +107,8 @@ class RegistryClient:
     def list_experts(self, *, dataset: str = "", class_name: str = "", task: str = "", library_id: int = 0,
                      pool: str = "", page_size: int = 0) -> Iterator[r.Expert]:
         """All matching experts (follows the pages)."""
-        token = ""
-        while True:
-            resp = self._call(self.stub.ListExperts, r.ListExpertsRequest(
-                dataset=dataset, class_name=class_name, task=task, library_id=library_id, pool=pool,
-                page_size=page_size, page_token=token))
-            yield from resp.experts
-            token = resp.next_page_token
-            if not token:
-                return
+        return self._list(self.stub.ListExperts, r.ListExpertsRequest, "experts", dataset=dataset,
+                          class_name=class_name, task=task, library_id=library_id, pool=pool, page_size=page_size)
 
     # -- pools -------------------------------------------------------------------------------------
 
@@ -181,15 +126,8 @@ class RegistryClient:
 
     def list_pools(self, *, name: str = "", dataset: str = "", class_name: str = "", alias: str = "",
                    page_size: int = 0) -> Iterator[r.PoolVersion]:
-        token = ""
-        while True:
-            resp = self._call(self.stub.ListPools, r.ListPoolsRequest(
-                name=name, dataset=dataset, class_name=class_name, alias=alias, page_size=page_size,
-                page_token=token))
-            yield from resp.pools
-            token = resp.next_page_token
-            if not token:
-                return
+        return self._list(self.stub.ListPools, r.ListPoolsRequest, "pools", name=name, dataset=dataset,
+                          class_name=class_name, alias=alias, page_size=page_size)
 
     def set_alias(self, name: str, alias: str, version: str) -> r.PoolVersion:
         return self._call(self.stub.SetPoolAlias, r.SetPoolAliasRequest(name=name, alias=alias, version=version)).pool
@@ -211,12 +149,8 @@ class RegistryClient:
 
     def download(self, sha256: str, *, offset: int = 0, length: int = 0) -> bytes:
         """A blob's bytes; a whole download is verified against its sha256 (DataLoss otherwise)."""
-        parts: list[bytes] = []
-        with translate_rpc_errors(self._what):
-            for msg in self.stub.Download(r.DownloadRequest(sha256=sha256, offset=offset, length=length),
-                                          timeout=self.timeout):
-                parts.append(msg.data)
-        data = b"".join(parts)
+        data = b"".join(msg.data for msg in self._stream(
+            self.stub.Download, r.DownloadRequest(sha256=sha256, offset=offset, length=length)))
         if offset == 0 and length == 0 and hashlib.sha256(data).hexdigest() != sha256:
             raise DataLoss(f"blob {sha256[:12]}...: downloaded bytes do not match their sha256")
         return data
@@ -253,25 +187,17 @@ class RegistryClient:
     def update_job(self, job_id: str, *, state: str | None = None, progress: float | None = None,
                    stage: str | None = None, message: str | None = None, error: str | None = None,
                    oracle_id: int | None = None, pool: str | None = None) -> c.ExtractionJob:
-        if state is not None and state not in STATES:
-            raise InvalidArgument(f"state: expected one of {', '.join(STATES)}, got {state!r}")
-        req = r.UpdateExtractionJobRequest(job_id=job_id, state=STATES[state] if state else None, progress=progress,
-                                           stage=stage, message=message, error=error, oracle_id=oracle_id, pool=pool)
+        req = r.UpdateExtractionJobRequest(job_id=job_id, state=state_value(state) if state else None,
+                                           progress=progress, stage=stage, message=message, error=error,
+                                           oracle_id=oracle_id, pool=pool)
         return self._call(self.stub.UpdateExtractionJob, req).job
 
     def get_job(self, job_id: str) -> c.ExtractionJob:
         return self._call(self.stub.GetExtractionJob, r.GetExtractionJobRequest(job_id=job_id)).job
 
     def list_jobs(self, state: str | None = None, page_size: int = 0) -> Iterator[c.ExtractionJob]:
-        token = ""
-        while True:
-            resp = self._call(self.stub.ListExtractionJobs, r.ListExtractionJobsRequest(
-                state=STATES[state] if state else c.EXTRACTION_STATE_UNSPECIFIED, page_size=page_size,
-                page_token=token))
-            yield from resp.jobs
-            token = resp.next_page_token
-            if not token:
-                return
+        return self._list(self.stub.ListExtractionJobs, r.ListExtractionJobsRequest, "jobs", state=state_value(state),
+                          page_size=page_size)
 
     def lineage(self, kind: str, ident: str | int) -> list[r.LineageNode]:
         return list(self._call(self.stub.GetLineage, r.GetLineageRequest(kind=kind, id=str(ident))).nodes)

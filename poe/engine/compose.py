@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine.errors import InvalidArgument, NotFound, field_error
 from poe.engine.nets import Head, Library, PreActBlock
 from poe.engine.pool import Pool
 
@@ -40,14 +40,31 @@ class Plan:
         return len(self.tasks)
 
 
-def plan(pool: Pool, classes: list[str | int] | None = None, tasks: list[str] | None = None) -> Plan:
-    """Resolve a request against the pool. Naming a task asks for all of its classes."""
-    classes, tasks = list(classes or []), list(tasks or [])
+def check_request(classes, tasks) -> None:
+    """InvalidArgument (field `classes`) for a request that names neither a class nor a task."""
     if not classes and not tasks:
-        raise InvalidArgument("empty request: name at least one class or primitive task")
+        raise field_error("classes", "empty request: name at least one class or primitive task")
+
+
+def plan(pool: Pool, classes: list[str | int] | None = None, tasks: list[str] | None = None) -> Plan:
+    """Resolve a request against the pool. Naming a task asks for all of its classes; a class is
+    named (case-insensitive) or given by id, an int or a string of digits.
+
+    The one resolution of a request: ComposeModel, the registry's ResolveClasses and `poe compose`
+    all answer through it. Only `pool.ref`, `pool.hierarchy` and the experts' `class_ids` are read."""
+    classes = [int(c) if isinstance(c, str) and c.strip().isdigit() else c for c in classes or []]
+    tasks = list(tasks or [])
+    check_request(classes, tasks)
     h = pool.hierarchy
-    ids = set(h.resolve_classes(classes)) if classes else set()
-    for t in h.resolve_tasks(tasks) if tasks else []:
+    try:
+        ids = set(h.resolve_classes(classes)) if classes else set()
+    except InvalidArgument as err:
+        raise field_error("classes", str(err)) from None
+    try:
+        named_tasks = h.resolve_tasks(tasks) if tasks else []
+    except InvalidArgument as err:
+        raise field_error("tasks", str(err)) from None
+    for t in named_tasks:
         ids.update(h.tasks[t])
     chosen = h.covering_tasks(ids)
     missing = [t for t in chosen if t not in pool.experts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,10 +193,50 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None, grayscal
                    torch.tensor(labels, dtype=torch.int64), tuple(d.name for d in class_dirs))
 
 
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A data set known by name: how to load a split, and the built-in hierarchy of its classes
+    (`poe/engine/hierarchies/<hierarchy>.yaml`)."""
+
+    name: str
+    hierarchy: str
+    load: Callable[[str], Dataset]  # split ("train" | "test") -> Dataset
+
+
+BUILTIN_DATASETS = {"fashion-mnist": BuiltinDataset("fashion-mnist", "fashion-mnist", load_fashion_mnist)}
+_SPELLINGS = {"fashion_mnist": "fashion-mnist"}  # other accepted spellings of built-in names
+
+
+def builtin_dataset(spec: str) -> BuiltinDataset | None:
+    """The built-in data set `spec` names, or None when `spec` is a path."""
+    return BUILTIN_DATASETS.get(_SPELLINGS.get(spec, spec))
+
+
+def default_hierarchy(spec: str) -> str:
+    """The name of the built-in hierarchy that goes with the data set `spec`: a built-in data set's
+    own, else the file or folder name (`data/mnist.npz` -> `mnist`), which may name no hierarchy."""
+    builtin = builtin_dataset(spec)
+    return builtin.hierarchy if builtin is not None else Path(spec).stem
+
+
+def has_test_split(spec: str) -> bool:
+    """Whether `load_dataset(spec, "test")` gives images other than the training images."""
+    if builtin_dataset(spec) is not None:
+        return True
+    path = Path(spec)
+    return path.is_dir() and (any(path.glob("t10k-images-idx3-ubyte*")) or (path / "test").is_dir())
+
+
+def dataset_choices() -> str:
+    """What a data set argument may be, for error messages."""
+    return f"{', '.join(BUILTIN_DATASETS)}, an IDX folder, an image folder or an .npz"
+
+
 def load_dataset(spec: str, split: str = "train") -> Dataset:
-    """`fashion-mnist`, a directory of IDX files, an image-folder directory or an .npz file."""
-    if spec in ("fashion-mnist", "fashion_mnist"):
-        return load_fashion_mnist(split)
+    """A built-in data set by name, a directory of IDX files, an image-folder directory or an .npz file."""
+    builtin = builtin_dataset(spec)
+    if builtin is not None:
+        return builtin.load(split)
     path = Path(spec)
     if path.suffix == ".npz":
         return load_npz(path)
@@ -206,7 +247,7 @@ def load_dataset(spec: str, split: str = "train") -> Dataset:
             return load_idx_pair(path, prefix, path.name, classes)
         sub = path / split
         return load_image_folder(sub if sub.is_dir() else path)
-    raise DataError(f"{spec}: unknown data set (use fashion-mnist, an IDX folder, an image folder or an .npz)")
+    raise DataError(f"{spec}: unknown data set (use {dataset_choices()})")
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

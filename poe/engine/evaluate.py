@@ -77,27 +77,3 @@ def evaluate_pool(pool: Pool, test: Dataset, max_tasks: int = 5, fused: bool = T
                      "params": sum(x.numel() for x in model.parameters())})
     return rows
 
-
-def evaluate_served_pool(target: str, ref: str, oracle: nn.Module, test: Dataset, max_tasks: int = 5,
-                         execution: str = "fused") -> list[dict]:
-    """`evaluate_pool` for a pool the composer at `target` serves: every query's model comes through
-    ComposeModel (sha256-verified) and is loaded with plain `torch.jit.load`; the registry is asked
-    at the same address for the pool's primitive tasks."""
-    from poe.client.composer import Composer
-    from poe.client.registry import RegistryClient
-
-    with RegistryClient(target) as registry:
-        pv = registry.get_pool(ref)
-    have = {e.task for e in pv.experts}
-    tasks = [t.name for t in pv.hierarchy.tasks if t.name in have]
-    oracle_logits = logits_of(oracle, test.images)
-    rows = []
-    with Composer(target) as composer:
-        for n in range(1, min(max_tasks, len(tasks)) + 1):
-            for combo in itertools.combinations(tasks, n):
-                result = composer.compose(tasks=list(combo), pool=ref, execution=execution)
-                model, meta = result.load()
-                r = evaluate_model(model, list(meta["class_ids"]), test, oracle_logits)
-                rows.append({"tasks": list(combo), "n": n, **r.as_dict(),
-                             "params": sum(x.numel() for x in model.parameters()), "pool": result.header["pool"]})
-    return rows

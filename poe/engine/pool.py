@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from poe.engine import hierarchy as hierarchy_mod
-from poe.engine.errors import DataLoss, InvalidArgument, NotFound
+from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from poe.engine.hierarchy import Hierarchy
 from poe.engine.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, count_params, make_expert
 
@@ -117,7 +117,17 @@ class Pool:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.info.get("input_shape", (self.library_config.in_channels, 28, 28)))  # type: ignore[return-value]
+        """[C, H, W] of the images the pool takes, as its info records it (`info.input_shape`)."""
+        shape = self.info.get("input_shape")
+        if not (isinstance(shape, list | tuple) and len(shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise FailedPrecondition(f"pool {self.ref} records no input shape: its info needs input_shape "
+                                     f"[channels, height, width] of the images its library was trained on, "
+                                     f"got {shape!r}")
+        if shape[0] != self.library_config.in_channels:
+            raise FailedPrecondition(f"pool {self.ref}: info.input_shape {list(shape)} has {shape[0]} channel(s) "
+                                     f"but its library takes {self.library_config.in_channels}")
+        return tuple(shape)  # type: ignore[return-value]
 
     def library(self) -> Library:
         lib = Library(self.library_config)

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from poe.client.registry import RegistryClient
-from poe.engine.compose import Plan, build, composed_state, plan, plan_params
+from poe.contract import ComposeHeader
+from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
 from poe.engine.errors import InvalidArgument, NotFound
 from poe.engine.export import ScriptCache, metadata
@@ -63,7 +64,7 @@ class ComposeRequest:
 
 @dataclass
 class Composition:
-    header: dict  # the ComposedModelHeader fields
+    header: ComposeHeader
     data: bytes | None = None  # None for DescribeComposition of an uncached model
 
 
@@ -80,10 +81,6 @@ class PoolView:
     expert_params: dict[str, int] = field(default_factory=dict)
     flops_library: int = 0
     flops_expert_convs: dict[str, int] = field(default_factory=dict)
-
-
-def _class_refs(values) -> list[str | int]:
-    return [int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in values]
 
 
 class StageTimer:
@@ -158,14 +155,12 @@ class ComposerEngine:
             shas[e.task] = e.blob.sha256
             ids[e.task] = e.id
         lib_cfg = wrn_config_from_dict(json.loads(pv.library.config_json))
-        if "input_shape" not in info:
-            info["input_shape"] = [lib_cfg.in_channels, 28, 28]
         pool = Pool(pv.name, pv.version, hier, lib_cfg, {}, {t: experts[t] for t in hier.tasks if t in experts},
                     info=info)
         view = PoolView(pool.ref, pool, pv.library.blob.sha256, shas, ids, pv.library.params,
                         {e.task: e.params for e in pv.experts})
         # FLOPs do not depend on weights: count them once per pool version on fresh modules.
-        c, hh, ww = pool.input_shape
+        c, hh, ww = pool.input_shape  # FailedPrecondition for a pool whose info records no input shape
         lib = Library(lib_cfg)
         view.flops_library = count_flops(lib, (c, hh, ww))
         feat = lib(torch.zeros(1, c, hh, ww)).shape[1:]
@@ -202,12 +197,11 @@ class ComposerEngine:
     # -- compose ---------------------------------------------------------------------------------
     def _plan(self, req: ComposeRequest, timer: StageTimer) -> tuple[PoolView, Plan]:
         with timer.stage("resolve"):
-            if not req.classes and not req.tasks:
-                raise InvalidArgument("classes: empty request: name at least one class or primitive task")
+            check_request(req.classes, req.tasks)  # before the pool look-up
             view = self.view(req.pool)
-            return view, plan(view.pool, _class_refs(req.classes), list(req.tasks))
+            return view, plan(view.pool, list(req.classes), list(req.tasks))
 
-    def _header(self, view: PoolView, p: Plan, req: ComposeRequest) -> dict:
+    def _header(self, view: PoolView, p: Plan, req: ComposeRequest) -> ComposeHeader:
         kept = {t: len(k) for t, k in zip(p.tasks, p.keep, strict=True)}
         accs = [(view.pool.experts[t].metrics.get("val_acc"), n) for t, n in kept.items()]
         expected = (sum(a * n for a, n in accs) / sum(n for _, n in accs)) if all(a is not None for a, _ in accs) \
@@ -215,21 +209,19 @@ class ComposerEngine:
         flops = view.flops_library + sum(view.flops_expert_convs[t] + view.pool.experts[t].config.width * n
                                          for t, n in kept.items())
         key = f"{view.ref}|{','.join(map(str, p.class_ids))}|{req.format}|{req.execution}"
-        return {"model_id": hashlib.sha256(key.encode()).hexdigest()[:16], "pool": view.ref,
-                "classes": list(p.class_names), "class_ids": list(p.class_ids), "tasks": list(p.tasks),
-                "expert_ids": [view.expert_ids[t] for t in p.tasks],
-                "params": plan_params(view.pool, p, view.library_params, view.expert_params),
-                "flops": flops, "format": req.format, "execution": req.execution,
-                "input_shape": list(view.pool.input_shape), "expected_accuracy": expected,
-                "size": 0, "sha256": "", "cache_hit": False, "metadata_json": ""}
+        return ComposeHeader(model_id=hashlib.sha256(key.encode()).hexdigest()[:16], pool=view.ref,
+                             classes=p.class_names, class_ids=p.class_ids, tasks=p.tasks,
+                             expert_ids=tuple(view.expert_ids[t] for t in p.tasks),
+                             params=plan_params(view.pool, p, view.library_params, view.expert_params),
+                             flops=flops, format=req.format, execution=req.execution,
+                             input_shape=tuple(view.pool.input_shape), expected_accuracy=expected)
 
     def describe(self, req: ComposeRequest) -> Composition:
         view, p = self._plan(req, StageTimer())
         header = self._header(view, p, req)
-        cached = self._models.get(header["model_id"])
+        cached = self._models.get(header.model_id)
         if cached is not None:
-            header.update(size=cached.header["size"], sha256=cached.header["sha256"],
-                          metadata_json=cached.header["metadata_json"], cache_hit=True)
+            header = dataclasses.replace(cached.header, cache_hit=True)
         return Composition(header)
 
     def compose(self, req: ComposeRequest, timer: StageTimer | None = None,
@@ -238,17 +230,17 @@ class ComposerEngine:
         timer = timer or StageTimer()
         view, p = self._plan(req, timer)
         header = self._header(view, p, req)
-        model_id = header["model_id"]
+        model_id = header.model_id
         cached = self._models.get(model_id)
         if cached is not None:
             metrics.CACHE_HITS.labels("model").inc()
-            return Composition({**cached.header, "cache_hit": True}, cached.data)
+            return Composition(dataclasses.replace(cached.header, cache_hit=True), cached.data)
         metrics.CACHE_MISSES.labels("model").inc()
         check()
         comp, shared = self._flight.do(("model", model_id), lambda: self._build(view, p, req, header, timer, check))
-        return Composition({**comp.header, "cache_hit": shared or comp.header["cache_hit"]}, comp.data)
+        return Composition(dataclasses.replace(comp.header, cache_hit=True), comp.data) if shared else comp
 
-    def _build(self, view: PoolView, p: Plan, req: ComposeRequest, header: dict, timer: StageTimer,
+    def _build(self, view: PoolView, p: Plan, req: ComposeRequest, header: ComposeHeader, timer: StageTimer,
                check: Callable[[], None]) -> Composition:
         fused = req.execution == "fused"
         with timer.stage("fetch"):
@@ -267,10 +259,9 @@ class ComposerEngine:
                 data = st_save({k: v.contiguous() for k, v in state.items()},
                                metadata={"poe.json": json.dumps(meta, sort_keys=True),
                                          "spec": json.dumps(self._spec(pool, p, req.execution), sort_keys=True)})
-        header = {**header, "size": len(data), "sha256": sha256_hex(data),
-                  "metadata_json": json.dumps(meta, sort_keys=True)}
+        header = dataclasses.replace(header, size=len(data), sha256=sha256_hex(data), metadata=meta)
         comp = Composition(header, data)
-        self._models.put(header["model_id"], comp, len(data))
+        self._models.put(header.model_id, comp, len(data))
         self._record(view, p, req, comp)
         return comp
 
@@ -298,9 +289,9 @@ class ComposerEngine:
         def put() -> None:
             try:
                 self.registry.put_composed_model(view.ref, p.class_ids, self._cache_format(req), comp.data,
-                                                 metadata=json.loads(comp.header["metadata_json"]))
+                                                 metadata=comp.header.metadata)
             except Exception as e:  # best effort: the composer keeps serving from memory
-                log.warning("composer: could not record %s in the registry: %s", comp.header["model_id"], e)
+                log.warning("composer: could not record %s in the registry: %s", comp.header.model_id, e)
             finally:
                 self._record_slots.release()
 

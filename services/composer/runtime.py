@@ -1,19 +1,23 @@
-"""The composer as a running service: engine, health (NOT_SERVING until warm) and shutdown."""
+"""The composer as a hosted service (poe_services.host): engine, health (NOT_SERVING until warm), shutdown."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
 from poe.engine.errors import NotFound, PoeError
 from poe_services.composer.engine import ComposerEngine
 from poe_services.composer.servicer import SERVICE_NAME, add_to_server
+
+if TYPE_CHECKING:
+    from poe_services.host import HealthReporter
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -36,13 +40,13 @@ class ComposerRuntime:
         self._warm = warm
         self._stop = threading.Event()
         self.ready = threading.Event()
-        self.health: health.HealthServicer | None = None
-        self._services: tuple[str, ...] = ()
+        self.health: HealthReporter | None = None
+        self.closed = False
 
-    def attach(self, server: grpc.Server, health_servicer: health.HealthServicer, *, overall: bool = False) -> None:
+    def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
+        """Add the Composer servicer to `server`; report "poe.v1.Composer" through `health`."""
         add_to_server(self.engine, server)
-        self.health = health_servicer
-        self._services = (SERVICE_NAME, "") if overall else (SERVICE_NAME,)
+        self.health = health
         self._set(NOT_SERVING)
 
     def start(self) -> None:
@@ -52,8 +56,7 @@ class ComposerRuntime:
 
     def _set(self, status) -> None:
         if self.health is not None:
-            for name in self._services:
-                self.health.set(name, status)
+            self.health.set(SERVICE_NAME, status)
 
     def _warm_up(self) -> None:
         delay = 0.2
@@ -82,5 +85,7 @@ class ComposerRuntime:
 
     def close(self) -> None:
         self.begin_shutdown()
-        self.engine.close()
-        self.registry.close()
+        if not self.closed:
+            self.closed = True
+            self.engine.close()
+            self.registry.close()

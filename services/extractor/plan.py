@@ -1,9 +1,9 @@
-"""StartExtraction's checks: a request -> the resolved job spec stored with the job in the registry.
+"""StartExtraction's checks: a request -> the resolved `JobSpec` stored with the job in the registry.
 
 Everything a job needs to run, or to resume after a restart, is resolved here once and recorded
-as the job's `params_json` (format poe.extraction/v1): the hierarchy inline, the oracle as a
-registry id or a TorchScript file in the run directory, the base pool's library and the experts
-it lends, every hyperparameter with its default filled in, and the pool version to publish.
+as the job's `params_json` (`spec.JobSpec`, format poe.extraction/v1): the hierarchy inline, the
+oracle as a registry id or a TorchScript file in the run directory, the base pool's library and the
+experts it lends, every hyperparameter with its default filled in, and the pool version to publish.
 
 The checks load the data set and the oracle, so that an oracle, data set and hierarchy that do not
 fit together are refused with INVALID_ARGUMENT before any job exists. Side effects (registering
@@ -14,32 +14,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
 from poe.client.registry import RegistryClient
+from poe.contract import hierarchy_from_message
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.config import Settings, resolve_device
-from poe.engine.data import Dataset, load_dataset
+from poe.engine.data import Dataset, builtin_dataset, dataset_choices, default_hierarchy, has_test_split, load_dataset
 from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError, field_error
 from poe.engine.hierarchy import Hierarchy
+from poe.engine.names import ALIAS, JOB_ID, NAME, VERSION
 from poe.engine.nets import WRNConfig, count_params
 from poe.engine.pool import config_to_dict
 from poe.engine.train import CKDSettings, Schedule
 from poe.v1 import extractor_pb2 as pb
 from poe_services.extractor import oracles
+from poe_services.extractor.spec import (
+    BaseSpec,
+    ExpertShape,
+    JobSpec,
+    Oracle,
+    PoolTarget,
+    RegistryOracle,
+    ReusedExpert,
+    StudentShape,
+    TorchScriptOracle,
+)
 
-FORMAT = "poe.extraction/v1"
 TORCHSCRIPT_FILE = "oracle.torchscript"
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as the registry checks pool names
-VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-ALIAS = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 DEFAULTS = {"student_depth": 16, "student_width": 1, "stem_stride": 1, "expert_width": 16, "library_epochs": 10,
             "expert_epochs": 10, "batch_size": 128, "lr": 0.1, "temperature": 4.0, "soft_weight": 1.0,
@@ -58,14 +64,6 @@ def check_job_id(job_id: str) -> str:
 
 
 # -- data ----------------------------------------------------------------------------------------
-
-def has_test_split(spec: str) -> bool:
-    """Whether `load_dataset(spec, "test")` gives images other than the training images."""
-    if spec in ("fashion-mnist", "fashion_mnist"):
-        return True
-    path = Path(spec)
-    return path.is_dir() and (any(path.glob("t10k-images-idx3-ubyte*")) or (path / "test").is_dir())
-
 
 def load_data(spec: str, subset: int = 0, seed: int = 0, with_test: bool = True) -> tuple[Dataset, Dataset | None]:
     """Training images (a stratified subset when asked) and, where the data set has one, its test split."""
@@ -114,10 +112,6 @@ def _numbers(p: pb.ExtractionParams) -> dict:
 
 # -- hierarchy -----------------------------------------------------------------------------------
 
-def hierarchy_from_pb(msg) -> Hierarchy:
-    return Hierarchy(msg.dataset, msg.version, tuple(msg.classes), {t.name: tuple(t.class_ids) for t in msg.tasks})
-
-
 def _hierarchy(p: pb.ExtractionParams, base) -> Hierarchy:
     try:
         if p.hierarchy_text:
@@ -131,8 +125,8 @@ def _hierarchy(p: pb.ExtractionParams, base) -> Hierarchy:
         field = "params.hierarchy_text" if p.hierarchy_text else "params.hierarchy"
         raise field_error(field, str(e)) from None
     if base is not None:
-        return hierarchy_from_pb(base.hierarchy)
-    name = "fashion-mnist" if p.dataset in ("fashion-mnist", "fashion_mnist") else Path(p.dataset).stem
+        return hierarchy_from_message(base.hierarchy, "params.base_pool.hierarchy")
+    name = default_hierarchy(p.dataset)
     try:
         return hierarchy_mod.builtin(name)
     except NotFound:
@@ -149,7 +143,7 @@ class Planner:
         self.settings = settings
         self.registry = registry
 
-    def plan(self, p: pb.ExtractionParams, staging: Path, busy: dict[str, str]) -> dict:
+    def plan(self, p: pb.ExtractionParams, staging: Path, busy: dict[str, str]) -> JobSpec:
         """The job spec; `staging` receives files the job needs (a TorchScript oracle); `busy` maps
         "name@version" targets of unfinished jobs to their job ids."""
         n = _numbers(p)
@@ -159,7 +153,7 @@ class Planner:
         except InvalidArgument as e:
             raise field_error("params.device", str(e)) from None
         if not p.dataset:
-            raise field_error("params.dataset", "required: fashion-mnist, an IDX folder, an image folder or an .npz")
+            raise field_error("params.dataset", f"required: {dataset_choices()}")
         for a in p.aliases:
             if not ALIAS.match(a) or a == "latest":
                 raise field_error("params.aliases", f"alias {a!r} must start with a lower-case letter, then letters, "
@@ -189,7 +183,7 @@ class Planner:
             requested = hier.resolve_tasks(p.tasks) if p.tasks else list(hier.tasks)
         except InvalidArgument as e:
             raise field_error("params.tasks", str(e)) from None
-        base_spec, expert_cfg = None, {"width": n["expert_width"], "blocks": (n["student_depth"] - 4) // 6}
+        base_spec, expert_cfg = None, ExpertShape(n["expert_width"], (n["student_depth"] - 4) // 6)
         student = None
         if base is None:
             try:
@@ -197,19 +191,19 @@ class Planner:
                           mean=(0.0,) * c, std=(1.0,) * c)
             except ValueError as e:
                 raise field_error("params.student_depth", str(e)) from None
-            student = {"depth": n["student_depth"], "width": n["student_width"], "stem_stride": n["stem_stride"]}
+            student = StudentShape(n["student_depth"], n["student_width"], n["stem_stride"])
             to_train = requested
         else:
             base_spec, expert_cfg = self._base(base, hier, p, n, (c, h, w), len(train.classes))
-            lent = base_spec["reuse"]
+            lent = base_spec.reuse
             if p.tasks:
                 covered = [t for t in requested if t in lent]
                 if covered:
-                    raise field_error("params.tasks", f"already covered by {base_spec['pool']}: {', '.join(covered)} "
+                    raise field_error("params.tasks", f"already covered by {base_spec.pool}: {', '.join(covered)} "
                                                       "(its experts are reused; list only new tasks)")
             to_train = [t for t in requested if t not in lent]
             if not to_train:
-                raise field_error("params.tasks", f"nothing to train: {base_spec['pool']} already covers every task "
+                raise field_error("params.tasks", f"nothing to train: {base_spec.pool} already covers every task "
                                                   f"of hierarchy {hier.dataset} v{hier.version}")
 
         # The oracle.
@@ -245,29 +239,27 @@ class Planner:
             cfg, data, source, params = register
             o, _ = self.registry.register_oracle(f"oracle {Path(source).name}", hier.dataset, config_to_dict(cfg),
                                                  data, params=params, metrics={"source": source})
-            oracle = {"kind": "registry", "id": o.id, "config": config_to_dict(cfg)}
+            oracle = RegistryOracle(o.id, config_to_dict(cfg))
 
         lib_schedule = Schedule(n["library_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
         exp_schedule = Schedule(n["expert_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
-        return {
-            "format": FORMAT, "request": request_dict(p),
-            "dataset": dataset, "subset": n["subset"], "seed": n["seed"], "views": n["views"],
-            "input_shape": [c, h, w], "num_classes": len(train.classes), "train_images": len(train),
-            "hierarchy": hier.to_dict(), "tasks": to_train, "oracle": oracle, "base": base_spec,
-            "student": student, "expert": expert_cfg,
-            "library_schedule": None if base is not None else asdict(lib_schedule),
-            "expert_schedule": asdict(exp_schedule),
-            "ckd": asdict(CKDSettings(n["temperature"], n["soft_weight"], n["scale_weight"])),
-            "device": device, "pool": {"name": pool_name, "version": version, "aliases": list(p.aliases)},
-        }
+        return JobSpec(
+            request=request_dict(p), dataset=dataset, subset=n["subset"], seed=n["seed"], views=n["views"],
+            input_shape=[c, h, w], num_classes=len(train.classes), train_images=len(train),
+            hierarchy=hier.to_dict(), tasks=to_train, oracle=oracle, base=base_spec, student=student,
+            expert=expert_cfg, library_schedule=None if base is not None else lib_schedule,
+            expert_schedule=exp_schedule, ckd=CKDSettings(n["temperature"], n["soft_weight"], n["scale_weight"]),
+            device=device, pool=PoolTarget(pool_name, version, list(p.aliases)))
 
     # -- pieces ----------------------------------------------------------------------------------
 
     @staticmethod
     def _dataset_spec(spec: str) -> str:
-        """Paths become absolute, so that a job resumed by another process reads the same files."""
-        if spec in ("fashion-mnist", "fashion_mnist"):
-            return "fashion-mnist"
+        """A built-in data set's name; paths become absolute, so that a job resumed by another
+        process reads the same files."""
+        builtin = builtin_dataset(spec)
+        if builtin is not None:
+            return builtin.name
         return str(Path(spec).expanduser().resolve())
 
     def _next_version(self, name: str, busy: dict[str, str]) -> str:
@@ -276,7 +268,8 @@ class Planner:
         numbers = [int(v) for v in versions if v.isdigit()]
         return str(max(numbers, default=0) + 1)
 
-    def _base(self, base, hier: Hierarchy, p: pb.ExtractionParams, n: dict, shape, num_classes: int):
+    def _base(self, base, hier: Hierarchy, p: pb.ExtractionParams, n: dict, shape,
+              num_classes: int) -> tuple[BaseSpec, ExpertShape]:
         lib_cfg = json.loads(base.library.config_json or "{}")
         cfg = oracles.wrn_config(lib_cfg, "params.base_pool")
         if base.dataset != hier.dataset:
@@ -292,11 +285,11 @@ class Planner:
             widths.add((int(xcfg.get("width", 0)), int(xcfg.get("blocks", 0))))
             task = hier.tasks.get(x.task)
             if task is not None and sorted(task) == sorted(x.class_ids):
-                reuse[x.task] = {"id": x.id, "sha256": x.blob.sha256, "class_ids": list(x.class_ids),
-                                 "config": xcfg, "params": x.params, "hierarchy_version": x.hierarchy_version,
-                                 "val_accuracy": x.val_accuracy if x.HasField("val_accuracy") else None,
-                                 "metrics": json.loads(x.metrics_json or "{}"),
-                                 "loss": json.loads(x.loss_json or "{}")}
+                reuse[x.task] = ReusedExpert(
+                    id=x.id, sha256=x.blob.sha256, class_ids=list(x.class_ids), config=xcfg, params=x.params,
+                    hierarchy_version=x.hierarchy_version,
+                    val_accuracy=x.val_accuracy if x.HasField("val_accuracy") else None,
+                    metrics=json.loads(x.metrics_json or "{}"), loss=json.loads(x.loss_json or "{}"))
         width, blocks = sorted(widths)[0] if widths else (n["expert_width"], cfg.blocks_per_group)
         if len(widths) > 1:
             raise field_error("params.base_pool", f"base pool {base.name}@{base.version} mixes expert shapes "
@@ -304,14 +297,15 @@ class Planner:
         if p.HasField("expert_width") and p.expert_width != width:
             raise field_error("params.expert_width", f"{p.expert_width} differs from the base pool's experts "
                                                      f"({width}); experts of one pool share one width")
-        spec = {"pool": f"{base.name}@{base.version}", "library_id": base.library.id,
-                "library_sha256": base.library.blob.sha256, "library_config": lib_cfg,
-                "library_oracle_id": base.library.oracle_id, "hierarchy_version": base.hierarchy.version,
-                "reuse": reuse, "dropped": [x.task for x in base.experts if x.task not in reuse]}
-        return spec, {"width": width, "blocks": blocks}
+        spec = BaseSpec(pool=f"{base.name}@{base.version}", library_id=base.library.id,
+                        library_sha256=base.library.blob.sha256, library_config=lib_cfg,
+                        library_oracle_id=base.library.oracle_id, hierarchy_version=base.hierarchy.version,
+                        reuse=reuse, dropped=[x.task for x in base.experts if x.task not in reuse])
+        return spec, ExpertShape(width, blocks)
 
-    def _oracle(self, p: pb.ExtractionParams, base, hier: Hierarchy, train: Dataset, dataset: str, staging: Path):
-        """(oracle spec, what to register or None)."""
+    def _oracle(self, p: pb.ExtractionParams, base, hier: Hierarchy, train: Dataset, dataset: str,
+                staging: Path) -> tuple[Oracle | None, tuple | None]:
+        """(oracle spec, what to register or None); the spec is None until a file's oracle is registered."""
         src = p.oracle.WhichOneof("source") if p.HasField("oracle") else None
         if src is None and base is not None and base.library.oracle_id:
             src, registry_id = "registry_id", base.library.oracle_id
@@ -328,7 +322,7 @@ class Planner:
                                                    f"hierarchy is for {hier.dataset!r}")
             cfg = oracles.wrn_config(json.loads(o.config_json or "{}"), "params.oracle")
             oracles.check_wrn_fits(cfg, train, dataset, "params.oracle")
-            return {"kind": "registry", "id": o.id, "config": config_to_dict(cfg)}, None
+            return RegistryOracle(o.id, config_to_dict(cfg)), None
         path = Path(p.oracle.path).expanduser()
         if not path.is_absolute():
             path = path.resolve()
@@ -341,8 +335,7 @@ class Planner:
             staging.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, staging / TORCHSCRIPT_FILE)
             sha = hashlib.sha256((staging / TORCHSCRIPT_FILE).read_bytes()).hexdigest()
-            return {"kind": "torchscript", "file": TORCHSCRIPT_FILE, "source": str(path), "sha256": sha,
-                    "num_classes": k}, None
+            return TorchScriptOracle(TORCHSCRIPT_FILE, str(path), sha, k), None
         cfg, model, data = oracles.read_wrn_file(path, p.oracle.config_json, field)
         oracles.check_wrn_fits(cfg, train, dataset, field)
         return None, (cfg, data, str(path), count_params(model))

@@ -1,6 +1,6 @@
 """The training half of an extraction job, in a worker process (multiprocessing, spawn context).
 
-The worker only computes: it reads the job spec and the inputs the extractor placed in the run
+The worker only computes: it reads the job spec (`spec.JobSpec`, as JSON) and the inputs the extractor placed in the run
 directory, trains, writes results into the run directory and reports to the extractor over a pipe
 (JSON messages, never pickles). The extractor does every registry call. Run directory::
 
@@ -21,6 +21,7 @@ worker that is killed (or an extractor that restarts) loses at most one epoch. M
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,6 +29,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from poe_services.extractor.spec import JobSpec
 
 WORKER_EVENTS = ("phase", "progress", "library", "expert", "trained", "error")
 
@@ -48,7 +53,7 @@ class Reporter:
             self.send(event="progress", **msg)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -56,7 +61,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class Extraction:
-    def __init__(self, spec: dict, run: Path, device: str, report: Reporter):
+    def __init__(self, spec: JobSpec, run: Path, device: str, report: Reporter):
         self.spec, self.run, self.device, self.report = spec, run, device, report
         self.units_total = 0
         self.units_done = 0
@@ -66,10 +71,11 @@ class Extraction:
     def _oracle(self):
         from poe.engine.pool import tensors_from_bytes
         from poe_services.extractor import oracles
+        from poe_services.extractor.spec import TorchScriptOracle
 
-        o = self.spec["oracle"]
-        if o["kind"] == "torchscript":
-            return oracles.load_torchscript(self.run / o["file"], "oracle", self.device), False
+        o = self.spec.oracle
+        if isinstance(o, TorchScriptOracle):
+            return oracles.load_torchscript(self.run / o.file, "oracle", self.device), False
         cfg = oracles.wrn_config(json.loads((self.run / "oracle.json").read_text())["config"], "oracle")
         state = tensors_from_bytes((self.run / "oracle.safetensors").read_bytes(), what="oracle")
         return oracles.load_wrn(cfg, state, "the registered oracle", "oracle"), True
@@ -91,21 +97,22 @@ class Extraction:
         from poe.engine import pipeline
         from poe.engine.nets import ExpertConfig, Library, WRNConfig, count_params
         from poe.engine.pool import config_to_dict, library_state_from_student, tensors_from_bytes, tensors_to_bytes
-        from poe.engine.train import CKDSettings, Schedule, TeacherViews, train_experts
+        from poe.engine.train import TeacherViews, train_experts
         from poe_services.extractor import oracles
         from poe_services.extractor.plan import load_data, task_seed
+        from poe_services.extractor.spec import RegistryOracle
 
         spec, run = self.spec, self.run
         self.report.send(event="phase", phase="prepare")
-        train, test = load_data(spec["dataset"], spec["subset"], spec["seed"])
-        hier = hierarchy_mod.from_dict(spec["hierarchy"])
-        tasks = spec["tasks"]
-        steps = (len(train) * spec["views"]) // spec["expert_schedule"]["batch_size"]
+        train, test = load_data(spec.dataset, spec.subset, spec.seed)
+        hier = hierarchy_mod.from_dict(spec.hierarchy)
+        tasks = spec.tasks
+        steps = (len(train) * spec.views) // spec.expert_schedule.batch_size
         lib_units = 0
-        if spec["library_schedule"] is not None:
-            ls = spec["library_schedule"]
-            lib_units = ls["epochs"] * ((len(train) * spec["views"]) // ls["batch_size"])
-        exp_units = spec["expert_schedule"]["epochs"] * steps
+        if spec.library_schedule is not None:
+            ls = spec.library_schedule
+            lib_units = ls.epochs * ((len(train) * spec.views) // ls.batch_size)
+        exp_units = spec.expert_schedule.epochs * steps
         self.units_total = lib_units + exp_units * len(tasks)
 
         # Teacher views: the oracle's logits on fixed views of the training set (once).
@@ -113,47 +120,46 @@ class Extraction:
         if not views_file.exists():
             self.report.send(event="phase", phase="teacher", units_total=self.units_total)
             oracle, is_wrn = self._oracle()
-            views = pipeline.teacher_stage(run, oracle, train, spec["views"], self.device, bf16=is_wrn)
+            views = pipeline.teacher_stage(run, oracle, train, spec.views, self.device, bf16=is_wrn)
             del oracle
         else:
             t = tensors_from_bytes(views_file.read_bytes(), what=str(views_file))
             views = TeacherViews(t["images"], t["logits"])
 
         # The library: the base pool's, or the front of a student trained by KD.
-        if spec["base"] is not None:
+        if spec.base is not None:
             cfg = oracles.wrn_config(json.loads((run / "base_library.json").read_text())["config"], "base library")
             library = Library(cfg)
             library.load_state_dict(tensors_from_bytes((run / "base_library.safetensors").read_bytes(),
-                                                       spec["base"]["library_sha256"], "base library"))
+                                                       spec.base.library_sha256, "base library"))
             library.eval()
         else:
-            s = spec["student"]
+            s = spec.student
             c = train.input_shape[0]
-            if spec["oracle"]["kind"] == "registry":
-                ocfg = oracles.wrn_config(spec["oracle"]["config"], "oracle")
+            if isinstance(spec.oracle, RegistryOracle):
+                ocfg = oracles.wrn_config(spec.oracle.config, "oracle")
                 mean, std = ocfg.mean, ocfg.std
             else:
                 x = train.images.float().div(255)
                 mean = tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))
                 std = tuple(round(max(float(v), 1e-3), 4) for v in x.std(dim=(0, 2, 3)))
-            student_cfg = WRNConfig(s["depth"], s["width"], c, len(train.classes), s["stem_stride"], mean=mean, std=std)
+            student_cfg = WRNConfig(s.depth, s.width, c, len(train.classes), s.stem_stride, mean=mean, std=std)
             if not (run / "student.safetensors").exists():
                 self.report.send(event="phase", phase="library", units_total=self.units_total)
-            student = pipeline.library_stage(run, views, test, student_cfg, Schedule(**spec["library_schedule"]),
+            student = pipeline.library_stage(run, views, test, student_cfg, spec.library_schedule,
                                              self.device, progress=self._progress_fn("library", 0), progress_every=1)
             meta = json.loads((run / "student.json").read_text())
             library = student.library.eval()
             data = tensors_to_bytes(library_state_from_student(student))
-            _write_atomic(run / "library.safetensors", data)
+            write_atomic(run / "library.safetensors", data)
             metrics = {k: meta[k] for k in ("test_acc",) if meta.get(k) is not None}
             self.report.send(event="library", file="library.safetensors", config=config_to_dict(student_cfg),
                              params=count_params(library), metrics={"student_" + k: v for k, v in metrics.items()},
-                             loss={"kind": "kd", "temperature": spec["ckd"]["temperature"]})
+                             loss={"kind": "kd", "temperature": spec.ckd.temperature})
         self.units_done = lib_units
 
         # Experts, one at a time (CKD on the frozen library's cached features).
-        ecfg = spec["expert"]
-        ckd = CKDSettings(**spec["ckd"])
+        ecfg = spec.expert
         features = None
         for k, task in enumerate(tasks, 1):
             ids = list(hier.tasks[task])
@@ -162,21 +168,21 @@ class Extraction:
             base_units = lib_units + (k - 1) * exp_units
             if not (out.exists() and meta_file.exists()):
                 self.report.progress(force=True, phase="experts", expert=k, experts=len(tasks), task=task, epoch=0,
-                                     epochs=spec["expert_schedule"]["epochs"], step=0, steps=steps, loss=0.0,
+                                     epochs=spec.expert_schedule.epochs, step=0, steps=steps, loss=0.0,
                                      units_done=base_units, units_total=self.units_total)
                 if features is None:
                     features = _features(library, views, self.device)
-                cfg = ExpertConfig(library.out_channels, ecfg["width"], ecfg["blocks"], len(ids))
-                sched = Schedule(**{**spec["expert_schedule"], "seed": task_seed(spec["seed"], task)})
-                head = train_experts(library, {task: ids}, cfg, views, None, sched, run, self.device, ckd,
+                cfg = ExpertConfig(library.out_channels, ecfg.width, ecfg.blocks, len(ids))
+                sched = dataclasses.replace(spec.expert_schedule, seed=task_seed(spec.seed, task))
+                head = train_experts(library, {task: ids}, cfg, views, None, sched, run, self.device, spec.ckd,
                                      self._progress_fn("experts", base_units, k, len(tasks), task),
                                      stage=f"expert-{task}", progress_every=1, features=features)[task]
                 metrics = _val_metrics(library, head, ids, test, self.device)
                 state = {key: v.detach().cpu() for key, v in head.state_dict().items()}
                 params = sum(p.numel() for p in head.parameters())
                 meta = {"task": task, "class_ids": ids, "config": config_to_dict(cfg), "params": params,
-                        "metrics": metrics, "loss": dict(spec["ckd"])}
-                _write_atomic(out, tensors_to_bytes(state))
+                        "metrics": metrics, "loss": dataclasses.asdict(spec.ckd)}
+                write_atomic(out, tensors_to_bytes(state))
                 meta_file.write_text(json.dumps(meta, indent=2) + "\n")
             meta = json.loads(meta_file.read_text())
             self.report.send(event="expert", index=k, experts=len(tasks), file=f"experts/{task}.safetensors", **meta)
@@ -224,7 +230,9 @@ def main(job_id: str, spec_json: str, run_dir: str, device: str, threads: int, c
         import torch
 
         torch.set_num_threads(max(1, threads))
-        spec = json.loads(spec_json)
+        from poe_services.extractor.spec import JobSpec
+
+        spec = JobSpec.from_dict(json.loads(spec_json))
         Extraction(spec, Path(run_dir), device, report).run_all()
         report.send(event="trained")
     except Exception as e:  # everything is reported, then the process ends

@@ -8,5 +8,5 @@ Layers, each usable on its own:
   the managed session and the migration helpers; `migrations/` ships the Alembic scripts).
 - `core.Registry`: store + blob store: uploads (staged, verified, committed with their rows),
   verified downloads, health.
-- `servicer.RegistryServicer`: the thin gRPC layer; `server.create_server` / `server.serve`.
+- `servicer.RegistryServicer`: the thin gRPC layer; `runtime.RegistryRuntime`: what `poe_services.host` hosts.
 """

@@ -131,11 +131,6 @@ class Registry:
 
         return blob, chunks()
 
-    def read(self, sha256: str) -> bytes:
-        """A registered blob's verified bytes."""
-        _, chunks = self.download(sha256)
-        return b"".join(data for _, data in chunks)
-
     # -- health ----------------------------------------------------------------------------------
 
     def problems(self) -> list[str]:

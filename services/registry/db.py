@@ -29,6 +29,12 @@ from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
+# Alembic logs at INFO whenever it is used (each plugin it sets up, "Context impl SQLiteImpl.",
+# "Will assume non-transactional DDL."): a service logging at INFO would print that at every start.
+# Its loggers stay at WARNING unless the application configured them; `upgrade` logs what changed.
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIGRATE_COMMAND = "poe registry migrate"
 
@@ -187,17 +193,24 @@ def require_current_schema(engine: Engine) -> None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> SchemaStatus:
+    """Migrate to `revision`; one INFO line when the schema changed."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     token = _sqlite_write.set(True)
     try:
         with engine.begin() as conn:
+            before = MigrationContext.configure(conn).get_current_revision()
             command.upgrade(alembic_config(conn), revision)
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
         raise Unavailable(f"database unavailable ({_first_line(getattr(e, 'orig', e))})") from None
     finally:
         _sqlite_write.reset(token)
-    return schema_status(engine)
+    status = schema_status(engine)
+    if status.current != before:
+        log.info("registry database %s: schema %s -> %s", engine.url.render_as_string(hide_password=True),
+                 before or "empty", status.current)
+    return status
 
 
 def downgrade(engine: Engine, revision: str = "base") -> SchemaStatus:

@@ -138,16 +138,6 @@ class PoolVersion:
 
 
 @dataclass(frozen=True)
-class Resolution:
-    """The answer to "which experts do these classes need" for one pool version."""
-
-    pool: PoolVersion
-    class_ids: tuple[int, ...]  # sorted
-    class_names: tuple[str, ...]
-    experts: tuple[Expert, ...]  # hierarchy order
-
-
-@dataclass(frozen=True)
 class ComposedModelSpec:
     pool: str  # pool reference; resolved to a version
     class_ids: tuple[int, ...]

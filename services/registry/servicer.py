@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from poe.contract import STATES, hierarchy_from_message, hierarchy_message, request_refs, state_name, state_value
 from poe.engine.errors import field_error
 from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
@@ -22,16 +24,6 @@ from poe_services.registry.blobstore import CHUNK_SIZE
 from poe_services.registry.core import Registry
 
 SERVICE_NAME = r.DESCRIPTOR.services_by_name["Registry"].full_name  # "poe.v1.Registry"
-
-_STATE_TO_PB = {
-    e.JobState.PENDING: c.EXTRACTION_STATE_PENDING,
-    e.JobState.RUNNING: c.EXTRACTION_STATE_RUNNING,
-    e.JobState.SUCCEEDED: c.EXTRACTION_STATE_SUCCEEDED,
-    e.JobState.FAILED: c.EXTRACTION_STATE_FAILED,
-    e.JobState.CANCELLED: c.EXTRACTION_STATE_CANCELLED,
-}
-_STATE_FROM_PB = {pb: st for st, pb in _STATE_TO_PB.items()}
-
 
 # -- entity -> message ---------------------------------------------------------------------------
 
@@ -49,12 +41,6 @@ def _json(d: dict) -> str:
 
 def blob_pb(b: e.Blob | None) -> c.BlobRef | None:
     return c.BlobRef(sha256=b.sha256, size=b.size, media_type=b.media_type) if b else None
-
-
-def hierarchy_pb(h: Hierarchy) -> c.Hierarchy:
-    return c.Hierarchy(dataset=h.dataset, version=h.version, classes=list(h.classes),
-                       tasks=[c.PrimitiveTask(name=t, class_ids=list(ids), class_names=[h.classes[i] for i in ids])
-                              for t, ids in h.tasks.items()])
 
 
 def oracle_pb(o: e.Oracle) -> r.Oracle:
@@ -78,7 +64,7 @@ def expert_pb(x: e.Expert) -> r.Expert:
 
 def pool_pb(p: e.PoolVersion) -> r.PoolVersion:
     return r.PoolVersion(name=p.name, version=p.version, aliases=list(p.aliases), dataset=p.dataset,
-                         hierarchy=hierarchy_pb(p.hierarchy), library=library_pb(p.library),
+                         hierarchy=hierarchy_message(p.hierarchy), library=library_pb(p.library),
                          experts=[expert_pb(x) for x in p.experts], info_json=_json(p.info),
                          description=p.description, publish_time=_ts(p.published_at), params=p.params)
 
@@ -90,38 +76,28 @@ def composed_pb(m: e.ComposedModel) -> r.ComposedModel:
 
 
 def job_pb(j: e.ExtractionJob) -> c.ExtractionJob:
-    return c.ExtractionJob(id=j.id, state=_STATE_TO_PB[j.state], progress=j.progress, stage=j.stage,
+    return c.ExtractionJob(id=j.id, state=state_value(j.state), progress=j.progress, stage=j.stage,
                            message=j.message, params_json=_json(j.params), error=j.error, oracle_id=j.oracle_id or 0,
                            pool=j.pool or "", create_time=_ts(j.created_at), update_time=_ts(j.updated_at))
 
 
 # -- message -> domain ---------------------------------------------------------------------------
 
-def hierarchy_from_pb(msg: c.Hierarchy, field: str = "hierarchy") -> Hierarchy:
-    classes = tuple(msg.classes)
-    if not classes:
-        raise field_error(f"{field}.classes", "must not be empty")
-    index = {n.casefold(): i for i, n in enumerate(classes)}
-    tasks: dict[str, tuple[int, ...]] = {}
-    for t in msg.tasks:
-        if t.class_ids:
-            ids = tuple(t.class_ids)
-            bad = [i for i in ids if not 0 <= i < len(classes)]
-            if bad:
-                raise field_error(f"{field}.tasks",
-                                  f"task {t.name!r}: class ids {bad} out of range 0..{len(classes) - 1}")
-        else:  # names only
-            unknown = [n for n in t.class_names if n.casefold() not in index]
-            if unknown:
-                raise field_error(f"{field}.tasks", f"task {t.name!r}: unknown classes {unknown}")
-            ids = tuple(index[n.casefold()] for n in t.class_names)
-        if t.name in tasks:
-            raise field_error(f"{field}.tasks", f"task {t.name!r} listed twice")
-        tasks[t.name] = ids
-    try:
-        return Hierarchy(msg.dataset, msg.version or 1, classes, tasks)
-    except ValueError as err:  # InvalidArgument from the hierarchy's own validation
-        raise field_error(field, str(err)) from None
+def _job_state(value: int, field: str = "state") -> e.JobState:
+    """The JobState of an ExtractionState enum value; InvalidArgument for UNSPECIFIED or unknown."""
+    name = state_name(value)
+    if name not in STATES:
+        raise field_error(field, f"unknown or unspecified state {value}")
+    return e.JobState(name)
+
+
+@dataclass(frozen=True)
+class _PoolOutline:
+    """What `poe.engine.compose.plan` reads of a pool: no weights, no network configs."""
+
+    ref: str
+    hierarchy: Hierarchy
+    experts: dict[str, e.Expert]  # task -> expert
 
 
 def _upload(request_iterator, kind: str):
@@ -156,13 +132,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def RegisterHierarchy(self, request, context):
         if not request.HasField("hierarchy"):
             raise field_error("hierarchy", "required")
-        h, created = self.store.add_hierarchy(hierarchy_from_pb(request.hierarchy))
-        return r.RegisterHierarchyResponse(hierarchy=hierarchy_pb(h), created=created)
+        h, created = self.store.add_hierarchy(hierarchy_from_message(request.hierarchy))
+        return r.RegisterHierarchyResponse(hierarchy=hierarchy_message(h), created=created)
 
     def GetHierarchy(self, request, context):
         v.name(request.dataset, "dataset", "data set name")
-        return r.GetHierarchyResponse(hierarchy=hierarchy_pb(self.store.get_hierarchy(request.dataset,
-                                                                                      request.version or None)))
+        return r.GetHierarchyResponse(hierarchy=hierarchy_message(self.store.get_hierarchy(request.dataset,
+                                                                                           request.version or None)))
 
     # -- artifacts ---------------------------------------------------------------------------------
 
@@ -235,10 +211,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return r.DeletePoolVersionResponse(deleted_cache_entries=dropped)
 
     def ResolveClasses(self, request, context):
-        res = self.store.resolve(request.pool, list(request.classes), list(request.tasks))
-        return r.ResolveClassesResponse(pool=res.pool.ref, class_ids=list(res.class_ids),
-                                        class_names=list(res.class_names), library=library_pb(res.pool.library),
-                                        experts=[expert_pb(x) for x in res.experts], info_json=_json(res.pool.info))
+        # The composer's resolution, so that a request gets the same answer and the same errors
+        # here as from ComposeModel. Imported on first use: it loads torch, which nothing else in
+        # the registry needs.
+        from poe.engine.compose import check_request, plan
+
+        classes, tasks = request_refs(request.classes, request.tasks)
+        check_request(classes, tasks)  # before the pool look-up, as in ComposeModel
+        pool = self.store.get_pool(request.pool)
+        experts = {x.task: x for x in pool.experts}
+        p = plan(_PoolOutline(pool.ref, pool.hierarchy, experts), list(classes), list(tasks))  # type: ignore[arg-type]
+        return r.ResolveClassesResponse(pool=pool.ref, class_ids=p.class_ids, class_names=p.class_names,
+                                        library=library_pb(pool.library), info_json=_json(pool.info),
+                                        experts=[expert_pb(experts[t]) for t in p.tasks])
 
     # -- blobs -------------------------------------------------------------------------------------
 
@@ -272,13 +257,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return r.CreateExtractionJobResponse(job=job_pb(job))
 
     def UpdateExtractionJob(self, request, context):
-        state = None
-        if request.HasField("state"):
-            if request.state not in _STATE_FROM_PB:
-                raise field_error("state", f"unknown or unspecified state {request.state}")
-            state = _STATE_FROM_PB[request.state]
         upd = e.JobUpdate(
-            state=state,
+            state=_job_state(request.state) if request.HasField("state") else None,
             progress=request.progress if request.HasField("progress") else None,
             stage=request.stage if request.HasField("stage") else None,
             message=request.message if request.HasField("message") else None,
@@ -291,11 +271,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return r.GetExtractionJobResponse(job=job_pb(self.store.get_job(request.job_id)))
 
     def ListExtractionJobs(self, request, context):
-        state = None
-        if request.state != c.EXTRACTION_STATE_UNSPECIFIED:
-            if request.state not in _STATE_FROM_PB:
-                raise field_error("state", f"unknown state {request.state}")
-            state = _STATE_FROM_PB[request.state]
+        state = _job_state(request.state) if request.state != c.EXTRACTION_STATE_UNSPECIFIED else None
         page = self.store.list_jobs(state, request.page_size, request.page_token)
         return r.ListExtractionJobsResponse(jobs=[job_pb(j) for j in page.items], next_page_token=page.next_page_token)
 

@@ -18,8 +18,9 @@ from typing import TypeVar
 from sqlalchemy import Engine, delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, field_error
+from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
 from poe.engine.hierarchy import Hierarchy
+from poe.engine.names import JOB_ID
 from poe_services.registry import db
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
@@ -528,32 +529,6 @@ class SqlRegistryStore(RegistryStore):
                 self._set_alias_row(s, pool_id, LATEST, newest)
             return int(dropped or 0)
 
-    def resolve(self, ref: str, classes: Sequence[str | int], tasks: Sequence[str] = ()) -> e.Resolution:
-        if not classes and not tasks:
-            raise field_error("classes", "name at least one class or task")
-        with self._session() as s:
-            pv = self._pool_version(s, ref)
-            pool = pv.to_entity()
-        h = pool.hierarchy
-        try:
-            ids = set(h.resolve_classes(list(classes))) if classes else set()
-        except InvalidArgument as err:
-            raise field_error("classes", str(err)) from None
-        try:
-            for t in h.resolve_tasks(list(tasks)):
-                ids.update(h.tasks[t])
-        except InvalidArgument as err:
-            raise field_error("tasks", str(err)) from None
-        by_task = {x.task: x for x in pool.experts}
-        needed = h.covering_tasks(ids)
-        missing = [t for t in needed if t not in by_task]
-        if missing:
-            wanted = [h.classes[i] for i in sorted(ids) if h.task_of(i) in missing]
-            raise FailedPrecondition(f"pool {pool.ref} has no expert for task(s) {', '.join(missing)} "
-                                     f"(needed for {', '.join(wanted)})")
-        ordered = tuple(sorted(ids))
-        return e.Resolution(pool, ordered, tuple(h.classes[i] for i in ordered), tuple(by_task[t] for t in needed))
-
     # -- composed-model cache ------------------------------------------------------------------
 
     def add_composed_model(self, spec: e.ComposedModelSpec, blob: e.Blob,
@@ -612,7 +587,7 @@ class SqlRegistryStore(RegistryStore):
     def create_job(self, params: dict, oracle_id: int | None = None, job_id: str | None = None) -> e.ExtractionJob:
         v.mapping(params, "params_json")
         if job_id:
-            if not v.JOB_ID.match(job_id):
+            if not JOB_ID.match(job_id):
                 raise field_error("job_id", f"{job_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         else:
             job_id = uuid.uuid4().hex

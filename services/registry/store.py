@@ -32,7 +32,6 @@ from poe_services.registry.entities import (
     PoolFilter,
     PoolSpec,
     PoolVersion,
-    Resolution,
 )
 
 BeforeCommit = Callable[[], object] | None
@@ -153,14 +152,6 @@ class RegistryStore(ABC):
         Aliases other than `latest` pointing at it are references (FailedPrecondition); `latest`
         moves to the newest remaining version. Its composed-model cache entries go with it, jobs
         that produced it forget it. Artifacts (library, experts) and blobs stay.
-        """
-
-    @abstractmethod
-    def resolve(self, ref: str, classes: Sequence[str | int], tasks: Sequence[str] = ()) -> Resolution:
-        """Class names/ids and task names -> sorted class ids and the experts covering them.
-
-        InvalidArgument for unknown classes or tasks or an empty request; FailedPrecondition when
-        the pool version has no expert for a needed task.
         """
 
     # -- composed-model cache ------------------------------------------------------------------

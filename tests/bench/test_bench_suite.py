@@ -1,4 +1,4 @@
-"""`poe bench baselines | cross-expert | inference` in quick mode, so the harness cannot rot.
+"""`poe bench baselines | cross-expert | inference` in quick mode, so the harnesses cannot rot.
 
 Every part runs once through the real command line (in process) on a small pool with random
 weights and real Fashion-MNIST images; the tests check the JSON it writes, the Markdown it puts
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from poe.bench import suite as bench_suite
+from poe.bench import baselines, common, cross_expert, inference, report
 from poe.cli.main import main
 from poe.engine.compose import compose
 from poe.engine.errors import InvalidArgument
@@ -65,17 +65,17 @@ def run_part(part: str, pool_dir: Path, docs: Path, tmp: Path, *extra: str) -> t
 
 
 @pytest.fixture(scope="module")
-def baselines(pool_dir, docs, tmp_path_factory):
+def baselines_run(pool_dir, docs, tmp_path_factory):
     return run_part("baselines", pool_dir, docs, tmp_path_factory.mktemp("out"))
 
 
 @pytest.fixture(scope="module")
-def cross_expert(pool_dir, docs, tmp_path_factory):
+def cross_expert_run(pool_dir, docs, tmp_path_factory):
     return run_part("cross-expert", pool_dir, docs, tmp_path_factory.mktemp("out"))
 
 
 @pytest.fixture(scope="module")
-def inference(pool_dir, docs, tmp_path_factory):
+def inference_run(pool_dir, docs, tmp_path_factory):
     return run_part("inference", pool_dir, docs, tmp_path_factory.mktemp("out"))
 
 
@@ -91,8 +91,8 @@ def check_provenance(result: dict, part: str, pool_dir: Path) -> None:
 
 # -- baselines -----------------------------------------------------------------------------------
 
-def test_baselines_rows_are_complete_and_in_range(baselines, pool_dir, random_pool):
-    result, _, _ = baselines
+def test_baselines_rows_are_complete_and_in_range(baselines_run, pool_dir, random_pool):
+    result, _, _ = baselines_run
     check_provenance(result, "baselines", pool_dir)
     assert result["queries"] == len(result["rows"]) == 2 and result["possible_queries"] == 31
     assert sorted(r["n"] for r in result["rows"]) == [1, 2]  # the sample is spread over the sizes
@@ -125,9 +125,9 @@ def test_baselines_rows_are_complete_and_in_range(baselines, pool_dir, random_po
         assert r["fastest_baseline_s"] == (min(reached) if reached else None)
 
 
-def test_baseline_heads_are_w_times_n_wide(baselines):
+def test_baseline_heads_are_w_times_n_wide(baselines_run):
     """For one primitive task, Scratch, Transfer and CKD head have exactly PoE's architecture."""
-    result, _, _ = baselines
+    result, _, _ = baselines_run
     one = next(r for r in result["rows"] if r["n"] == 1)
     assert one["scratch"]["params"] == one["transfer"]["params"] == one["ckd"]["params"] == one["poe"]["params"]
     assert one["scratch"]["flops"] == one["transfer"]["flops"] == one["poe"]["flops"]
@@ -135,15 +135,15 @@ def test_baseline_heads_are_w_times_n_wide(baselines):
     assert two["transfer"]["params"] > two["poe"]["params"]  # one 2w-wide head has more weights than two w-wide
 
 
-def test_baselines_summary_and_docs(baselines, docs):
-    result, out, _ = baselines
+def test_baselines_summary_and_docs(baselines_run, docs):
+    result, out, _ = baselines_run
     s = result["summary"]
     assert set(s["by_n"]) == {"1", "2"} and s["all"]["queries"] == 2
     means = [r["poe"]["accuracy"] for r in result["rows"]]
     assert s["all"]["poe_accuracy"] == pytest.approx(sum(means) / 2, abs=1e-6)
     assert s["all"]["poe_minus_scratch_pt"]["min"] <= s["all"]["poe_minus_scratch_pt"]["mean"]
     text = docs.read_text()
-    start, end = bench_suite.markers("baselines")
+    start, end = report.markers("baselines")
     section = text[text.index(start):text.index(end)]
     assert result["command"] in section and "Quick mode" in section and "| n | queries | oracle (restricted)" in section
     assert "Time to build" in out and "speed-up" in out
@@ -151,8 +151,8 @@ def test_baselines_summary_and_docs(baselines, docs):
 
 # -- cross-expert --------------------------------------------------------------------------------
 
-def test_cross_expert_shares(cross_expert, pool_dir):
-    result, _, _ = cross_expert
+def test_cross_expert_shares(cross_expert_run, pool_dir):
+    result, _, _ = cross_expert_run
     check_provenance(result, "cross-expert", pool_dir)
     assert result["queries"] == len(result["rows"]) == 10 + 10 + 5 + 1  # every query of 2..5 of 5 tasks
     assert set(result["summary"]["by_n"]) == {"2", "3", "4", "5"}
@@ -171,11 +171,11 @@ def test_cross_expert_shares(cross_expert, pool_dir):
             assert b[name]["share"] is None or in_unit(b[name]["share"])
 
 
-def test_cross_expert_errors_match_the_composed_model(cross_expert, pool_dir, fmnist_test):
+def test_cross_expert_errors_match_the_composed_model(cross_expert_run, pool_dir, fmnist_test):
     """The harness derives each query's prediction from per-expert logits; compose must agree."""
-    result, _, _ = cross_expert
+    result, _, _ = cross_expert_run
     pool = load_pool(pool_dir)
-    test = fmnist_test.stratified(bench_suite.QUICK_DATA.test_per_class, 0)
+    test = fmnist_test.stratified(common.QUICK_DATA.test_per_class, 0)
     task_of = torch.empty(10, dtype=torch.long)
     for i, ids in enumerate(pool.hierarchy.tasks.values()):
         task_of[list(ids)] = i
@@ -185,7 +185,7 @@ def test_cross_expert_errors_match_the_composed_model(cross_expert, pool_dir, fm
         mask = torch.isin(test.labels, ids)
         with torch.no_grad():
             pred = ids[model(test.images[mask].float() / 255).argmax(1)]
-        errors, cross = bench_suite.cross_expert_counts(pred, test.labels[mask], task_of)
+        errors, cross = cross_expert.cross_expert_counts(pred, test.labels[mask], task_of)
         assert (errors, cross) == (row["both"]["errors"], row["both"]["cross_expert_errors"])
 
 
@@ -193,13 +193,13 @@ def test_cross_expert_counts_by_hand():
     task_of = torch.tensor([0, 0, 1, 1, 2])
     labels = torch.tensor([0, 0, 2, 3, 4, 4])
     pred = torch.tensor([0, 1, 3, 0, 4, 2])  # right, same-task error, same-task, cross, right, cross
-    assert bench_suite.cross_expert_counts(pred, labels, task_of) == (4, 2)
+    assert cross_expert.cross_expert_counts(pred, labels, task_of) == (4, 2)
 
 
 # -- inference -----------------------------------------------------------------------------------
 
-def test_inference_rows(inference, pool_dir):
-    result, out, _ = inference
+def test_inference_rows(inference_run, pool_dir):
+    result, out, _ = inference_run
     check_provenance(result, "inference", pool_dir)
     rows = result["rows"]
     assert {(r["model"], r["n"], r["batch"]) for r in rows} == {
@@ -215,58 +215,63 @@ def test_inference_rows(inference, pool_dir):
     assert "Target: fused >= 1.5x reference for 5 experts" in out
 
 
-def test_quick_mode_of_every_part_is_quick(baselines, cross_expert, inference):
+def test_quick_mode_of_every_part_is_quick(baselines_run, cross_expert_run, inference_run):
     """DESIGN: the quick mode of all parts together runs in well under two minutes."""
-    assert baselines[2] + cross_expert[2] + inference[2] < 120
+    assert baselines_run[2] + cross_expert_run[2] + inference_run[2] < 120
 
 
 # -- docs, queries, command line -----------------------------------------------------------------
 
-def test_every_part_wrote_its_own_section(baselines, cross_expert, inference, docs):
+def test_every_part_wrote_its_own_section(baselines_run, cross_expert_run, inference_run, docs):
     text = docs.read_text()
-    for part, (result, _, _) in (("baselines", baselines), ("cross-expert", cross_expert),
-                                 ("inference", inference)):
-        start, end = bench_suite.markers(part)
+    for part, (result, _, _) in (("baselines", baselines_run), ("cross-expert", cross_expert_run),
+                                 ("inference", inference_run)):
+        start, end = report.markers(part)
         assert text.count(start) == 1 and text.count(end) == 1
         assert result["command"] in text[text.index(start):text.index(end)]
 
 
 def test_update_docs_replaces_only_its_section(tmp_path):
     page = tmp_path / "B.md"
-    start, end = bench_suite.markers("inference")
+    start, end = report.markers("inference")
     page.write_text(f"# Bench\n\nintro\n\n{start}\nold figures\n{end}\n\n<!-- bench:other:start -->\nkeep\n"
                     "<!-- bench:other:end -->\n")
-    bench_suite.update_docs(page, "inference", "new figures")
-    bench_suite.update_docs(page, "inference", "newer figures")
+    report.update_docs(page, "inference", "new figures")
+    report.update_docs(page, "inference", "newer figures")
     text = page.read_text()
     assert f"{start}\nnewer figures\n{end}" in text and "old figures" not in text and "new figures\n" not in text
     assert "intro" in text and "<!-- bench:other:start -->\nkeep\n<!-- bench:other:end -->" in text
-    bench_suite.update_docs(page, "baselines", "table")  # a missing section is appended, with a title
-    assert text in page.read_text() and page.read_text().rstrip().endswith(bench_suite.markers("baselines")[1])
+    report.update_docs(page, "baselines", "table", baselines.TITLE)  # a missing section is appended, with a title
+    assert text in page.read_text() and page.read_text().rstrip().endswith(report.markers("baselines")[1])
+    assert f"\n## {baselines.TITLE}\n\n{report.markers('baselines')[0]}\ntable\n" in page.read_text()
     page.write_text(f"{start}\nno end marker\n")
     with pytest.raises(InvalidArgument, match="malformed markers"):
-        bench_suite.update_docs(page, "inference", "x")
-    fresh = bench_suite.update_docs(tmp_path / "new" / "B.md", "inference", "x")
+        report.update_docs(page, "inference", "x")
+    fresh = report.update_docs(tmp_path / "new" / "B.md", "inference", "x")
     assert fresh.read_text().startswith("# Benchmarks")
 
 
 def test_select_queries(random_pool):
-    every = bench_suite.select_queries(random_pool, range(1, 6))
+    every = common.select_queries(random_pool, range(1, 6))
     assert len(every) == 31 == len(set(every))
-    sample = bench_suite.select_queries(random_pool, range(1, 6), 7, seed=3)
-    assert sample == bench_suite.select_queries(random_pool, range(1, 6), 7, seed=3)
+    sample = common.select_queries(random_pool, range(1, 6), 7, seed=3)
+    assert sample == common.select_queries(random_pool, range(1, 6), 7, seed=3)
     assert len(sample) == 7 == len(set(sample)) and {len(q) for q in sample} == {1, 2, 3, 4, 5}
     assert sample == sorted(sample, key=every.index)
-    assert bench_suite.select_queries(random_pool, range(1, 6), 100) == every
-    assert {len(q) for q in bench_suite.select_queries(random_pool, range(2, 6))} == {2, 3, 4, 5}
+    assert common.select_queries(random_pool, range(1, 6), 100) == every
+    assert {len(q) for q in common.select_queries(random_pool, range(2, 6))} == {2, 3, 4, 5}
 
 
 def test_settings_presets_and_overrides():
-    s = bench_suite.settings_for("baselines", quick=True, epochs=3, lr=None)
-    assert s.epochs == 3 and s.lr == bench_suite.QUICK["baselines"].lr
-    assert bench_suite.settings_for("baselines", quick=False).queries == 0  # full runs: every query
-    with pytest.raises(InvalidArgument):
-        bench_suite.settings_for("nonsense", quick=True)
+    s = baselines.settings(quick=True, epochs=3, lr=None)
+    assert s.epochs == 3 and s.lr == baselines.QUICK.lr  # None: the preset's value
+    assert baselines.settings(quick=False).queries == 0  # full runs: every query
+    assert inference.settings(quick=True, sizes=(2,)).sizes == (2,)
+    assert cross_expert.settings(quick=True).epochs == 1 and cross_expert.settings().epochs == 10
+    with pytest.raises(InvalidArgument, match="must be >= 1"):  # overrides go through the settings' checks
+        baselines.settings(quick=True, epochs=0)
+    with pytest.raises(TypeError):  # a field no benchmark has
+        inference.settings(quick=True, epochs=3)
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is not available")
@@ -295,12 +300,12 @@ def test_bad_input_is_one_line(pool_dir, tmp_path, args, message):
 
 # -- --device ------------------------------------------------------------------------------------
 
-def test_default_device_is_the_cpu(baselines, cross_expert):
-    for result, line in ((baselines[0], "baselines trained on the CPU"),
-                         (cross_expert[0], "ablation experts trained on the CPU")):
+def test_default_device_is_the_cpu(baselines_run, cross_expert_run):
+    for bench, result, line in ((baselines, baselines_run[0], "baselines trained on the CPU"),
+                                (cross_expert, cross_expert_run[0], "ablation experts trained on the CPU")):
         assert result["settings"]["device"] == "cpu" and result["hardware"]["device"] == "cpu"
         assert "gpu" not in result["hardware"]
-        assert line in bench_suite.markdown(result)
+        assert line in bench.markdown(result)
 
 
 def test_device_cpu_quick(pool_dir, tmp_path):
@@ -319,16 +324,16 @@ def test_device_cpu_quick(pool_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA where it is available")
 def test_device_auto_without_cuda_is_the_cpu():
-    assert bench_suite.bench_device("auto") == "cpu" and bench_suite.bench_device("cpu") == "cpu"
+    assert common.bench_device("auto") == "cpu" and common.bench_device("cpu") == "cpu"
     with pytest.raises(InvalidArgument, match="CUDA is not available"):
-        bench_suite.bench_device("cuda:0")
+        common.bench_device("cuda:0")
 
 
 def test_device_names_are_checked():
     for name in ("gpu", "cuda:", "cuda:x", "CPU", "mps", ""):
         with pytest.raises(InvalidArgument, match="unknown device"):
-            bench_suite.settings_for("baselines", quick=True, device=name)
-    assert bench_suite.settings_for("cross-expert", quick=True, device="cuda:3").device == "cuda:3"  # checked at run
+            baselines.settings(quick=True, device=name)
+    assert cross_expert.settings(quick=True, device="cuda:3").device == "cuda:3"  # checked at run
 
 
 def test_cross_expert_checkpoint_key_of_the_cpu_is_unchanged(random_pool):
@@ -344,29 +349,29 @@ def test_cross_expert_checkpoint_key_of_the_cpu_is_unchanged(random_pool):
     train = Dataset("random", torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g),
                     torch.arange(8) % 10, tuple(random_pool.hierarchy.classes))
     views = TeacherViews(train.images, torch.randn(8, 10, generator=g))
-    s = bench_suite.CrossExpertSettings(epochs=1, batch_size=64, views=1)
+    s = cross_expert.CrossExpertSettings(epochs=1, batch_size=64, views=1)
     h = hashlib.sha256(pool_mod.tensors_to_bytes(random_pool.library_state))
     h.update(train.labels.numpy().tobytes())
     h.update(views.logits[:1000].numpy().tobytes())
-    h.update(str((len(views), s.epochs, s.batch_size, s.lr, s.seed, bench_suite.VARIANTS["soft"][1])).encode())
+    h.update(str((len(views), s.epochs, s.batch_size, s.lr, s.seed, cross_expert.VARIANTS["soft"][1])).encode())
     before = f"{random_pool.name}-{random_pool.version}-soft-{h.hexdigest()[:12]}"
-    assert bench_suite._settings_key(random_pool, train, views, "soft", s) == before
+    assert cross_expert._settings_key(random_pool, train, views, "soft", s) == before
     for device in ("cuda", "cuda:1"):
-        cuda = bench_suite._settings_key(random_pool, train, views, "soft", dataclasses.replace(s, device=device))
+        cuda = cross_expert._settings_key(random_pool, train, views, "soft", dataclasses.replace(s, device=device))
         assert cuda != before and cuda.startswith(f"{random_pool.name}-{random_pool.version}-soft-")
 
 
 def test_hardware_names_the_device():
-    hw = bench_suite.hardware("cpu")
-    assert hw["device"] == "cpu" and "gpu" not in hw and "GPU" not in bench_suite.hardware_line(hw)
+    hw = report.hardware("cpu")
+    assert hw["device"] == "cpu" and "gpu" not in hw and "GPU" not in report.hardware_line(hw)
     gpu = dict(hw, device="cuda", gpu="NVIDIA H200", cuda="13.0")
-    assert "GPU NVIDIA H200 (CUDA 13.0)" in bench_suite.hardware_line(gpu)
-    assert bench_suite.device_label("cuda", gpu) == "the GPU NVIDIA H200 (cuda)"
-    assert bench_suite.device_label("cpu", gpu) == "the CPU"
+    assert "GPU NVIDIA H200 (CUDA 13.0)" in report.hardware_line(gpu)
+    assert report.device_label("cuda", gpu) == "the GPU NVIDIA H200 (cuda)"
+    assert report.device_label("cpu", gpu) == "the CPU"
 
 
 def test_help_of_every_part():
-    for part in bench_suite.PARTS:
+    for part in ("baselines", "cross-expert", "inference"):
         with pytest.raises(SystemExit) as e:
             run_cli("bench", part, "--help")
         assert e.value.code == 0
@@ -374,8 +379,6 @@ def test_help_of_every_part():
 
 def test_one_class_queries_are_left_out_of_the_speedup():
     """An untrained model already gets a one-class query right: its 'time to PoE's accuracy' is noise."""
-    from poe.bench.suite import summarize_baselines
-
     def row(classes, speedup):
         m = {"accuracy": 1.0, "best_monitor_accuracy": 1.0, "params": 1, "flops": 1, "reached": True,
              "time_to_target_s": 1.0, "train_s": 1.0}
@@ -383,6 +386,42 @@ def test_one_class_queries_are_left_out_of_the_speedup():
                 "oracle": {"accuracy": 1.0, "params": 9, "flops": 9},
                 "poe": {"accuracy": 1.0, "params": 1, "flops": 1, "compose_s": 0.005}, "transfer": m}
 
-    summary = summarize_baselines([row(["Bag"], 2.0), row(["Sandal", "Sneaker"], 5000.0)], ("transfer",))
+    summary = baselines.summarize_baselines([row(["Bag"], 2.0), row(["Sandal", "Sneaker"], 5000.0)], ("transfer",))
     sp = summary["all"]["speedup_vs_fastest"]
     assert sp == {"queries": 1, "median": 5000.0, "min": 5000.0, "one_class_queries_left_out": 1}
+
+
+# -- pool ----------------------------------------------------------------------------------------
+
+def test_bench_pool_local(pool_dir, tmp_path, random_pool, fmnist_test):
+    """`poe bench pool`: every query against the restricted oracle, the summary consistent with its rows."""
+    import numpy as np
+
+    small = fmnist_test.stratified(30, 0)  # real test images, few of them (--dataset takes an .npz)
+    data = tmp_path / "fmnist-300.npz"
+    np.savez(data, images=small.images.numpy(), labels=small.labels.numpy(), classes=np.array(small.classes))
+    json_out = tmp_path / "pool.json"
+    rc, out, err = run_cli("bench", "pool", "--pool", str(pool_dir), "--dataset", str(data), "--max-tasks", "2",
+                           "--json-out", str(json_out))
+    assert rc == 0, err
+    summary = json.loads(json_out.read_text())
+    rows = summary["rows"]
+    assert summary["pool"] == summary["oracle_from"] == "test-pool@1" and summary["served_by"] is None
+    assert summary["queries"] == len(rows) == 5 + 10 and summary["test_images"] == 300
+    assert all(r["images"] == 30 * len(r["class_ids"]) for r in rows)
+    assert [r["tasks"] for r in rows[:5]] == [[t] for t in random_pool.experts]
+    assert summary["mean_delta_pt"] == pytest.approx(100 * sum(r["delta"] for r in rows) / len(rows), abs=1e-3)
+    assert summary["worst_delta_pt"] == pytest.approx(100 * min(r["delta"] for r in rows), abs=1e-3)
+    assert summary["one_task_params_max"] == max(r["params"] for r in rows if r["n"] == 1)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 + len(rows) + 1 and lines[-1].startswith("15 queries on 300 test images")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "127.0.0.1:1"], "--target and --served go together"),
+    (["--max-tasks", "0"], "max tasks must be >= 1"),
+])
+def test_bench_pool_bad_input_is_one_line(pool_dir, args, message):
+    rc, _, err = run_cli("bench", "pool", "--pool", str(pool_dir), *args)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("poe: error:") and message in lines[-1], err

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from poe.client.composer import Composer
 from poe.engine.compose import compose
-from poe.engine.errors import InvalidArgument, NotFound, Unavailable
+from poe.engine.errors import InvalidArgument, NotFound, PoeError, Unavailable
 from poe.v1 import composer_pb2 as pb
 from poe.v1 import composer_pb2_grpc
 from poe_services.metrics import serve_metrics
@@ -25,14 +26,14 @@ def test_compose_returns_a_verified_model_equal_to_local_composition(stack, rand
     with Composer(target) as c:
         result = c.compose(["Sandal", "sneaker", "8"])
     h = result.header
-    assert h["pool"] == "test-pool@1" and h["classes"] == ["Sandal", "Sneaker", "Bag"] and h["class_ids"] == [5, 7, 8]
-    assert h["tasks"] == ["footwear", "bags"] and len(h["expert_ids"]) == 2 and h["format"] == "torchscript"
-    assert h["input_shape"] == [1, 28, 28] and h["size"] == len(result.data) and h["flops"] > 0
-    assert 0 < h["expected_accuracy"] <= 1
+    assert h.pool == "test-pool@1" and h.classes == ("Sandal", "Sneaker", "Bag") and h.class_ids == (5, 7, 8)
+    assert h.tasks == ("footwear", "bags") and len(h.expert_ids) == 2 and h.format == "torchscript"
+    assert h.input_shape == (1, 28, 28) and h.size == len(result.data) and h.flops > 0
+    assert 0 < h.expected_accuracy <= 1 and h.execution == "fused" and not h.cache_hit
     model, meta = result.load()
-    assert meta["classes"] == h["classes"] and meta["pool"] == "test-pool@1"
+    assert meta["classes"] == list(h.classes) and meta["pool"] == "test-pool@1" and h.metadata == meta
     _, local = compose(random_pool, ["Sandal", "Sneaker", "Bag"])
-    assert meta["params"] == h["params"] == sum(p.numel() for p in compose(random_pool, ["Sandal", "Sneaker", "Bag"],
+    assert meta["params"] == h.params == sum(p.numel() for p in compose(random_pool, ["Sandal", "Sneaker", "Bag"],
                                                                            fused=False)[1].parameters())
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(model(x), local(x), atol=1e-5)
@@ -67,8 +68,8 @@ def test_repeated_request_is_a_cache_hit_with_the_same_bytes(stack):
     with Composer(target) as c:
         first = c.compose(tasks=["warm-layers"], pool="test-pool@stable")
         second = c.compose(tasks=["warm-layers"], pool="test-pool@1")
-    assert not first.header["cache_hit"] and second.header["cache_hit"]
-    assert first.data == second.data and first.header["model_id"] == second.header["model_id"]
+    assert not first.header.cache_hit and second.header.cache_hit
+    assert first.data == second.data and second.header == dataclasses.replace(first.header, cache_hit=True)
 
 
 def test_concurrent_identical_requests_build_once(stack):
@@ -95,7 +96,7 @@ def test_concurrent_identical_requests_build_once(stack):
     finally:
         engine._build = original
     assert len(builds) == 1
-    assert len({r.header["sha256"] for r in results}) == 1
+    assert len({r.header.sha256 for r in results}) == 1
 
 
 def test_reference_execution_and_safetensors_format(stack, random_pool):
@@ -105,7 +106,7 @@ def test_reference_execution_and_safetensors_format(stack, random_pool):
     with Composer(target) as c:
         ref = c.compose(["Pullover", "Bag"], execution="reference")
         st = c.compose(["Pullover", "Bag"], format="safetensors")
-    assert ref.header["execution"] == "reference" and ref.header["params"] == st.header["params"]
+    assert ref.header.execution == "reference" and ref.header.params == st.header.params
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(ref.load()[0](x), compose(random_pool, ["Pullover", "Bag"])[1](x), atol=1e-5)
     from safetensors.torch import load as st_load
@@ -126,12 +127,11 @@ def test_describe_matches_compose_without_building(stack):
     _, target = stack
     with Composer(target) as c:
         d = c.describe(["T-shirt/top", "Sandal"])
-        assert d["size"] == 0 and not d["cache_hit"]
+        assert d.size == 0 and d.sha256 == "" and not d.cache_hit and d.metadata == {}
         r = c.compose(["T-shirt/top", "Sandal"])
         d2 = c.describe(["T-shirt/top", "Sandal"])
-    for k in ("model_id", "pool", "classes", "class_ids", "tasks", "params", "flops", "expected_accuracy"):
-        assert d[k] == r.header[k], k
-    assert d2["cache_hit"] and d2["sha256"] == r.header["sha256"]
+    assert d == dataclasses.replace(r.header, size=0, sha256="", metadata={})  # all but the file's own fields
+    assert d2 == dataclasses.replace(r.header, cache_hit=True)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -145,6 +145,43 @@ def test_errors_have_the_right_status(stack, kwargs, error, message):
     _, target = stack
     with Composer(target, retries=0) as c, pytest.raises(error, match=message):
         c.compose(**kwargs)
+
+
+@pytest.mark.parametrize("classes, tasks, pool", [
+    ([], [], "test-pool"),
+    ([" "], [""], "no-such-pool"),  # the empty request is noticed before the pool look-up
+    (["Sandal", "Boots", "Hats"], [], "test-pool"),
+    (["Bag"], ["hats"], "test-pool@stable"),
+    (["Bag"], [], "no-such-pool"),
+    (["Bag"], [], "no-bags"),
+])
+def test_resolve_classes_fails_exactly_as_compose_model(stack, classes, tasks, pool):
+    """One resolution (poe.engine.compose.plan) behind both RPCs: same status, message and field."""
+    from poe.client.registry import RegistryClient
+
+    _, target = stack
+    with RegistryClient(target) as reg, Composer(target, retries=0) as c:
+        pv = reg.get_pool("test-pool")
+        reg.publish_pool("no-bags", "1", pv.library.id, [x.id for x in pv.experts if x.task != "bags"],
+                         info=json.loads(pv.info_json))
+        with pytest.raises(PoeError) as composed:
+            c.compose(classes, tasks=tasks, pool=pool)
+        with pytest.raises(PoeError) as resolved:
+            reg.resolve_classes(pool, classes, tasks)
+    assert type(composed.value) is type(resolved.value) and str(composed.value) == str(resolved.value)
+    assert getattr(composed.value, "field", None) == getattr(resolved.value, "field", None)
+
+
+def test_resolve_classes_answers_as_compose_model_composes(stack):
+    from poe.client.registry import RegistryClient
+
+    _, target = stack
+    with RegistryClient(target) as reg, Composer(target) as c:
+        header = c.describe(["bag", "5"], tasks=["warm-layers"])
+        res = reg.resolve_classes("test-pool", ["bag", "5"], ["warm-layers"])
+    assert res.pool == header.pool and tuple(res.class_ids) == header.class_ids
+    assert tuple(res.class_names) == header.classes and tuple(x.task for x in res.experts) == header.tasks
+    assert tuple(x.id for x in res.experts) == header.expert_ids
 
 
 def test_raw_status_codes(stack):
@@ -221,7 +258,7 @@ def test_metrics_are_exported(stack):
     bad = 'poe_compose_requests_total{code="INVALID_ARGUMENT"}'
     assert value(after, bad) - value(before, bad) == 1
     streamed = "poe_compose_streamed_bytes_total"
-    assert value(after, streamed) - value(before, streamed) == 2 * r.header["size"]
+    assert value(after, streamed) - value(before, streamed) == 2 * r.header.size
     for stage in ("resolve", "fetch", "consolidate", "serialize", "stream"):
         assert f'poe_compose_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert value(after, "poe_compose_in_flight_requests") == 0
@@ -241,9 +278,9 @@ def test_compositions_are_recorded_in_the_registry(stack):
         deadline = time.monotonic() + 10
         entry = None
         while entry is None and time.monotonic() < deadline:
-            entry = reg.get_composed_model("test-pool@1", r.header["class_ids"], "torchscript.fused")
+            entry = reg.get_composed_model("test-pool@1", r.header.class_ids, "torchscript.fused")
             time.sleep(0.05)
-        assert entry is not None and entry.blob.sha256 == r.header["sha256"]
+        assert entry is not None and entry.blob.sha256 == r.header.sha256
         assert reg.download(entry.blob.sha256) == r.data
 
 
@@ -262,8 +299,9 @@ def test_bench_compose_quick_runs(pool_dir, tmp_path):
 
 def test_served_pool_accuracy_equals_local_evaluation(stack, random_pool, fmnist_test):
     """`poe bench pool --target`: models through ComposeModel score exactly what local builds score."""
+    from poe.bench.pool import evaluate_served_pool
     from poe.engine.data import Dataset
-    from poe.engine.evaluate import evaluate_pool, evaluate_served_pool
+    from poe.engine.evaluate import evaluate_pool
 
     _, target = stack
     test = Dataset("fashion-mnist", fmnist_test.images[:1000], fmnist_test.labels[:1000], fmnist_test.classes)

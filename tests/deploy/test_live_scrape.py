@@ -66,7 +66,7 @@ def test_dashboard_and_rules_name_only_metrics_a_live_composer_exports(live):
         reg.import_pool(pool_dir)
     with Composer(target) as c:
         result = c.compose(["Sandal", "Bag"], pool="test-pool")
-    assert result.header["classes"] == ["Sandal", "Bag"]
+    assert result.header.classes == ("Sandal", "Bag")
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     exposed = exposed_metric_names(body)
     # The request really was counted by the live process.

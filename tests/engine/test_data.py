@@ -147,3 +147,18 @@ def test_augment_keeps_shape_and_content():
 def test_stratified_subset_is_balanced(fmnist_test):
     sub = fmnist_test.stratified(7, seed=1)
     assert torch.bincount(sub.labels).tolist() == [7] * 10
+
+
+def test_builtin_data_sets_name_their_hierarchy(tmp_path):
+    from poe.engine.data import builtin_dataset, default_hierarchy, has_test_split
+    from poe.engine.hierarchy import builtin
+
+    for spelling in ("fashion-mnist", "fashion_mnist"):
+        ds = builtin_dataset(spelling)
+        assert ds is not None and ds.name == "fashion-mnist" and default_hierarchy(spelling) == ds.hierarchy
+        assert builtin(ds.hierarchy).dataset == ds.name and has_test_split(spelling)
+    assert builtin_dataset(str(tmp_path)) is None and builtin_dataset("Fashion-MNIST") is None
+    # Any other data set: the hierarchy named like its file or folder (which may not exist).
+    assert default_hierarchy("/data/mnist.npz") == "mnist" and not has_test_split("/data/mnist.npz")
+    (tmp_path / "test").mkdir()
+    assert has_test_split(str(tmp_path))

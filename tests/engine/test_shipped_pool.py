@@ -41,3 +41,15 @@ def test_composed_models_match_the_restricted_oracle(shipped, fmnist_test):
     for r in rows:
         if r["n"] == 1:
             assert r["params"] * 10 <= oracle_params, r
+
+
+def test_the_input_shape_comes_from_the_pool(shipped):
+    import dataclasses
+
+    from poe.engine.errors import FailedPrecondition
+
+    assert shipped.input_shape == (1, 28, 28)  # recorded in pool.json; the registry keeps the same info
+    with pytest.raises(FailedPrecondition, match="records no input shape"):
+        _ = dataclasses.replace(shipped, info={}).input_shape
+    with pytest.raises(FailedPrecondition, match="has 3 channel"):
+        _ = dataclasses.replace(shipped, info={"input_shape": [3, 28, 28]}).input_shape

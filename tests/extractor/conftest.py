@@ -25,6 +25,7 @@ import torch
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
+from poe_services.host import Host
 
 # Tiny networks and schedules: a whole job trains in about a second.
 TINY = {"student_depth": 10, "student_width": 1, "expert_width": 4, "library_epochs": 1, "expert_epochs": 1,
@@ -124,22 +125,22 @@ def make_settings(tmp_path: Path, registry_target: str = "", **env: str) -> Sett
 class RegistryServer:
     target: str
     client: RegistryClient
-    server: object
+    host: Host
 
 
 @pytest.fixture
 def registry(tmp_path, sqlite_template):
     """A started registry server on a free port (SQLite + file blobs in tmp_path)."""
-    from poe_services.registry.server import create_server
+    from poe_services.host import create_server
 
     shutil.copyfile(sqlite_template, tmp_path / "registry.sqlite3")
-    server, port = create_server("127.0.0.1:0", make_settings(tmp_path))
-    server.start()
-    target = f"127.0.0.1:{port}"
+    host = create_server("127.0.0.1:0", make_settings(tmp_path), ("registry",))
+    host.start()
+    target = f"127.0.0.1:{host.port}"
     client = RegistryClient(target, timeout=30)
-    yield RegistryServer(target, client, server)
+    yield RegistryServer(target, client, host)
     client.close()
-    server.stop(None)
+    host.stop(None).wait(30)
 
 
 @pytest.fixture
@@ -153,29 +154,29 @@ class Extractors:
 
     def __init__(self, tmp_path: Path, registry_target: str):
         self.tmp_path, self.registry_target = tmp_path, registry_target
-        self.servers: list = []
+        self.hosts: list = []
 
     def start(self, **env: str):
-        """(server, client, runtime) of a new, started extractor."""
+        """(host, client, runtime) of a new, started extractor."""
         from poe.client.extractor import ExtractorClient
-        from poe_services.extractor.server import create_server
+        from poe_services.host import create_server
 
         settings = make_settings(self.tmp_path, self.registry_target, **env)
-        server, port = create_server("127.0.0.1:0", settings)
-        server.start()
-        client = ExtractorClient(f"127.0.0.1:{port}", timeout=60)
-        self.servers.append((server, client))
-        runtime = server.extractor_runtime
+        host = create_server("127.0.0.1:0", settings, ("extractor",))
+        host.start()
+        client = ExtractorClient(f"127.0.0.1:{host.port}", timeout=60)
+        self.hosts.append((host, client))
+        runtime = host.runtimes["extractor"]
         assert runtime.recovered.wait(30), "the extractor never reached the registry"
-        return server, client, runtime
+        return host, client, runtime
 
-    def stop(self, server) -> None:
-        server.stop(0).wait(60)
+    def stop(self, host: Host) -> None:
+        host.stop(0).wait(60)
 
     def close(self) -> None:
-        for server, client in self.servers:
+        for host, client in self.hosts:
             client.close()
-            server.stop(0).wait(60)
+            host.stop(0).wait(60)
 
 
 @pytest.fixture

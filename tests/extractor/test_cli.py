@@ -92,7 +92,11 @@ def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, c
     code, out, err = run_cli(capsys, "extract", "status", "nope", "--target", target)
     assert code == 2 and "no job 'nope'" in err
 
-    # --upload registers a local safetensors oracle in the registry before the job is checked.
+    # --upload registers a local safetensors oracle in the registry before the job is checked; the
+    # registry files it under a data set, so a data set that names no built-in hierarchy needs one.
+    code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
+                             data["idx"], "--oracle", oracle["safetensors"], "--upload")
+    assert code == 2 and "--upload needs --hierarchy" in err
     code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
                              data["idx"], "--hierarchy", "fashion-mnist", "--oracle", oracle["safetensors"], "--upload",
                              "--tasks", "hats")

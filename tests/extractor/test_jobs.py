@@ -131,7 +131,7 @@ def test_queue_bound_idempotent_start_and_cancel(extractor, registry, params, se
     # The worker stops, the run directory goes, nothing is published; the state stays CANCELLED.
     run = settings.home / "extractions" / slow.id
     assert poll(lambda: not alive(pid) and not run.exists() and runtime.worker_pid(slow.id) is None)
-    assert poll(lambda: slow.id not in runtime._jobs)
+    assert poll(lambda: runtime.jobs.get(slow.id) is None)
     assert list(registry.client.list_pools()) == []
     assert client.get(slow.id).job.state == CANCELLED
     assert registry.client.get_job(slow.id).state == CANCELLED
@@ -143,7 +143,7 @@ def test_queue_bound_idempotent_start_and_cancel(extractor, registry, params, se
 def test_killed_worker_and_restarted_extractor_resume(extractors, registry, params, settings):
     """A worker killed mid-expert is replaced at once; an extractor stopped mid-job leaves the job
     RUNNING and the next extractor resumes it. Nothing finished is trained again."""
-    server, client, runtime = extractors.start()
+    host, client, runtime = extractors.start()
     job = client.start(params(tasks=["tops", "footwear", "bags"], library_epochs=2, expert_epochs=4, batch_size=10))
     pid = None
     for u in client.follow(job.id, timeout=WAIT):
@@ -163,11 +163,11 @@ def test_killed_worker_and_restarted_extractor_resume(extractors, registry, para
             pid2 = runtime.worker_pid(job.id)
             break
     assert pid2 and pid2 != pid
-    extractors.stop(server)  # stops the worker; the job stays RUNNING in the registry
+    extractors.stop(host)  # stops the worker; the job stays RUNNING in the registry
     assert not alive(pid2)
     assert registry.client.get_job(job.id).state == RUNNING
 
-    _server, client2, _runtime = extractors.start()
+    _host, client2, _runtime = extractors.start()
     final = client2.wait(job.id, timeout=WAIT)
     assert final.state == SUCCEEDED, final.error
     run = settings.home / "extractions" / job.id

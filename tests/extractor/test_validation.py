@@ -130,14 +130,14 @@ def test_pool_versions_and_base_pools(extractor, registry, params, pool_dir):
 def test_health_follows_the_registry(extractors, registry, poll):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    server, client, _runtime = extractors.start()
+    _host, client, _runtime = extractors.start()
     stub = health_pb2_grpc.HealthStub(client.channel)
 
     def status(service: str = "poe.v1.Extractor"):
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
     assert status() == status("") == health_pb2.HealthCheckResponse.SERVING
-    registry.server.stop(None).wait()
+    registry.host.stop(None).wait()
     assert poll(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
     with pytest.raises(PoeError) as info:
         client.get("some-job")

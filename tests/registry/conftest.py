@@ -316,16 +316,16 @@ def registry_settings_any(request, tmp_path) -> Settings:
 
 @pytest.fixture
 def registry(registry_settings_any):
-    """A started registry server on a free port and a client: (client, server, settings)."""
+    """A started registry on a free port and a client: (client, host, settings)."""
     from poe.client.registry import RegistryClient
-    from poe_services.registry.server import create_server
+    from poe_services.host import create_server
 
-    server, port = create_server("127.0.0.1:0", registry_settings_any)
-    server.start()
-    client = RegistryClient(f"127.0.0.1:{port}", timeout=20)
-    yield client, server, registry_settings_any
+    host = create_server("127.0.0.1:0", registry_settings_any, ("registry",))
+    host.start()
+    client = RegistryClient(f"127.0.0.1:{host.port}", timeout=20)
+    yield client, host, registry_settings_any
     client.close()
-    server.stop(None)
+    host.stop(None).wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from poe.cli.main import build_parser, main
 from poe.client.registry import RegistryClient
-from poe_services.registry.server import create_server
+from poe_services.host import create_server
 
 
 @pytest.fixture
@@ -49,8 +51,9 @@ def test_import_embedded_then_list(pool_dir, poe_home, capsys):
 
 
 def test_import_through_a_running_registry(pool_dir, tmp_path, sqlite_url, make_settings, capsys):
-    server, port = create_server("127.0.0.1:0", make_settings(tmp_path, sqlite_url, f"file://{tmp_path / 'b'}"))
-    server.start()
+    host = create_server("127.0.0.1:0", make_settings(tmp_path, sqlite_url, f"file://{tmp_path / 'b'}"), ("registry",))
+    host.start()
+    port = host.port
     try:
         assert main(["registry", "import", str(pool_dir), "--target", f"127.0.0.1:{port}"]) == 0
         assert "test-pool@1 published: 5 experts" in capsys.readouterr().out
@@ -61,7 +64,7 @@ def test_import_through_a_running_registry(pool_dir, tmp_path, sqlite_url, make_
             res = client.resolve_classes("test-pool", ["Trouser"])
             assert [x.task for x in res.experts] == ["lower-body-and-dresses"]
     finally:
-        server.stop(None)
+        host.stop(None).wait(30)
 
 
 def test_import_errors_are_one_line(pool_dir, tmp_path, poe_home, capsys):
@@ -85,22 +88,20 @@ def test_import_errors_are_one_line(pool_dir, tmp_path, poe_home, capsys):
     assert "registry at 127.0.0.1:1" in capsys.readouterr().err
 
 
-def test_help_and_serve_parser(capsys):
+def test_help_and_serve_flags(capsys):
     with pytest.raises(SystemExit) as info:
         main(["registry", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert all(cmd in out for cmd in ("migrate", "import", "list", "serve"))
-    import argparse
-
-    from poe.cli.registry import add_serve_parser
-
-    parser = argparse.ArgumentParser(prog="poe")
-    serve = parser.add_subparsers(dest="command").add_parser("serve").add_subparsers(dest="service")
-    add_serve_parser(serve)
-    args = parser.parse_args(["serve", "registry", "--port", "6000", "--migrate"])
-    assert (args.port, args.migrate) == (6000, True) and callable(args.func)
-    assert build_parser().parse_args(["registry", "serve", "--port", "0"]).port == 0
+    flags = ["--port", "6000", "--metrics-port", "0", "--grace", "2", "--migrate", "--database-url", "sqlite://"]
+    standalone = vars(build_parser().parse_args(["registry", "serve", *flags]))
+    grouped = vars(build_parser().parse_args(["serve", "registry", *flags]))
+    # `poe registry serve` is `poe serve registry`: the same flags, both served by poe_services.host.
+    for key in ("port", "metrics_port", "grace", "migrate", "host", "database_url", "blob_url"):
+        assert standalone[key] == grouped[key], key
+    assert (standalone["port"], standalone["metrics_port"], standalone["migrate"]) == (6000, 0, True)
+    assert callable(standalone["func"])
 
 
 def test_registry_serve_process_stops_cleanly_on_sigterm(tmp_path):
@@ -108,16 +109,24 @@ def test_registry_serve_process_stops_cleanly_on_sigterm(tmp_path):
     for var in ("POE_DATABASE_URL", "POE_BLOB_URL"):
         env.pop(var, None)
     proc = subprocess.Popen([sys.executable, "-m", "poe.cli.main", "registry", "serve", "--port", "0", "--migrate",
-                             "--host", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--metrics-port", "0", "--host", "127.0.0.1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert "listening on port" in line, proc.stderr.read()
-        port = int(line.rsplit(" ", 1)[1])
+        banner = re.search(r"poe\.v1\.Registry listening on 127\.0\.0\.1:(\d+); metrics on :(\d+)/metrics", line)
+        assert banner, line + proc.stderr.read()
+        port, metrics_port = int(banner[1]), int(banner[2])
         with RegistryClient(f"127.0.0.1:{port}") as client:
-            status = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = health_pb2_grpc.HealthStub(client.channel)
+            for name in ("", "poe.v1.Registry", "liveness"):
+                status = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING, name
+            assert list(client.list_pools()) == []
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'poe_grpc_server_handled_total{code="OK",method="ListPools",service="poe.v1.Registry"} 1.0' in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+        assert "stopping" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from poe.client.registry import RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.errors import NotFound, Unavailable
-from poe_services.registry.server import create_server
+from poe_services.host import create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -20,9 +20,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Running:
     def __init__(self, settings):
-        self.server, port = create_server("127.0.0.1:0", settings)
-        self.server.start()
-        self.client = RegistryClient(f"127.0.0.1:{port}", timeout=10)
+        self.host = create_server("127.0.0.1:0", settings, ("registry",))
+        self.host.start()
+        self.client = RegistryClient(f"127.0.0.1:{self.host.port}", timeout=10)
         self.health = health_pb2_grpc.HealthStub(self.client.channel)
 
     def status(self, service: str = "poe.v1.Registry"):
@@ -30,7 +30,7 @@ class Running:
 
     def close(self):
         self.client.close()
-        self.server.stop(None)
+        self.host.stop(None).wait(30)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_not_serving_while_the_database_is_down(pg_url, tmp_path, tcp_proxy, run
         reg.client.get_pool("fm")
     with pytest.raises(Unavailable):
         reg.client.register_oracle("o", "fashion-mnist", {}, b"weights")
-    assert list(reg.server.registry_runtime.registry.blobs.list()) == []  # the failed upload left no blob
+    assert list(reg.host.runtimes["registry"].registry.blobs.list()) == []  # the failed upload left no blob
 
     proxy.restore()
     assert poll(lambda: reg.status() == SERVING)

@@ -9,9 +9,9 @@ from sqlalchemy import inspect, text
 
 from poe.cli.main import main
 from poe.engine.errors import FailedPrecondition
+from poe_services.host import create_server
 from poe_services.registry import db
 from poe_services.registry.models import Base
-from poe_services.registry.server import create_server
 from poe_services.registry.sqlstore import SqlRegistryStore
 
 TABLES = {t.name for t in Base.metadata.sorted_tables}
@@ -56,7 +56,7 @@ def test_refuses_out_of_date_schema_and_names_the_command(empty_db_url, tmp_path
         cfg = Settings.from_env({"POE_HOME": str(tmp_path), "POE_DATABASE_URL": empty_db_url,
                                  "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}"})
         with pytest.raises(FailedPrecondition, match="poe registry migrate"):
-            create_server("127.0.0.1:0", cfg)
+            create_server("127.0.0.1:0", cfg, ("registry",))
         # A schema written by a newer release is refused too, with a different hint.
         db.upgrade(engine)
         with engine.begin() as conn:
@@ -65,9 +65,9 @@ def test_refuses_out_of_date_schema_and_names_the_command(empty_db_url, tmp_path
             SqlRegistryStore(engine)
         with engine.begin() as conn:
             conn.execute(text(f"UPDATE alembic_version SET version_num = '{db.head_revision()}'"))
-        server, port = create_server("127.0.0.1:0", cfg)
-        assert port > 0
-        server.stop(None)
+        host = create_server("127.0.0.1:0", cfg, ("registry",))
+        assert host.port > 0
+        assert host.stop(None).wait(30)
     finally:
         engine.dispose()
 
@@ -77,8 +77,7 @@ def test_auto_migrate_on_start(empty_db_url, tmp_path):
 
     cfg = Settings.from_env({"POE_HOME": str(tmp_path), "POE_DATABASE_URL": empty_db_url,
                              "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}", "POE_REGISTRY_AUTO_MIGRATE": "true"})
-    server, _ = create_server("127.0.0.1:0", cfg)
-    server.stop(None)
+    assert create_server("127.0.0.1:0", cfg, ("registry",)).stop(None).wait(30)
     engine = db.make_engine(empty_db_url)
     try:
         assert db.schema_status(engine).up_to_date

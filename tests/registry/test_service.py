@@ -18,12 +18,12 @@ from poe.v1 import registry_pb2 as r
 SAFETENSORS_JSON = json.dumps({"depth": 10, "width": 1})
 
 
-def _blob_keys(server) -> list[str]:
-    return list(server.registry_runtime.registry.blobs.list())
+def _blob_keys(host) -> list[str]:
+    return list(host.runtimes["registry"].registry.blobs.list())
 
 
-def _staging_empty(server) -> bool:
-    blobs = server.registry_runtime.registry.blobs
+def _staging_empty(host) -> bool:
+    blobs = host.runtimes["registry"].registry.blobs
     if hasattr(blobs, "root"):
         return not any((blobs.root / "staging").iterdir())
     return not list(blobs.client.list_objects(blobs.bucket, prefix=f"{blobs.prefix}staging/", recursive=True))
@@ -40,7 +40,7 @@ def _seed(client):
 
 
 def test_import_pool_resolve_and_download(registry, pool_dir):
-    client, server, _ = registry
+    client, host, _ = registry
     pv, created = client.import_pool(pool_dir)
     manifest = json.loads((pool_dir / "pool.json").read_text())
     assert created and (pv.name, pv.version) == ("test-pool", "1")
@@ -63,10 +63,10 @@ def test_import_pool_resolve_and_download(registry, pool_dir):
     assert set(tensors) and all(hasattr(t, "shape") for t in tensors.values())
 
     # Importing again is idempotent: same ids, nothing new.
-    before = sorted(_blob_keys(server))
+    before = sorted(_blob_keys(host))
     pv2, created2 = client.import_pool(pool_dir)
     assert not created2 and [x.id for x in pv2.experts] == [x.id for x in pv.experts]
-    assert sorted(_blob_keys(server)) == before
+    assert sorted(_blob_keys(host)) == before
     lineage = client.lineage("pool", "test-pool")
     assert [n.kind for n in lineage] == ["pool", "library", "oracle", "dataset"]
     assert lineage[2].blob.sha256 == manifest["oracle"]["sha256"]
@@ -88,10 +88,10 @@ def test_download_range_and_large_blob_chunks(registry):
 
 
 def test_corrupted_blob_is_data_loss_and_never_served(registry):
-    client, server, _ = registry
+    client, host, _ = registry
     _, oracle, _ = _seed(client)
     sha = oracle.blob.sha256
-    blobs = server.registry_runtime.registry.blobs
+    blobs = host.runtimes["registry"].registry.blobs
     bad = b"X" * oracle.blob.size
     if hasattr(blobs, "root"):
         (blobs.root / "sha256" / sha[:2] / sha).write_bytes(bad)
@@ -115,9 +115,9 @@ def test_corrupted_blob_is_data_loss_and_never_served(registry):
 
 
 def test_registered_blob_missing_from_store_is_data_loss(registry):
-    client, server, _ = registry
+    client, host, _ = registry
     _, oracle, _ = _seed(client)
-    server.registry_runtime.registry.blobs.delete(oracle.blob.sha256)
+    host.runtimes["registry"].registry.blobs.delete(oracle.blob.sha256)
     with pytest.raises(DataLoss, match="missing"):
         client.download(oracle.blob.sha256)
     with pytest.raises(NotFound):
@@ -125,9 +125,9 @@ def test_registered_blob_missing_from_store_is_data_loss(registry):
 
 
 def test_interrupted_upload_leaves_no_row_and_no_blob(registry, poll):
-    client, server, _ = registry
+    client, host, _ = registry
     h, _, library = _seed(client)
-    blobs_before = sorted(_blob_keys(server))
+    blobs_before = sorted(_blob_keys(host))
     payload = b"expert-bytes" * 300_000  # ~3.4 MiB, several chunks
     sha = hashlib.sha256(payload).hexdigest()
     sent = threading.Event()
@@ -145,15 +145,15 @@ def test_interrupted_upload_leaves_no_row_and_no_blob(registry, poll):
         client.stub.RegisterExpert(requests(), timeout=10)
     assert sent.is_set()
     assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
-    assert poll(lambda: _staging_empty(server))
-    assert sorted(_blob_keys(server)) == blobs_before
+    assert poll(lambda: _staging_empty(host))
+    assert sorted(_blob_keys(host)) == blobs_before
     assert list(client.list_experts()) == []
 
 
 def test_truncated_or_mismatching_upload_is_rejected_without_traces(registry, poll):
-    client, server, _ = registry
+    client, host, _ = registry
     _, _, library = _seed(client)
-    blobs_before = sorted(_blob_keys(server))
+    blobs_before = sorted(_blob_keys(host))
     payload = b"z" * 5000
 
     def upload(sha: str, size: int, data: bytes):
@@ -173,20 +173,20 @@ def test_truncated_or_mismatching_upload_is_rejected_without_traces(registry, po
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("sha256:")
     assert dict(info.value.trailing_metadata())["poe-field"] == "sha256"
-    assert poll(lambda: _staging_empty(server))
-    assert sorted(_blob_keys(server)) == blobs_before
+    assert poll(lambda: _staging_empty(host))
+    assert sorted(_blob_keys(host)) == blobs_before
     assert list(client.list_experts()) == []
 
 
 def test_rejected_record_leaves_no_blob(registry):
-    client, server, _ = registry
+    client, host, _ = registry
     _, _, library = _seed(client)
-    blobs_before = sorted(_blob_keys(server))
+    blobs_before = sorted(_blob_keys(host))
     with pytest.raises(NotFound, match="library_id"):
         client.register_expert(library.id + 1000, 1, "bags", [8], {}, b"orphan bytes")
     with pytest.raises(InvalidArgument, match="class_ids"):
         client.register_expert(library.id, 1, "bags", [7], {}, b"orphan bytes")
-    assert sorted(_blob_keys(server)) == blobs_before
+    assert sorted(_blob_keys(host)) == blobs_before
 
 
 def test_duplicate_registration_idempotent_and_conflicts(registry):
@@ -213,7 +213,7 @@ def test_duplicate_registration_idempotent_and_conflicts(registry):
 def test_two_clients_register_the_same_content_at_once(registry, poll):
     from poe.client.registry import RegistryClient
 
-    client, server, _ = registry
+    client, host, _ = registry
     _, _, library = _seed(client)
     target = client.target
     payload = b"shared expert" * 200_000  # ~2.6 MiB
@@ -237,9 +237,9 @@ def test_two_clients_register_the_same_content_at_once(registry, poll):
     assert len({x.id for x, _ in results}) == 1
     assert sorted(created for _, created in results) == [False, False, False, True]
     assert len(list(client.list_experts(task="footwear"))) == 1
-    assert hashlib.sha256(payload).hexdigest() in _blob_keys(server)
+    assert hashlib.sha256(payload).hexdigest() in _blob_keys(host)
     assert client.download(results[0][0].blob.sha256) == payload
-    assert poll(lambda: _staging_empty(server))
+    assert poll(lambda: _staging_empty(host))
 
 
 def test_bad_input_names_the_field(registry):
@@ -274,7 +274,7 @@ def test_bad_input_names_the_field(registry):
         assert dict(err.trailing_metadata()).get("poe-field") == field
 
 
-def test_not_found_and_failed_precondition(registry):
+def test_missing_things_are_not_found(registry):
     client, _, _ = registry
     h, _, library = _seed(client)
     with pytest.raises(NotFound, match="no pool named"):
@@ -283,14 +283,34 @@ def test_not_found_and_failed_precondition(registry):
     client.publish_pool("p", "1", library.id, [bags.id])
     with pytest.raises(NotFound, match="no version or alias"):
         client.get_pool("p@7")
-    with pytest.raises(InvalidArgument) as info:
-        client.resolve_classes("p", ["Spaceship"])
-    assert info.value.field == "classes"
-    with pytest.raises(FailedPrecondition, match="no expert for task"):
-        client.resolve_classes("p", ["Sandal"])
     assert client.get_composed_model("p", [8], "torchscript") is None
     with pytest.raises(NotFound):
         client.get_expert(12345)
+
+
+def test_resolve_classes_names_the_field_and_the_missing_expert(registry):
+    """ResolveClasses answers through poe.engine.compose.plan, as ComposeModel does
+    (tests/composer compares the two RPCs error for error)."""
+    client, _, _ = registry
+    h, _, library = _seed(client)
+    experts = {t: client.register_expert(library.id, 1, t, ids, {}, f"{t} expert".encode())[0]
+               for t, ids in h.tasks.items()}
+    client.publish_pool("fm", "1", library.id, [x.id for t, x in experts.items() if t != "tops"])
+    res = client.resolve_classes("fm", ["Ankle boot", "bag", 5, " 7 "])
+    assert list(res.class_ids) == [5, 7, 8, 9] and list(res.class_names) == ["Sandal", "Sneaker", "Bag", "Ankle boot"]
+    assert [x.task for x in res.experts] == ["footwear", "bags"] and res.pool == "fm@1"
+    assert list(res.experts[1].class_ids) == list(h.tasks["bags"]) and res.library.id == library.id
+    assert list(client.resolve_classes("fm@latest", [], ["warm-layers", ""]).class_ids) == [2, 4]
+    for classes, tasks, field, message in [(["Unicorn"], [], "classes", "unknown classes"),
+                                           ([], ["hats"], "tasks", "unknown primitive tasks"),
+                                           (["", " "], [], "classes", "empty request")]:
+        with pytest.raises(InvalidArgument, match=message) as info:
+            client.resolve_classes("fm", classes, tasks)
+        assert info.value.field == field and str(info.value).startswith(f"{field}: ")
+    with pytest.raises(NotFound, match="pool fm@1 has no expert for primitive task.*tops"):
+        client.resolve_classes("fm", ["Shirt"])
+    with pytest.raises(NotFound, match="no pool named"):
+        client.resolve_classes("nope", ["Bag"])
 
 
 def test_pools_versions_aliases_search_and_delete(registry):

@@ -187,24 +187,6 @@ def test_list_search_and_paginate(seeded):
         store.list_experts(e.ExpertFilter(pool="missing"))
 
 
-def test_resolve_classes_to_experts(seeded):
-    store, _, lib, experts = seeded
-    store.publish_pool(e.PoolSpec("fm", "1", lib.id, tuple(x.id for t, x in experts.items() if t != "tops")))
-    res = store.resolve("fm", ["Ankle boot", "bag", 5])
-    assert res.class_ids == (5, 8, 9) and res.class_names == ("Sandal", "Bag", "Ankle boot")
-    assert [x.task for x in res.experts] == ["footwear", "bags"] and res.pool.ref == "fm@1"
-    res = store.resolve("fm", [], ["warm-layers"])
-    assert res.class_ids == (2, 4)
-    with pytest.raises(FailedPrecondition, match="tops"):
-        store.resolve("fm", ["Shirt"])
-    with pytest.raises(InvalidArgument) as info:
-        store.resolve("fm", ["Unicorn"])
-    assert info.value.field == "classes"
-    with pytest.raises(InvalidArgument) as info:
-        store.resolve("fm", [], ["hats"])
-    assert info.value.field == "tasks"
-
-
 def test_composed_model_cache(seeded):
     store, _, lib, experts = seeded
     store.publish_pool(e.PoolSpec("fm", "1", lib.id, tuple(x.id for x in experts.values())))

@@ -1,0 +1,255 @@
+"""The extractor's jobs in memory: the Job record, the queue, cancel, and what Get/Watch/List read.
+
+At most `POE_EXTRACTOR_MAX_JOBS` jobs run at once; the others wait in the queue (PENDING). A job
+that runs here is read with this extractor's live progress; any other job is read from the
+registry. One lock (`JobBoard.lock`) guards the board and every job's live fields; `changed` is
+notified on every change, which is what Watch streams wait on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import shutil
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from poe.client.errors import translate_rpc_errors
+from poe.client.registry import RegistryClient
+from poe.contract import TERMINAL_STATES, state_name
+from poe.engine.errors import FailedPrecondition, PoeError, field_error
+from poe.v1 import common_pb2 as c
+from poe.v1 import extractor_pb2 as pb
+from poe.v1 import registry_pb2 as r
+from poe_services import metrics
+from poe_services.extractor.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(PoeError):
+    """The job cannot succeed; the message is recorded as the job's error."""
+
+
+@dataclass
+class Job:
+    id: str
+    spec: JobSpec
+    run: Path  # POE_HOME/extractions/<job id>
+    record: c.ExtractionJob  # the registry's copy, as last written or read
+    progress: dict = field(default_factory=lambda: {"phase": "queued"})
+    message: str = "queued"
+    fraction: float = 0.0
+    eta: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+    process: mp.process.BaseProcess | None = None
+    thread: threading.Thread | None = None
+    attempt: int = 0
+    device: str = ""
+    started: float = 0.0
+    rate_origin: tuple[int, float] | None = None  # (units done, when) the ETA is measured from
+    library_id: int | None = None
+    expert_ids: dict[str, int] = field(default_factory=dict)
+    last_write: float = 0.0
+    last_written: tuple = ()
+    lock: threading.RLock = field(default_factory=threading.RLock)  # cancel and publish exclude each other
+
+    @property
+    def ref(self) -> str:
+        return self.spec.ref
+
+
+class JobBoard:
+    """Jobs this extractor knows, the queue and the running set. `run(job)` is called (under the
+    lock) for every job that may start; it must return at once (it starts a supervisor thread)."""
+
+    def __init__(self, registry: RegistryClient, max_jobs: int, run: Callable[[Job], threading.Thread],
+                 stopping: threading.Event, closing: threading.Event):
+        self.registry = registry
+        self.max_jobs = max(1, max_jobs)
+        self._run = run
+        self._stopping = stopping  # begin_shutdown: Watch streams end
+        self._closing = closing  # close: no job starts any more
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[str] = deque()
+        self._running: set[str] = set()
+        self._counts: Counter[str] = Counter()
+
+    # -- the queue ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self._jobs.get(job_id)
+
+    def targets(self) -> dict[str, str]:
+        """"name@version" -> job id of every job this extractor has not finished."""
+        with self.lock:
+            return {j.ref: j.id for j in self._jobs.values()}
+
+    def running(self) -> list[Job]:
+        with self.lock:
+            return [self._jobs[j] for j in self._running if j in self._jobs]
+
+    def enqueue(self, job: Job) -> bool:
+        """Queue `job` (not scheduled yet: call schedule()); False when the id is known already or
+        the extractor closes."""
+        with self.lock:
+            if job.id in self._jobs or self._closing.is_set():
+                return False
+            self._jobs[job.id] = job
+            self._queue.append(job.id)
+            return True
+
+    def schedule(self) -> None:
+        """Start queued jobs while fewer than max_jobs run."""
+        with self.lock:
+            while self._queue and len(self._running) < self.max_jobs and not self._closing.is_set():
+                job = self._jobs.get(self._queue.popleft())
+                if job is None or job.cancelled:
+                    continue
+                self._running.add(job.id)
+                job.thread = self._run(job)
+            self.update_gauges()
+
+    def finish(self, job: Job, outcome: str | None) -> None:
+        """The job's supervisor is done (outcome "succeeded", "failed", "cancelled", or None when
+        the extractor stopped it); the next queued job may start."""
+        with self.lock:
+            self._running.discard(job.id)
+            if self._jobs.get(job.id) is job:
+                del self._jobs[job.id]
+            if outcome:
+                self._counts[outcome] += 1
+            job.finished = True
+            self.changed.notify_all()
+        self.schedule()
+
+    def notify(self) -> None:
+        """Wake every Watch (a job changed, a client went away, the extractor shuts down)."""
+        with self.changed:
+            self.changed.notify_all()
+
+    # -- cancel ------------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> c.ExtractionJob:
+        """CANCELLED in the registry first, then the worker is stopped (its supervisor removes the
+        run directory); a queued job simply leaves the queue."""
+        job = self.get(job_id)
+        if job is None:
+            rec = self.registry.get_job(job_id)
+            if rec.state in TERMINAL_STATES:
+                raise FailedPrecondition(f"job {job_id} is already {state_name(rec.state)}")
+            # Unfinished but not run by this extractor (not resumed yet): only the record changes.
+            return self.registry.update_job(job_id, state="cancelled", message="cancelled")
+        with job.lock:
+            if job.finished or job.record.state in TERMINAL_STATES:
+                state = state_name(job.record.state) if job.record.state in TERMINAL_STATES else "finished"
+                raise FailedPrecondition(f"job {job_id} is already {state}")
+            rec = self.registry.update_job(job_id, state="cancelled", stage=job.progress.get("phase", ""),
+                                           message="cancelled")
+            job.cancelled = True
+            proc = job.process
+        log.info("extractor: job %s cancelled", job_id)
+        queued = False
+        with self.lock:
+            job.record, job.progress, job.message = rec, {"phase": "cancelled"}, "cancelled"
+            if job_id in self._queue:  # never started: nothing else will clean up after it
+                self._queue.remove(job_id)
+                self._jobs.pop(job_id, None)
+                self._counts["cancelled"] += 1
+                queued = True
+            self.changed.notify_all()
+            self.update_gauges()
+        if queued:
+            shutil.rmtree(job.run, ignore_errors=True)
+        if proc is not None and proc.is_alive():
+            proc.terminate()  # the supervisor reaps it and removes the run directory
+        return rec
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _progress_pb(self, job: Job) -> pb.ExtractionProgress:
+        p = job.progress
+        out = pb.ExtractionProgress(
+            phase=p.get("phase", ""), expert=int(p.get("expert", 0)), experts=int(p.get("experts", 0)),
+            task=p.get("task", ""), epoch=int(p.get("epoch", 0)), epochs=int(p.get("epochs", 0)),
+            step=int(p.get("step", 0)), steps=int(p.get("steps", 0)), loss=float(p.get("loss", 0.0)),
+            fraction=job.fraction, attempt=job.attempt, device=job.device, live=True,
+            elapsed_seconds=round(time.monotonic() - job.started, 1) if job.started else 0.0)
+        if job.eta is not None and not job.finished:
+            out.eta_seconds = round(job.eta, 1)
+        return out
+
+    def live_record(self, job: Job) -> c.ExtractionJob:
+        """The job's registry record with this extractor's live progress (until it is terminal)."""
+        rec = c.ExtractionJob()
+        rec.CopyFrom(job.record)
+        if rec.state not in TERMINAL_STATES:
+            rec.progress, rec.stage, rec.message = round(job.fraction, 4), job.progress.get("phase", ""), job.message
+        return rec
+
+    def snapshot(self, job_id: str) -> tuple[c.ExtractionJob, pb.ExtractionProgress]:
+        """The job's record (with this extractor's live progress when it runs here) and progress."""
+        if not job_id:
+            raise field_error("job_id", "required")
+        with self.lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return self.live_record(job), self._progress_pb(job)
+        rec = self.registry.get_job(job_id)
+        phase = {c.EXTRACTION_STATE_SUCCEEDED: "done", c.EXTRACTION_STATE_FAILED: "failed",
+                 c.EXTRACTION_STATE_CANCELLED: "cancelled"}.get(rec.state, rec.stage or "queued")
+        return rec, pb.ExtractionProgress(phase=phase, fraction=rec.progress, live=False)
+
+    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True,
+              poll: float = 1.0) -> Iterator[tuple[c.ExtractionJob, pb.ExtractionProgress]]:
+        """Snapshots on every change until the job is terminal (or the extractor shuts down)."""
+        last = None
+        while True:
+            rec, progress = self.snapshot(job_id)
+            key_progress = pb.ExtractionProgress()
+            key_progress.CopyFrom(progress)
+            key_progress.ClearField("elapsed_seconds")
+            key_progress.ClearField("eta_seconds")
+            key = (rec.state, rec.progress, rec.stage, rec.message, rec.error, rec.pool,
+                   key_progress.SerializeToString(deterministic=True))
+            if key != last:
+                last = key
+                yield rec, progress
+            if rec.state in TERMINAL_STATES or self._stopping.is_set() or not is_active():
+                return
+            with self.changed:
+                self.changed.wait(timeout=poll)
+
+    def list_jobs(self, state: int = 0, page_size: int = 0, page_token: str = "") -> tuple[list, str]:
+        with translate_rpc_errors(f"registry at {self.registry.target}"):
+            resp = self.registry.stub.ListExtractionJobs(r.ListExtractionJobsRequest(
+                state=state, page_size=page_size, page_token=page_token), timeout=self.registry.timeout)
+        jobs = []
+        with self.lock:
+            for rec in resp.jobs:
+                job = self._jobs.get(rec.id)
+                jobs.append(self.live_record(job) if job is not None else rec)
+        return jobs, resp.next_page_token
+
+    def worker_pid(self, job_id: str) -> int | None:
+        with self.lock:
+            job = self._jobs.get(job_id)
+            proc = job.process if job is not None else None
+            return proc.pid if proc is not None and proc.is_alive() else None
+
+    def update_gauges(self) -> None:
+        with self.lock:
+            running = [self._jobs[j] for j in self._running if j in self._jobs]
+            metrics.EXTRACTION_JOBS.labels("queued").set(len(self._queue))
+            metrics.EXTRACTION_JOBS.labels("running").set(len(running))
+            for state in ("succeeded", "failed", "cancelled"):
+                metrics.EXTRACTION_JOBS.labels(state).set(self._counts[state])
+            metrics.EXTRACTION_PROGRESS.set(sum(j.fraction for j in running) / len(running) if running else 0.0)

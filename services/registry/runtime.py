@@ -1,0 +1,132 @@
+"""The registry as a hosted service (poe_services.host): database engine, blob store, health.
+
+Health is NOT_SERVING while the database or the blob store does not answer (probed every
+`POE_REGISTRY_HEALTH_INTERVAL` seconds) and during shutdown.
+
+Start-up refuses (FailedPrecondition naming `poe registry migrate`) when the database schema is
+not current, unless settings.registry_auto_migrate (POE_REGISTRY_AUTO_MIGRATE) or `migrate=True`
+asks to migrate first. When the database is unreachable at start-up the registry starts anyway,
+NOT_SERVING, and checks the schema as soon as the database answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from poe.engine.config import Settings
+from poe.engine.errors import FailedPrecondition, Unavailable
+from poe.v1 import registry_pb2_grpc
+from poe_services.registry import db
+from poe_services.registry.blobstore import open_blob_store
+from poe_services.registry.core import Registry
+from poe_services.registry.servicer import SERVICE_NAME, RegistryServicer
+from poe_services.registry.sqlstore import SqlRegistryStore
+
+if TYPE_CHECKING:
+    from poe_services.host import HealthReporter
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RegistryRuntime:
+    """Store, blob store and health monitor of one registry instance (a host ServiceRuntime)."""
+
+    def __init__(self, settings: Settings, *, migrate: bool | None = None):
+        self.settings = settings
+        self.engine = db.make_engine(settings.database_url)
+        self._schema_ok = False
+        try:
+            if settings.registry_auto_migrate if migrate is None else migrate:
+                db.upgrade(self.engine)
+            self._check_schema()
+        except Unavailable as err:
+            log.warning("registry: database not reachable at start-up (%s); NOT_SERVING until it is", err)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        try:
+            blobs = open_blob_store(settings.blob_url, settings)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self.registry = Registry(SqlRegistryStore(self.engine, require_current=False), blobs)
+        self.health: HealthReporter | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: int | None = None
+        self.closed = False
+
+    def _check_schema(self) -> None:
+        db.require_current_schema(self.engine)
+        self._schema_ok = True
+
+    def problems(self) -> list[str]:
+        out = self.registry.problems()
+        if not out and not self._schema_ok:
+            try:
+                self._check_schema()
+            except (FailedPrecondition, Unavailable) as err:
+                out.append(str(err))
+        return out
+
+    def check_health(self) -> bool:
+        """Probe now and publish the status; returns whether the registry can serve."""
+        problems = self.problems()
+        status = NOT_SERVING if problems or self._stop.is_set() else SERVING
+        if status != self._last:
+            if status == SERVING:
+                log.info("registry: SERVING")
+            elif self._stop.is_set():
+                log.info("registry: NOT_SERVING: shutting down")
+            else:
+                log.warning("registry: NOT_SERVING: %s", "; ".join(problems))
+            self._last = status
+        if self.health is not None:
+            self.health.set(SERVICE_NAME, status)
+        return status == SERVING
+
+    def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
+        """Add the Registry servicer to `server`; report "poe.v1.Registry" through `health`."""
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), server)
+        self.health = health
+        self.check_health()
+
+    def start(self) -> None:
+        """Probe the database and the blob store every POE_REGISTRY_HEALTH_INTERVAL seconds."""
+        log.info("registry: database %s, blobs %s", db.redact(self.settings.database_url), self.settings.blob_url)
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._monitor, name="registry-health", daemon=True)
+            self._thread.start()
+
+    def _monitor(self) -> None:
+        interval = max(0.05, self.settings.registry_health_interval)
+        while not self._stop.wait(interval):
+            try:
+                self.check_health()
+            except Exception:
+                log.exception("registry: health probe failed")
+
+    def begin_shutdown(self) -> None:
+        """Report NOT_SERVING from now on and stop probing."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self.health is not None:
+            self.health.set(SERVICE_NAME, NOT_SERVING)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """begin_shutdown(), then release the database and blob store connections."""
+        self.begin_shutdown()
+        if not self.closed:
+            self.closed = True
+            self.registry.close()

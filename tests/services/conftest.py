@@ -1,0 +1,99 @@
+"""Real components for the host tests: SQLite + file blobs under tmp_path, and a PostgreSQL
+database of the test's own (POE_TEST_POSTGRES_URL) that can refuse connections for a while."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from poe.engine.config import Settings
+
+PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def poll() -> Callable[..., bool]:
+    """poll(predicate, timeout=15): wait until the predicate holds; returns whether it did."""
+    return wait_until
+
+
+def host_settings(home: Path, **env: str) -> Settings:
+    """SQLite + file blobs under `home`; health probes every 0.1 s."""
+    return Settings.from_env({"POE_HOME": str(home), "POE_DATABASE_URL": f"sqlite:///{home / 'registry.sqlite3'}",
+                              "POE_BLOB_URL": f"file://{home / 'blobs'}", "POE_REGISTRY_HEALTH_INTERVAL": "0.1",
+                              "POE_EXTRACTOR_HEALTH_INTERVAL": "0.1", **env})
+
+
+@pytest.fixture
+def make_settings() -> Callable[..., Settings]:
+    """make_settings(home, **POE_env) -> Settings: SQLite + file blobs under home."""
+    return host_settings
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return host_settings(tmp_path / "home")
+
+
+@dataclass
+class ClosableDatabase:
+    """A migrated PostgreSQL database that `refuse()` makes unreachable (connections dropped, new
+    ones refused by the server) and `accept()` brings back."""
+
+    url: str
+    name: str
+    admin: object
+
+    def refuse(self) -> None:
+        self.admin.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false')
+        self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (self.name,))
+
+    def accept(self) -> None:
+        self.admin.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
+
+
+@pytest.fixture
+def closable_database():
+    import psycopg
+
+    from poe_services.registry import db
+
+    base = make_url(PG_URL)
+    try:
+        admin = psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False),
+                                autocommit=True, connect_timeout=3)
+    except psycopg.Error as e:
+        reason = str(e).strip().splitlines()[0]
+        if IN_CI:
+            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL not reachable ({reason}); set POE_TEST_POSTGRES_URL (CI fails instead)")
+    name = f"poe_host_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = base.set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = db.make_engine(url)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
+        yield ClosableDatabase(url, name, admin)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
