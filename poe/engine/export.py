@@ -1,4 +1,4 @@
-"""Composed model files: TorchScript with a `poe.json` extra file (DESIGN.md's contract).
+"""Composed model files: TorchScript with a `poe.json` extra file (the model-file contract), or safetensors.
 
 A file written here loads with plain torch, without this project installed::
 
@@ -13,6 +13,7 @@ model's state dict (`poe.engine.pool.tensors_to_bytes`), so it identifies the fu
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from poe.engine.archive import ArchiveTemplate, TemplateError, probe_state, tensor_layout
-from poe.engine.compose import ComposedModel, Plan, plan_params
+from poe.engine.compose import ComposedModel, Plan, build, plan_params
 from poe.engine.errors import InvalidArgument
 from poe.engine.pool import Pool, sha256_hex, tensors_to_bytes
 
@@ -58,7 +59,35 @@ def metadata(pool: Pool, p: Plan, model: nn.Module | None, execution: str,
         "execution": execution,
         "params": plan_params(pool, p),
         "sha256": weights_sha256_hex or weights_sha256(model),
+        "dataset": pool.hierarchy.dataset,
     }
+
+
+def serialize(pool: Pool, p: Plan, state: dict[str, torch.Tensor], execution: str, fmt: str,
+              scripts: ScriptCache) -> tuple[bytes, dict]:
+    """The file of a composition and its poe.json, from its state (`compose.composed_state`).
+
+    torchscript: the archive template of the state's tensor layout, written with these tensors
+    (`scripts` scripts and saves a template only for a layout it has not seen). safetensors: the
+    tensors, with poe.json and the architecture (`spec`) in the header's metadata."""
+    if fmt == "torchscript":
+        fused = execution == "fused"
+        template = scripts.template(state, lambda: build(pool, p, fused))
+        views = template.views(state)
+        meta = metadata(pool, p, None, execution, template.weights_sha256(views))
+        return template.render(views, meta), meta
+    if fmt == "safetensors":
+        from safetensors.torch import save as st_save
+
+        meta = metadata(pool, p, None, execution, sha256_hex(tensors_to_bytes(state)))
+        spec = {"execution": execution, "library": dataclasses.asdict(pool.library_config),
+                "experts": [{"task": t, "config": dataclasses.asdict(pool.experts[t].config), "keep": list(k)}
+                            for t, k in zip(p.tasks, p.keep, strict=True)],
+                "class_ids": list(p.class_ids)}
+        header = {EXTRA_FILE: json.dumps(meta, sort_keys=True), "spec": json.dumps(spec, sort_keys=True)}
+        data = st_save({k: v.contiguous() for k, v in state.items()}, metadata=header)
+        return data, meta
+    raise InvalidArgument(f"format: expected torchscript or safetensors, got {fmt!r}")
 
 
 def weights_sha256(model: nn.Module) -> str:

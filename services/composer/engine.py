@@ -4,7 +4,7 @@ Per request, on the hot path (a class set not composed before, experts already i
 (pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan the experts
 locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
 sha256-verified), consolidate (`poe.engine.compose.composed_state`: concatenating tensors, no module
-construction), serialize (`ScriptCache`: the archive template of the same tensor layout is written
+construction), serialize (`poe.engine.export.serialize`: the archive template of the same tensor layout is written
 again with the new tensors, `poe.engine.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on
 the hot path once a layout has been seen, and `warm` sees them all). Composed files are kept in a
 byte-bounded LRU and recorded in the registry in the background (provenance, hit counts, download by
@@ -27,17 +27,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save as st_save
 
 from poe.client.registry import RegistryClient
-from poe.contract import ComposeHeader
+from poe.contract import ComposeHeader, hierarchy_from_message
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
 from poe.engine.errors import InvalidArgument, NotFound
-from poe.engine.export import ScriptCache, metadata
-from poe.engine.hierarchy import Hierarchy
+from poe.engine.export import ScriptCache, serialize
 from poe.engine.nets import ExpertConfig, Library, count_flops, make_expert
-from poe.engine.pool import Expert, Pool, sha256_hex, tensors_to_bytes, wrn_config_from_dict
+from poe.engine.pool import Expert, Pool, sha256_hex, wrn_config_from_dict
 from poe_services import metrics
 from poe_services.composer.caches import ByteLRU, SingleFlight
 
@@ -144,8 +142,7 @@ class ComposerEngine:
         return view
 
     def _make_view(self, pv) -> PoolView:
-        h = pv.hierarchy
-        hier = Hierarchy(h.dataset, h.version, tuple(h.classes), {t.name: tuple(t.class_ids) for t in h.tasks})
+        hier = hierarchy_from_message(pv.hierarchy)
         info = json.loads(pv.info_json or "{}")
         experts, shas, ids = {}, {}, {}
         for e in pv.experts:
@@ -249,32 +246,12 @@ class ComposerEngine:
         with timer.stage("consolidate"):
             state = composed_state(pool, p, fused)
         with timer.stage("serialize"):
-            if req.format == "torchscript":
-                template = self.scripts.template(state, lambda: build(pool, p, fused))
-                views = template.views(state)
-                meta = self._meta(pool, p, req, template.weights_sha256(views))
-                data = template.render(views, meta)
-            else:
-                meta = self._meta(pool, p, req, sha256_hex(tensors_to_bytes(state)))
-                data = st_save({k: v.contiguous() for k, v in state.items()},
-                               metadata={"poe.json": json.dumps(meta, sort_keys=True),
-                                         "spec": json.dumps(self._spec(pool, p, req.execution), sort_keys=True)})
+            data, meta = serialize(pool, p, state, req.execution, req.format, self.scripts)
         header = dataclasses.replace(header, size=len(data), sha256=sha256_hex(data), metadata=meta)
         comp = Composition(header, data)
         self._models.put(header.model_id, comp, len(data))
         self._record(view, p, req, comp)
         return comp
-
-    @staticmethod
-    def _meta(pool: Pool, p: Plan, req: ComposeRequest, weights_sha256: str) -> dict:
-        return {**metadata(pool, p, None, req.execution, weights_sha256), "dataset": pool.hierarchy.dataset}
-
-    @staticmethod
-    def _spec(pool: Pool, p: Plan, execution: str) -> dict:
-        return {"execution": execution, "library": dataclasses.asdict(pool.library_config),
-                "experts": [{"task": t, "config": dataclasses.asdict(pool.experts[t].config), "keep": list(k)}
-                            for t, k in zip(p.tasks, p.keep, strict=True)],
-                "class_ids": list(p.class_ids)}
 
     # -- the registry's composed-model cache -----------------------------------------------------
     @staticmethod

@@ -30,9 +30,10 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
@@ -45,6 +46,9 @@ from poe_services.extractor.plan import Planner, check_job_id, request_dict
 from poe_services.extractor.recording import Recorder
 from poe_services.extractor.spec import FORMAT, JobSpec
 from poe_services.extractor.supervision import Supervisor
+
+if TYPE_CHECKING:
+    from poe_services.host import HealthReporter
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +78,20 @@ class ExtractorRuntime:
         self._start_lock = threading.Lock()  # one start at a time: idempotent job ids, staging directories
         self._wake = threading.Event()
         self.recovered = threading.Event()
-        self.health: health.HealthServicer | None = None
-        self._services: tuple[str, ...] = ()
+        self.health: HealthReporter | None = None
         self._monitor: threading.Thread | None = None
         self._status = None
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def attach(self, server: grpc.Server, health_servicer: health.HealthServicer, *, overall: bool = False) -> None:
-        """Add the Extractor servicer to `server`, report health through `health_servicer` (under
-        "poe.v1.Extractor", and "" too when `overall`), and begin resuming unfinished jobs as soon
-        as the registry answers."""
+    def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
+        """Add the Extractor servicer to `server`, report "poe.v1.Extractor" through `health`, and
+        begin resuming unfinished jobs as soon as the registry answers."""
         from poe_services.extractor.servicer import add_to_server
 
         add_to_server(self, server)
-        self.health = health_servicer
-        self._services = (SERVICE_NAME, "") if overall else (SERVICE_NAME,)
+        self.health = health
         self._set_health(False)
         self._monitor = threading.Thread(target=self._watch_registry, name="extractor-health", daemon=True)
         self._monitor.start()
@@ -137,8 +138,7 @@ class ExtractorRuntime:
             self._status = status
             log.info("extractor: %s", "SERVING" if status == SERVING else "NOT_SERVING")
         if self.health is not None:
-            for name in self._services:
-                self.health.set(name, status)
+            self.health.set(SERVICE_NAME, status)
 
     def _probe(self) -> bool:
         try:
