@@ -1,4 +1,4 @@
-"""Distillation losses of PAPER.md."""
+"""Distillation losses: KD for the library, CKD (L_soft + L_scale) for the experts (docs/METHOD.md)."""
 
 from __future__ import annotations
 

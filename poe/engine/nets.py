@@ -1,4 +1,4 @@
-"""Pre-activation Wide-ResNets split into the PoE library and experts (PAPER.md).
+"""Pre-activation Wide-ResNets split into the PoE library and experts (docs/METHOD.md).
 
 A WRN-d-k has a 3x3 stem conv with 16 channels and three groups of (d - 4) / 6 pre-activation
 basic blocks with 16k, 32k and 64k channels; groups 2 and 3 halve the resolution. PoE keeps the

@@ -1,5 +1,5 @@
 """The Grafana dashboard (deploy/grafana/poe-dashboard.json). Grafana itself is not installable
-here, so the JSON is checked for what the issue asks it to show and for metric names that the
+here, so the JSON is checked for the panels an operator needs and for metric names that the
 services really export (services/metrics.py; test_prometheus.py runs its queries through promtool)."""
 
 from __future__ import annotations
