@@ -8,6 +8,8 @@ names; a test scrapes a live composer and checks every PromQL expression against
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -136,37 +138,34 @@ def _record(service: str, method: str, code: str, seconds: float) -> None:
     GRPC_DURATION.labels(service, method).observe(seconds)
 
 
+@contextmanager
+def _timed(service: str, method: str, context) -> Iterator[None]:
+    """Count and time one call, with the status code the client receives."""
+    t0 = time.perf_counter()
+    code = None
+    try:
+        yield
+    except GeneratorExit:  # the client cancelled mid-stream
+        code = "CANCELLED"
+        raise
+    except BaseException:
+        code = _code_name(context) if context.code() is not None else "UNKNOWN"
+        raise
+    finally:
+        _record(service, method, code or _code_name(context), time.perf_counter() - t0)
+
+
 def _timed_unary(behavior, service: str, method: str):
     def handler(request, context):
-        t0 = time.perf_counter()
-        code = "UNKNOWN"
-        try:
-            result = behavior(request, context)
-            code = _code_name(context)
-            return result
-        except BaseException:
-            code = _code_name(context) if context.code() is not None else "UNKNOWN"
-            raise
-        finally:
-            _record(service, method, code, time.perf_counter() - t0)
+        with _timed(service, method, context):
+            return behavior(request, context)
 
     return handler
 
 
 def _timed_stream(behavior, service: str, method: str):
     def handler(request, context):
-        t0 = time.perf_counter()
-        code = "UNKNOWN"
-        try:
+        with _timed(service, method, context):
             yield from behavior(request, context)
-            code = _code_name(context)
-        except GeneratorExit:  # the client cancelled mid-stream
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = _code_name(context) if context.code() is not None else "UNKNOWN"
-            raise
-        finally:
-            _record(service, method, code, time.perf_counter() - t0)
 
     return handler

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from poe.cli.output import emit, table
 from poe.engine.errors import InvalidArgument, PoeError
 
 EMBEDDED = "embedded"
@@ -268,24 +269,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with extractor_client(args.target or _default_target()) as (client, _host):
         jobs = [job_dict(j) for j in client.list(args.state)]
-    if args.json:
-        print(json.dumps(jobs))
-        return 0
-    if not jobs:
-        print("no extraction jobs")
-        return 0
-    print(f"{'JOB':<32} {'STATE':<10} {'PROGRESS':>8}  {'POOL':<20} MESSAGE")
-    for j in jobs:
-        pool = j["pool"] or ""
-        print(f"{j['id']:<32} {j['state']:<10} {100 * j['progress']:>7.0f}%  {pool:<20} {(j['message'] or '')[:60]}")
-    return 0
+    return table(jobs, args.json, empty="no extraction jobs",
+                 header=f"{'JOB':<32} {'STATE':<10} {'PROGRESS':>8}  {'POOL':<20} MESSAGE",
+                 line=lambda j: f"{j['id']:<32} {j['state']:<10} {100 * j['progress']:>7.0f}%  "
+                                f"{j['pool'] or '':<20} {(j['message'] or '')[:60]}")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with extractor_client(args.target or _default_target()) as (client, _host):
         job = client.cancel(args.job_id)
-    print(json.dumps(job_dict(job)) if args.json else f"job {job.id} cancelled")
-    return 0
+    return emit(job_dict(job), args.json, lambda: f"job {job.id} cancelled")
 
 
 # -- parsers ---------------------------------------------------------------------------------------

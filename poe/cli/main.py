@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from poe.cli.output import emit
 from poe.engine.errors import PoeError
 
 
@@ -110,12 +111,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
     summary = {"output": str(out), "pool": p.pool, "classes": list(p.class_names), "experts": list(p.tasks),
                "params": meta["params"], "bytes": len(data), "sha256": meta["sha256"],
                "load_ms": round((t1 - t0) * 1e3, 1), "compose_ms": round((t2 - t1) * 1e3, 1)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{out}: {', '.join(p.class_names)} from {p.pool} experts [{', '.join(p.tasks)}], "
-              f"{meta['params']:,} params, {len(data) / 1024:.0f} KiB, composed in {summary['compose_ms']} ms")
-    return 0
+    return emit(summary, args.json, lambda: f"{out}: {', '.join(p.class_names)} from {p.pool} experts "
+                f"[{', '.join(p.tasks)}], {meta['params']:,} params, {len(data) / 1024:.0f} KiB, "
+                f"composed in {summary['compose_ms']} ms")
 
 
 def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -> int:
@@ -131,13 +129,9 @@ def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -
                "experts": list(h.tasks), "params": h.params, "flops": h.flops, "bytes": h.size,
                "sha256": h.sha256, "expected_accuracy": round(h.expected_accuracy, 4),
                "cache_hit": h.cache_hit, "ms": round(result.seconds * 1e3, 1)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{out}: {', '.join(h.classes)} from {h.pool} experts [{', '.join(h.tasks)}], "
-              f"{h.params:,} params, {h.flops / 1e6:.1f} MFLOPs, {h.size / 1024:.0f} KiB, expected accuracy "
-              f"{h.expected_accuracy:.3f}, {summary['ms']} ms{' (cached)' if h.cache_hit else ''}")
-    return 0
+    return emit(summary, args.json, lambda: f"{out}: {', '.join(h.classes)} from {h.pool} experts "
+                f"[{', '.join(h.tasks)}], {h.params:,} params, {h.flops / 1e6:.1f} MFLOPs, {h.size / 1024:.0f} KiB, "
+                f"expected accuracy {h.expected_accuracy:.3f}, {summary['ms']} ms{' (cached)' if h.cache_hit else ''}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
+
+from poe.cli.output import emit, table
 
 EMBEDDED = "embedded"
 
@@ -102,12 +103,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         pv, created = client.import_pool(args.pool_dir, aliases=args.alias or (), progress=progress)
     summary = {"pool": f"{pv.name}@{pv.version}", "created": created, "aliases": list(pv.aliases),
                "dataset": pv.dataset, "experts": [x.task for x in pv.experts], "params": pv.params}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{summary['pool']} {'published' if created else 'already published'}: {len(pv.experts)} experts "
-              f"on library {pv.library.id}, aliases {', '.join(pv.aliases)}")
-    return 0
+    return emit(summary, args.json, lambda: f"{summary['pool']} {'published' if created else 'already published'}: "
+                f"{len(pv.experts)} experts on library {pv.library.id}, aliases {', '.join(pv.aliases)}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -118,17 +115,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [{"pool": f"{p.name}@{p.version}", "aliases": list(p.aliases), "dataset": p.dataset,
              "experts": [x.task for x in p.experts], "params": p.params,
              "published": p.publish_time.ToDatetime().isoformat(timespec="seconds") + "Z"} for p in pools]
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    if not rows:
-        print("no pools")
-        return 0
-    print(f"{'POOL':<32} {'DATASET':<16} {'EXPERTS':>7} {'PARAMS':>10}  ALIASES")
-    for row in rows:
-        print(f"{row['pool']:<32} {row['dataset']:<16} {len(row['experts']):>7} {row['params']:>10,}  "
-              f"{', '.join(row['aliases'])}")
-    return 0
+    return table(rows, args.json, empty="no pools",
+                 header=f"{'POOL':<32} {'DATASET':<16} {'EXPERTS':>7} {'PARAMS':>10}  ALIASES",
+                 line=lambda row: f"{row['pool']:<32} {row['dataset']:<16} {len(row['experts']):>7} "
+                                  f"{row['params']:>10,}  {', '.join(row['aliases'])}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

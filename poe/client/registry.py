@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from poe.client.base import GrpcClient
 from poe.contract import hierarchy_message, state_value
 from poe.engine.errors import DataLoss, InvalidArgument, NotFound
+from poe.engine.manifest import read_manifest
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
 from poe.v1 import registry_pb2_grpc
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from poe.engine.hierarchy import Hierarchy
 
 CHUNK_SIZE = 1 << 20
-POOL_FORMAT = "poe.pool/v1"  # poe.engine.pool.FORMAT (not imported here: poe.engine.pool pulls in torch)
 
 
 def _json(d: dict | None) -> str:
@@ -220,15 +220,7 @@ class RegistryClient(GrpcClient):
                      progress: Callable[[str], None] | None) -> tuple[r.PoolVersion, bool]:
         from poe.engine import hierarchy as hierarchy_mod
 
-        manifest_path = root / "pool.json"
-        if not manifest_path.is_file():
-            raise NotFound(f"{root}: not a pool directory (no pool.json)")
-        try:
-            m = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"{manifest_path}: invalid JSON ({e})") from None
-        if m.get("format") != POOL_FORMAT:
-            raise InvalidArgument(f"{manifest_path}: unsupported format {m.get('format')!r} (expected {POOL_FORMAT})")
+        m = read_manifest(root)
         name, version = str(m["name"]), str(m["version"])
         info = dict(m.get("info") or {})
         hier = hierarchy_mod.load(root / m.get("hierarchy", "hierarchy.yaml"))

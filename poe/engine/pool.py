@@ -27,9 +27,8 @@ from safetensors.torch import save as st_save
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from poe.engine.hierarchy import Hierarchy
+from poe.engine.manifest import FORMAT, MANIFEST, read_manifest
 from poe.engine.nets import ExpertConfig, Head, Library, WideResNet, WRNConfig, count_params, make_expert
-
-FORMAT = "poe.pool/v1"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -186,15 +185,7 @@ def save(pool: Pool, directory: str | Path) -> Path:
 
 def load(directory: str | Path, with_oracle: bool = True) -> Pool:
     directory = Path(directory)
-    manifest_path = directory / "pool.json"
-    if not manifest_path.is_file():
-        raise NotFound(f"{directory}: not a pool directory (no pool.json)")
-    try:
-        m = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"{manifest_path}: invalid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise InvalidArgument(f"{manifest_path}: unsupported format {m.get('format')!r} (expected {FORMAT})")
+    m = read_manifest(directory)
 
     def read(entry: dict) -> dict[str, torch.Tensor]:
         path = directory / entry["file"]
@@ -211,7 +202,7 @@ def load(directory: str | Path, with_oracle: bool = True) -> Pool:
                                     e.get("metrics", {}), e.get("loss", {}))
     unknown = [t for t in experts if t not in hier.tasks]
     if unknown:
-        raise InvalidArgument(f"{manifest_path}: experts for tasks not in the hierarchy: {', '.join(unknown)}")
+        raise InvalidArgument(f"{directory / MANIFEST}: experts for tasks not in the hierarchy: {', '.join(unknown)}")
     oracle_cfg = oracle_state = None
     if with_oracle and "oracle" in m:
         oracle_cfg, oracle_state = wrn_config_from_dict(m["oracle"]["config"]), read(m["oracle"])

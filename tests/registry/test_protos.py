@@ -49,8 +49,12 @@ def test_services_and_streaming_shapes():
     assert [f.name for f in compose.output_type.oneofs_by_name["payload"].fields] == ["header", "chunk"]
 
 
-def test_pool_format_constant_matches_the_core():
-    from poe.client.registry import POOL_FORMAT
-    from poe.engine import pool
+def test_the_sdk_imports_without_torch_or_service_code():
+    """A backend that only calls the services needs neither torch nor the registry's SQL code."""
+    import subprocess
+    import sys
 
-    assert POOL_FORMAT == pool.FORMAT
+    code = ("import sys, poe.client, poe.contract; "
+            "print(sorted(m for m in ('torch', 'sqlalchemy', 'minio', 'poe_services') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
