@@ -183,16 +183,6 @@ class ScriptCache:
             return script(make_model())
         return free.get()  # every copy is busy: wait for one
 
-    def export(self, model: nn.Module, meta: dict) -> bytes:
-        """TorchScript bytes of `model` with `meta` as poe.json."""
-        return self.export_state(model.state_dict(), meta, lambda: model)
-
-    def export_state(self, state: dict[str, torch.Tensor], meta: dict, make_model: Callable[[], nn.Module]) -> bytes:
-        """TorchScript bytes of the model whose state dict is `state`; `make_model` builds one of
-        the same structure and is called only when no scripted module exists yet."""
-        template = self.template(state, make_model)
-        return template.render(template.views(state), meta)
-
     def template(self, state: dict[str, torch.Tensor],
                  make_model: Callable[[], nn.Module]) -> ArchiveTemplate | _SavingTemplate:
         """The archive template for `state`'s exact layout, saved once per layout."""

@@ -146,12 +146,6 @@ def alembic_config(connection=None):
     return cfg
 
 
-def head_revision() -> str:
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-
 @dataclass(frozen=True)
 class SchemaStatus:
     current: str | None  # None: empty database

@@ -17,6 +17,18 @@ from poe.engine.export import EXTRA_FILE, ScriptCache, _swap_tensors, load_torch
 from poe.engine.pool import tensors_to_bytes
 
 
+def export(cache, model, meta: dict) -> bytes:
+    """TorchScript bytes of `model` with `meta` as poe.json, through the cache's archive template."""
+    return export_state(cache, model.state_dict(), meta, lambda: model)
+
+
+def export_state(cache, state: dict, meta: dict, make_model) -> bytes:
+    """TorchScript bytes of the model whose state dict is `state` (`make_model` builds one like it)."""
+    template = cache.template(state, make_model)
+    return template.render(template.views(state), meta)
+
+
+
 def _records(data: bytes) -> dict[str, bytes]:
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         assert z.testzip() is None  # every CRC checks out
@@ -60,7 +72,7 @@ def test_one_template_per_layout_and_none_for_new_class_sets_of_a_known_layout(r
     pairs = list(itertools.combinations(tasks, 2))
     for a, b in pairs:  # same number of experts and classes kept: one layout for all of them
         p = plan(random_pool, tasks=[a, b])
-        cache.export_state(composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
+        export_state(cache, composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
     layouts = {tuple(len(random_pool.hierarchy.tasks[t]) for t in pair) for pair in pairs}
     sums = {sum(sizes) for sizes in layouts}
     assert cache.templated == len(sums)  # fused: the layout depends on the total of kept classes only
@@ -91,12 +103,12 @@ def test_layouts_that_cannot_be_probed_fall_back_to_jit_save():
     with pytest.raises(TemplateError):
         probe_state(model.state_dict())
     cache = ScriptCache(copies=1)
-    data = cache.export(model, {"k": 1})
+    data = export(cache, model, {"k": 1})
     loaded, meta = load_torchscript(data)
     x = torch.rand(4, 3)
     assert meta == {"k": 1} and torch.equal(loaded(x), model(x))
     other = _WithFlag()  # the same layout again: the fallback serves it, and scripting is not repeated
-    assert torch.equal(load_torchscript(cache.export(other, {}))[0](x), other(x))
+    assert torch.equal(load_torchscript(export(cache, other, {}))[0](x), other(x))
     assert cache.scripted == 1 and EXTRA_FILE == "poe.json"
 
 
@@ -106,7 +118,7 @@ def test_templates_are_bounded_by_bytes(random_pool):
     x = torch.rand(2, 1, 28, 28)
     for classes in (["Sandal", "Bag"], ["Sandal", "Sneaker", "Bag"], ["Sandal", "Bag"]):
         p = plan(random_pool, classes)
-        data = cache.export_state(composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
+        data = export_state(cache, composed_state(random_pool, p, True), {}, lambda p=p: build(random_pool, p, True))
         assert torch.allclose(load_torchscript(data)[0](x), build(random_pool, p, True).eval()(x), atol=1e-6)
     assert cache.templated == 3  # the first layout was pushed out by the second, so it was saved again
     assert cache.full and len(cache._templates) == 1 and seen[-1] == cache.template_bytes > 0

@@ -11,6 +11,18 @@ from poe.engine.pool import load as load_pool
 from poe.engine.pool import save as save_pool
 
 
+def export(cache, model, meta: dict) -> bytes:
+    """TorchScript bytes of `model` with `meta` as poe.json, through the cache's archive template."""
+    return export_state(cache, model.state_dict(), meta, lambda: model)
+
+
+def export_state(cache, state: dict, meta: dict, make_model) -> bytes:
+    """TorchScript bytes of the model whose state dict is `state` (`make_model` builds one like it)."""
+    template = cache.template(state, make_model)
+    return template.render(template.views(state), meta)
+
+
+
 def test_pool_round_trip_and_sha256_check(random_pool, tmp_path):
     save_pool(random_pool, tmp_path / "pool")
     loaded = load_pool(tmp_path / "pool")
@@ -104,7 +116,7 @@ def test_script_cache_reuses_templates_and_stays_exact(random_pool):
     for req in requests:
         p = plan(random_pool, **req)
         model = build_model(random_pool, p)
-        m, meta = load_torchscript(cache.export(model, metadata(random_pool, p, model, "fused")))
+        m, meta = load_torchscript(export(cache, model, metadata(random_pool, p, model, "fused")))
         assert meta["class_ids"] == list(p.class_ids)
         assert torch.allclose(m(x), model(x), atol=1e-6), req
     assert cache.scripted == 5  # one per number of experts
@@ -124,7 +136,7 @@ def test_script_cache_is_safe_under_concurrency(random_pool):
     def one(classes):
         p = plan(random_pool, classes)
         model = build_model(random_pool, p)
-        m, meta = load_torchscript(cache.export(model, metadata(random_pool, p, model, "fused")))
+        m, meta = load_torchscript(export(cache, model, metadata(random_pool, p, model, "fused")))
         return torch.allclose(m(x), model(x), atol=1e-6) and meta["classes"] == list(p.class_names)
 
     with ThreadPoolExecutor(8) as pool:
@@ -143,7 +155,7 @@ def test_script_cache_from_state_matches_built_model(random_pool):
         for classes in (["Sandal", "Bag"], ["Shirt", "Trouser"], ["Coat", "Dress", "Sneaker", "Bag", "Shirt"]):
             p = plan(random_pool, classes)
             model = build_model(random_pool, p, fused)
-            data = cache.export_state(composed_state(random_pool, p, fused), {"classes": list(p.class_names)},
+            data = export_state(cache, composed_state(random_pool, p, fused), {"classes": list(p.class_names)},
                                       lambda model=model: model)
             m, meta = load_torchscript(data)
             assert torch.allclose(m(x), model(x), atol=1e-6)
