@@ -1,6 +1,6 @@
 """The registry's core: metadata store + blob store, with the upload and download protocol.
 
-Upload (every `register_*`): the spec is checked first; the bytes are streamed into the blob
+Upload (`register`): the spec is checked first; the bytes are streamed into the blob
 store's staging area while hashed; the declared sha256 (required) and size must match what
 arrived; then the store records the rows and, inside that same transaction after the rows are
 flushed, the staged bytes are committed under their hash. So:
@@ -47,8 +47,21 @@ class Registry:
 
     # -- uploads ---------------------------------------------------------------------------------
 
-    def _register(self, add: Callable[[e.Blob, Callable[[], object]], tuple[T, bool]], sha256: str, size: int,
-                  chunks: Iterable[bytes], media_type: str) -> tuple[T, bool]:
+    def register(self, spec: e.ArtifactSpec, sha256: str, size: int,
+                 chunks: Iterable[bytes]) -> tuple[e.Artifact, bool]:
+        """Record an oracle, library, expert or composed model (the kind of `spec`) with its uploaded bytes."""
+        check, add = {
+            e.OracleSpec: (v.check_oracle_spec, self.store.add_oracle),
+            e.LibrarySpec: (v.check_library_spec, self.store.add_library),
+            e.ExpertSpec: (v.check_expert_spec, self.store.add_expert),
+            e.ComposedModelSpec: (v.check_composed_spec, self.store.add_composed_model),
+        }[type(spec)]
+        check(spec)  # before a byte of the upload is read
+        media_type = media_type_for(spec.format) if isinstance(spec, e.ComposedModelSpec) else e.SAFETENSORS
+        return self._upload(lambda blob, hook: add(spec, blob, hook), sha256, size, chunks, media_type)
+
+    def _upload(self, add: Callable[[e.Blob, Callable[[], object]], tuple[T, bool]], sha256: str, size: int,
+                chunks: Iterable[bytes], media_type: str) -> tuple[T, bool]:
         v.sha256(sha256, "sha256")
         v.non_negative(size, "size")
         staged = self.blobs.stage(_bounded(chunks, size))
@@ -77,30 +90,6 @@ class Registry:
                 self.blobs.delete(sha256)
         except Exception:
             log.warning("could not undo blob %s after a failed commit; it is unreferenced", sha256, exc_info=True)
-
-    def register_oracle(self, spec: e.OracleSpec, sha256: str, size: int,
-                        chunks: Iterable[bytes]) -> tuple[e.Oracle, bool]:
-        v.check_oracle_spec(spec)
-        return self._register(lambda b, hook: self.store.add_oracle(spec, b, hook), sha256, size, chunks,
-                              e.SAFETENSORS)
-
-    def register_library(self, spec: e.LibrarySpec, sha256: str, size: int,
-                         chunks: Iterable[bytes]) -> tuple[e.Library, bool]:
-        v.check_library_spec(spec)
-        return self._register(lambda b, hook: self.store.add_library(spec, b, hook), sha256, size, chunks,
-                              e.SAFETENSORS)
-
-    def register_expert(self, spec: e.ExpertSpec, sha256: str, size: int,
-                        chunks: Iterable[bytes]) -> tuple[e.Expert, bool]:
-        v.check_expert_spec(spec)
-        return self._register(lambda b, hook: self.store.add_expert(spec, b, hook), sha256, size, chunks,
-                              e.SAFETENSORS)
-
-    def put_composed_model(self, spec: e.ComposedModelSpec, sha256: str, size: int,
-                           chunks: Iterable[bytes]) -> tuple[e.ComposedModel, bool]:
-        v.check_composed_spec(spec)
-        return self._register(lambda b, hook: self.store.add_composed_model(spec, b, hook), sha256, size, chunks,
-                              media_type_for(spec.format))
 
     # -- downloads -------------------------------------------------------------------------------
 

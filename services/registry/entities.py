@@ -157,6 +157,11 @@ class ComposedModel:
     last_hit_at: datetime | None
 
 
+# What `core.Registry.register` records together with uploaded bytes.
+ArtifactSpec = OracleSpec | LibrarySpec | ExpertSpec | ComposedModelSpec
+Artifact = Oracle | Library | Expert | ComposedModel
+
+
 class JobState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"

@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
 from poe.engine.hierarchy import Hierarchy
 from poe_services.registry import entities as e
@@ -115,8 +115,9 @@ class TaskClassRow(Base):
     position: Mapped[int] = mapped_column(Integer)
 
 
-class OracleRow(Base):
-    __tablename__ = "oracles"
+class _DatasetNetworkColumns:
+    """The columns of oracles and libraries: a named network of a data set, whose weights blob is its identity."""
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(256))
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
@@ -125,28 +126,28 @@ class OracleRow(Base):
     metrics: Mapped[dict]
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    dataset: Mapped[DatasetRow] = relationship(lazy="joined")
-    blob: Mapped[BlobRow] = relationship(lazy="joined")
+
+    @declared_attr
+    def dataset(cls) -> Mapped[DatasetRow]:
+        return relationship(DatasetRow, lazy="joined")
+
+    @declared_attr
+    def blob(cls) -> Mapped[BlobRow]:
+        return relationship(BlobRow, lazy="joined")
+
+
+class OracleRow(_DatasetNetworkColumns, Base):
+    __tablename__ = "oracles"
 
     def to_entity(self) -> e.Oracle:
         return e.Oracle(self.id, self.name, self.dataset.name, dict(self.config), self.params, dict(self.metrics),
                         self.blob.to_entity(), aware(self.created_at))
 
 
-class LibraryRow(Base):
+class LibraryRow(_DatasetNetworkColumns, Base):
     __tablename__ = "libraries"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(256))
-    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
     oracle_id: Mapped[int | None] = mapped_column(ForeignKey("oracles.id"))
-    config: Mapped[dict]
-    params: Mapped[int] = mapped_column(BigInteger)
-    metrics: Mapped[dict]
     loss: Mapped[dict]
-    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), unique=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    dataset: Mapped[DatasetRow] = relationship(lazy="joined")
-    blob: Mapped[BlobRow] = relationship(lazy="joined")
 
     def to_entity(self) -> e.Library:
         return e.Library(self.id, self.name, self.dataset.name, self.oracle_id, dict(self.config), self.params,

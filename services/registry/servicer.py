@@ -6,9 +6,10 @@ No status codes here: domain errors propagate to `poe_services.errors.ErrorInter
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -118,6 +119,30 @@ def _upload(request_iterator, kind: str):
     return first.metadata, chunks()
 
 
+def oracle_spec(m: r.OracleMetadata) -> e.OracleSpec:
+    return e.OracleSpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"), m.params,
+                        v.parse_json_object(m.metrics_json, "metrics_json"))
+
+
+def library_spec(m: r.LibraryMetadata) -> e.LibrarySpec:
+    return e.LibrarySpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"), m.oracle_id or None,
+                         m.params, v.parse_json_object(m.metrics_json, "metrics_json"),
+                         v.parse_json_object(m.loss_json, "loss_json"))
+
+
+def expert_spec(m: r.ExpertMetadata) -> e.ExpertSpec:
+    return e.ExpertSpec(m.library_id, m.hierarchy_version, m.task, tuple(m.class_ids),
+                        v.parse_json_object(m.config_json, "config_json"), m.params,
+                        m.val_accuracy if m.HasField("val_accuracy") else None,
+                        v.parse_json_object(m.metrics_json, "metrics_json"),
+                        v.parse_json_object(m.loss_json, "loss_json"))
+
+
+def composed_spec(m: r.ComposedModelMetadata) -> e.ComposedModelSpec:
+    return e.ComposedModelSpec(m.pool, tuple(m.class_ids), m.format,
+                               v.parse_json_object(m.metadata_json, "metadata_json"))
+
+
 def _opt(value):
     return value if value else None
 
@@ -142,35 +167,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     # -- artifacts ---------------------------------------------------------------------------------
 
+    def _register(self, request_iterator, kind: str, spec_of: Callable[[Any], e.ArtifactSpec]):
+        """Register the artifact of an upload: (record, created)."""
+        m, chunks = _upload(request_iterator, kind)
+        return self.registry.register(spec_of(m), m.sha256, m.size, chunks)
+
     def RegisterOracle(self, request_iterator, context):
-        m, chunks = _upload(request_iterator, "oracle")
-        spec = e.OracleSpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"), m.params,
-                            v.parse_json_object(m.metrics_json, "metrics_json"))
-        oracle, created = self.registry.register_oracle(spec, m.sha256, m.size, chunks)
+        oracle, created = self._register(request_iterator, "oracle", oracle_spec)
         return r.RegisterOracleResponse(oracle=oracle_pb(oracle), created=created)
 
     def GetOracle(self, request, context):
         return r.GetOracleResponse(oracle=oracle_pb(self.store.get_oracle(v.positive_id(request.id, "id"))))
 
     def RegisterLibrary(self, request_iterator, context):
-        m, chunks = _upload(request_iterator, "library")
-        spec = e.LibrarySpec(m.name, m.dataset, v.parse_json_object(m.config_json, "config_json"),
-                             m.oracle_id or None, m.params, v.parse_json_object(m.metrics_json, "metrics_json"),
-                             v.parse_json_object(m.loss_json, "loss_json"))
-        lib, created = self.registry.register_library(spec, m.sha256, m.size, chunks)
+        lib, created = self._register(request_iterator, "library", library_spec)
         return r.RegisterLibraryResponse(library=library_pb(lib), created=created)
 
     def GetLibrary(self, request, context):
         return r.GetLibraryResponse(library=library_pb(self.store.get_library(v.positive_id(request.id, "id"))))
 
     def RegisterExpert(self, request_iterator, context):
-        m, chunks = _upload(request_iterator, "expert")
-        spec = e.ExpertSpec(m.library_id, m.hierarchy_version, m.task, tuple(m.class_ids),
-                            v.parse_json_object(m.config_json, "config_json"), m.params,
-                            m.val_accuracy if m.HasField("val_accuracy") else None,
-                            v.parse_json_object(m.metrics_json, "metrics_json"),
-                            v.parse_json_object(m.loss_json, "loss_json"))
-        x, created = self.registry.register_expert(spec, m.sha256, m.size, chunks)
+        x, created = self._register(request_iterator, "expert", expert_spec)
         return r.RegisterExpertResponse(expert=expert_pb(x), created=created)
 
     def GetExpert(self, request, context):
@@ -239,10 +256,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     # -- composed-model cache ----------------------------------------------------------------------
 
     def PutComposedModel(self, request_iterator, context):
-        m, chunks = _upload(request_iterator, "composed model")
-        spec = e.ComposedModelSpec(m.pool, tuple(m.class_ids), m.format,
-                                   v.parse_json_object(m.metadata_json, "metadata_json"))
-        model, created = self.registry.put_composed_model(spec, m.sha256, m.size, chunks)
+        model, created = self._register(request_iterator, "composed model", composed_spec)
         return r.PutComposedModelResponse(model=composed_pb(model), created=created)
 
     def GetComposedModel(self, request, context):

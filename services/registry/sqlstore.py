@@ -13,9 +13,9 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
@@ -46,10 +46,24 @@ from poe_services.registry.store import DEFAULT_PAGE_SIZE, LATEST, MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")  # an ORM row class
 
 
 def class_set_key(class_ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(str(i) for i in sorted(class_ids)).encode()).hexdigest()
+
+
+def _where_equal(q: Select, *filters: tuple[ColumnElement, object]) -> Select:
+    """`q` restricted to the rows where each column equals its value, for the values that are set."""
+    return q.where(*(column == value for column, value in filters if value))
+
+
+def _task_has_class(task_id: ColumnElement, class_name: str, *also: ColumnElement) -> Exists:
+    """The task `task_id` has a class named `class_name` (case-insensitive), and the `also` conditions hold."""
+    return exists().where(*also, TaskClassRow.task_id == task_id,
+                          DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
+                          DatasetClassRow.label == TaskClassRow.label,
+                          DatasetClassRow.name_key == class_name.strip().casefold())
 
 
 class SqlRegistryStore(RegistryStore):
@@ -89,6 +103,30 @@ class SqlRegistryStore(RegistryStore):
         self.engine.dispose()
 
     # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(s: Session, row_class: type[R], key: int | str, field: str, what: str) -> R:
+        """The row with this primary key; NotFound naming the field otherwise."""
+        row = s.get(row_class, key)
+        if row is None:
+            raise NotFound(f"{field}: no {what} {key!r}")  # repr: numeric ids bare, job ids quoted
+        return row
+
+    def _get(self, row_class: type, key: int | str, what: str, field: str = "id"):
+        """The entity of the row with this primary key; NotFound naming the field otherwise."""
+        with self._session() as s:
+            return self._row(s, row_class, key, field, what).to_entity()
+
+    def _page(self, query: Callable[[Session], Select], filters: object, page_size: int,
+              page_token: str) -> e.Page:
+        """A page of the entities of `query`'s rows (in its order); the page token is bound to `filters`."""
+        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = v.decode_page_token(page_token, filters)
+        with self._session() as s:
+            rows = s.scalars(query(s).offset(offset).limit(size + 1)).unique().all()
+            items = tuple(r.to_entity() for r in rows[:size])
+        token = v.encode_page_token(offset + size, filters) if len(rows) > size else ""
+        return e.Page(items, token)
 
     @staticmethod
     def _dataset(s: Session, name: str, field: str = "dataset") -> DatasetRow:
@@ -219,24 +257,23 @@ class SqlRegistryStore(RegistryStore):
 
     # -- artifacts -----------------------------------------------------------------------------
 
-    def add_oracle(self, spec: e.OracleSpec, blob: e.Blob, before_commit: BeforeCommit = None) -> tuple[e.Oracle, bool]:
-        v.check_oracle_spec(spec)
+    def _add_artifact(self, blob: e.Blob, before_commit: BeforeCommit, existing: Callable[[Session], R | None],
+                      new_row: Callable[[Session], R]) -> tuple[Any, bool]:
+        """Record an artifact whose bytes are `blob`, or return the identical one already recorded.
+
+        existing(s): the row already recorded under the artifact's identity, or None; it raises
+        AlreadyExists when that row is not identical. new_row(s): the row to insert, its references
+        checked (not yet added to the session).
+        """
         v.sha256(blob.sha256)
 
-        def find(s: Session) -> e.Oracle | None:
-            row = s.scalar(select(OracleRow).where(OracleRow.blob_sha256 == blob.sha256))
-            if row is None:
-                return None
-            if row.dataset.name != spec.dataset or row.config != spec.config:
-                raise AlreadyExists(f"oracle {row.id} ({row.name}) already holds these weights with a different "
-                                    "data set or config")
-            return row.to_entity()
+        def find(s: Session):
+            row = existing(s)
+            return row.to_entity() if row is not None else None
 
-        def create(s: Session) -> e.Oracle:
-            ds = self._dataset(s, spec.dataset)
+        def create(s: Session):
+            row = new_row(s)
             self._insert_blob(s, blob)
-            row = OracleRow(name=spec.name, dataset_id=ds.id, config=spec.config, params=spec.params,
-                            metrics=spec.metrics, blob_sha256=blob.sha256)
             s.add(row)
             s.flush()
             if before_commit:
@@ -245,59 +282,55 @@ class SqlRegistryStore(RegistryStore):
 
         return self._create_or_get(find, create)
 
+    def add_oracle(self, spec: e.OracleSpec, blob: e.Blob, before_commit: BeforeCommit = None) -> tuple[e.Oracle, bool]:
+        v.check_oracle_spec(spec)
+
+        def existing(s: Session) -> OracleRow | None:
+            row = s.scalar(select(OracleRow).where(OracleRow.blob_sha256 == blob.sha256))
+            if row is not None and (row.dataset.name != spec.dataset or row.config != spec.config):
+                raise AlreadyExists(f"oracle {row.id} ({row.name}) already holds these weights with a different "
+                                    "data set or config")
+            return row
+
+        def new_row(s: Session) -> OracleRow:
+            return OracleRow(name=spec.name, dataset_id=self._dataset(s, spec.dataset).id, config=spec.config,
+                             params=spec.params, metrics=spec.metrics, blob_sha256=blob.sha256)
+
+        return self._add_artifact(blob, before_commit, existing, new_row)
+
     def get_oracle(self, oracle_id: int) -> e.Oracle:
-        with self._session() as s:
-            row = s.get(OracleRow, oracle_id)
-            if row is None:
-                raise NotFound(f"id: no oracle {oracle_id}")
-            return row.to_entity()
+        return self._get(OracleRow, oracle_id, "oracle")
 
     def add_library(self, spec: e.LibrarySpec, blob: e.Blob,
                     before_commit: BeforeCommit = None) -> tuple[e.Library, bool]:
         v.check_library_spec(spec)
-        v.sha256(blob.sha256)
 
-        def find(s: Session) -> e.Library | None:
+        def existing(s: Session) -> LibraryRow | None:
             row = s.scalar(select(LibraryRow).where(LibraryRow.blob_sha256 == blob.sha256))
-            if row is None:
-                return None
-            if row.dataset.name != spec.dataset or row.config != spec.config or row.oracle_id != spec.oracle_id:
+            if row is not None and (row.dataset.name != spec.dataset or row.config != spec.config
+                                    or row.oracle_id != spec.oracle_id):
                 raise AlreadyExists(f"library {row.id} ({row.name}) already holds these weights with a different "
                                     "data set, config or oracle")
-            return row.to_entity()
+            return row
 
-        def create(s: Session) -> e.Library:
+        def new_row(s: Session) -> LibraryRow:
             ds = self._dataset(s, spec.dataset)
             if spec.oracle_id is not None:
-                oracle = s.get(OracleRow, spec.oracle_id)
-                if oracle is None:
-                    raise NotFound(f"oracle_id: no oracle {spec.oracle_id}")
+                oracle = self._row(s, OracleRow, spec.oracle_id, "oracle_id", "oracle")
                 if oracle.dataset_id != ds.id:
                     raise FailedPrecondition(f"oracle_id: oracle {oracle.id} is for data set {oracle.dataset.name!r}, "
                                              f"not {spec.dataset!r}")
-            self._insert_blob(s, blob)
-            row = LibraryRow(name=spec.name, dataset_id=ds.id, oracle_id=spec.oracle_id, config=spec.config,
-                             params=spec.params, metrics=spec.metrics, loss=spec.loss, blob_sha256=blob.sha256)
-            s.add(row)
-            s.flush()
-            if before_commit:
-                before_commit()
-            return row.to_entity()
+            return LibraryRow(name=spec.name, dataset_id=ds.id, oracle_id=spec.oracle_id, config=spec.config,
+                              params=spec.params, metrics=spec.metrics, loss=spec.loss, blob_sha256=blob.sha256)
 
-        return self._create_or_get(find, create)
+        return self._add_artifact(blob, before_commit, existing, new_row)
 
     def get_library(self, library_id: int) -> e.Library:
-        with self._session() as s:
-            row = s.get(LibraryRow, library_id)
-            if row is None:
-                raise NotFound(f"id: no library {library_id}")
-            return row.to_entity()
+        return self._get(LibraryRow, library_id, "library")
 
-    @staticmethod
-    def _expert_task(s: Session, spec: e.ExpertSpec) -> tuple[LibraryRow, TaskRow]:
-        lib = s.get(LibraryRow, spec.library_id)
-        if lib is None:
-            raise NotFound(f"library_id: no library {spec.library_id}")
+    @classmethod
+    def _expert_task(cls, s: Session, spec: e.ExpertSpec) -> tuple[LibraryRow, TaskRow]:
+        lib = cls._row(s, LibraryRow, spec.library_id, "library_id", "library")
         h = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == lib.dataset_id,
                                                 HierarchyRow.version == spec.hierarchy_version))
         if h is None:
@@ -316,67 +349,43 @@ class SqlRegistryStore(RegistryStore):
                    before_commit: BeforeCommit = None) -> tuple[e.Expert, bool]:
         v.check_expert_spec(spec)
         ids = tuple(spec.class_ids)
-        v.sha256(blob.sha256)
 
-        def find(s: Session) -> e.Expert | None:
+        def existing(s: Session) -> ExpertRow | None:
             lib, task = self._expert_task(s, spec)
             row = s.scalar(select(ExpertRow).where(ExpertRow.library_id == lib.id, ExpertRow.task_id == task.id,
                                                    ExpertRow.blob_sha256 == blob.sha256))
-            if row is None:
-                return None
-            if tuple(row.class_ids) != ids or row.config != spec.config:
+            if row is not None and (tuple(row.class_ids) != ids or row.config != spec.config):
                 raise AlreadyExists(f"expert {row.id} already holds these weights for task {spec.task!r} with a "
                                     "different class order or config")
-            return row.to_entity()
+            return row
 
-        def create(s: Session) -> e.Expert:
+        def new_row(s: Session) -> ExpertRow:
             lib, task = self._expert_task(s, spec)
-            self._insert_blob(s, blob)
-            row = ExpertRow(library_id=lib.id, task_id=task.id, class_ids=list(ids), config=spec.config,
-                            params=spec.params, val_accuracy=spec.val_accuracy, metrics=spec.metrics,
-                            loss=spec.loss, blob_sha256=blob.sha256)
-            s.add(row)
-            s.flush()
-            if before_commit:
-                before_commit()
-            return row.to_entity()
+            return ExpertRow(library_id=lib.id, task_id=task.id, class_ids=list(ids), config=spec.config,
+                             params=spec.params, val_accuracy=spec.val_accuracy, metrics=spec.metrics,
+                             loss=spec.loss, blob_sha256=blob.sha256)
 
-        return self._create_or_get(find, create)
+        return self._add_artifact(blob, before_commit, existing, new_row)
 
     def get_expert(self, expert_id: int) -> e.Expert:
-        with self._session() as s:
-            row = s.get(ExpertRow, expert_id)
-            if row is None:
-                raise NotFound(f"id: no expert {expert_id}")
-            return row.to_entity()
+        return self._get(ExpertRow, expert_id, "expert")
 
     def list_experts(self, flt: e.ExpertFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.Expert]:
-        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = v.decode_page_token(page_token, flt)
-        with self._session() as s:
+        def query(s: Session) -> Select:
             q = (select(ExpertRow).join(TaskRow, ExpertRow.task_id == TaskRow.id)
                  .join(HierarchyRow, TaskRow.hierarchy_id == HierarchyRow.id)
                  .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
-            if flt.dataset:
-                q = q.where(DatasetRow.name == flt.dataset)
-            if flt.task:
-                q = q.where(TaskRow.name == flt.task)
-            if flt.library_id:
-                q = q.where(ExpertRow.library_id == flt.library_id)
+            q = _where_equal(q, (DatasetRow.name, flt.dataset), (TaskRow.name, flt.task),
+                             (ExpertRow.library_id, flt.library_id))
             if flt.class_name:
-                q = q.where(exists().where(
-                    TaskClassRow.task_id == ExpertRow.task_id,
-                    DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
-                    DatasetClassRow.label == TaskClassRow.label,
-                    DatasetClassRow.name_key == flt.class_name.strip().casefold()))
+                q = q.where(_task_has_class(ExpertRow.task_id, flt.class_name))
             if flt.pool:
                 pv = self._pool_version(s, flt.pool)
                 q = q.where(ExpertRow.id.in_(select(PoolVersionExpertRow.expert_id)
                                              .where(PoolVersionExpertRow.pool_version_id == pv.id)))
-            rows = s.scalars(q.order_by(ExpertRow.id).offset(offset).limit(size + 1)).unique().all()
-            items = tuple(r.to_entity() for r in rows[:size])
-        token = v.encode_page_token(offset + size, flt) if len(rows) > size else ""
-        return e.Page(items, token)
+            return q.order_by(ExpertRow.id)
+
+        return self._page(query, flt, page_size, page_token)
 
     # -- pools ---------------------------------------------------------------------------------
 
@@ -409,9 +418,7 @@ class SqlRegistryStore(RegistryStore):
             return row.to_entity()
 
         def create(s: Session) -> e.PoolVersion:
-            lib = s.get(LibraryRow, spec.library_id)
-            if lib is None:
-                raise NotFound(f"library_id: no library {spec.library_id}")
+            lib = self._row(s, LibraryRow, spec.library_id, "library_id", "library")
             experts = s.scalars(select(ExpertRow).where(ExpertRow.id.in_(spec.expert_ids))).unique().all()
             missing = sorted(set(spec.expert_ids) - {x.id for x in experts})
             if missing:
@@ -450,30 +457,20 @@ class SqlRegistryStore(RegistryStore):
             return self._pool_version(s, ref).to_entity()
 
     def list_pools(self, flt: e.PoolFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.PoolVersion]:
-        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = v.decode_page_token(page_token, flt)
-        with self._session() as s:
+        def query(s: Session) -> Select:
             q = (select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
                  .join(HierarchyRow, PoolVersionRow.hierarchy_id == HierarchyRow.id)
                  .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
-            if flt.name:
-                q = q.where(PoolRow.name == flt.name)
-            if flt.dataset:
-                q = q.where(DatasetRow.name == flt.dataset)
+            q = _where_equal(q, (PoolRow.name, flt.name), (DatasetRow.name, flt.dataset))
             if flt.alias:
                 q = q.where(exists().where(PoolAliasRow.pool_version_id == PoolVersionRow.id,
                                            PoolAliasRow.alias == flt.alias))
             if flt.class_name:
-                q = q.where(exists().where(
-                    PoolVersionExpertRow.pool_version_id == PoolVersionRow.id,
-                    TaskClassRow.task_id == PoolVersionExpertRow.task_id,
-                    DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
-                    DatasetClassRow.label == TaskClassRow.label,
-                    DatasetClassRow.name_key == flt.class_name.strip().casefold()))
-            rows = s.scalars(q.order_by(PoolRow.name, PoolVersionRow.id).offset(offset).limit(size + 1)).unique().all()
-            items = tuple(r.to_entity() for r in rows[:size])
-        token = v.encode_page_token(offset + size, flt) if len(rows) > size else ""
-        return e.Page(items, token)
+                q = q.where(_task_has_class(PoolVersionExpertRow.task_id, flt.class_name,
+                                            PoolVersionExpertRow.pool_version_id == PoolVersionRow.id))
+            return q.order_by(PoolRow.name, PoolVersionRow.id)
+
+        return self._page(query, flt, page_size, page_token)
 
     def set_alias(self, name: str, alias: str, version: str) -> e.PoolVersion:
         v.name(name, "name", "pool name")
@@ -535,7 +532,6 @@ class SqlRegistryStore(RegistryStore):
                            before_commit: BeforeCommit = None) -> tuple[e.ComposedModel, bool]:
         v.check_composed_spec(spec)
         ids = tuple(sorted(spec.class_ids))
-        v.sha256(blob.sha256)
         key = class_set_key(ids)
 
         def lookup(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
@@ -548,22 +544,13 @@ class SqlRegistryStore(RegistryStore):
                                                           ComposedModelRow.format == spec.format))
             return pv, row
 
-        def find(s: Session) -> e.ComposedModel | None:
-            _, row = lookup(s)
-            return row.to_entity() if row is not None else None  # first entry for a key wins
-
-        def create(s: Session) -> e.ComposedModel:
+        def new_row(s: Session) -> ComposedModelRow:
             pv, _ = lookup(s)
-            self._insert_blob(s, blob)
-            row = ComposedModelRow(pool_version_id=pv.id, class_set=key, class_ids=list(ids), format=spec.format,
-                                   blob_sha256=blob.sha256, meta=spec.metadata, hits=0)
-            s.add(row)
-            s.flush()
-            if before_commit:
-                before_commit()
-            return row.to_entity()
+            return ComposedModelRow(pool_version_id=pv.id, class_set=key, class_ids=list(ids), format=spec.format,
+                                    blob_sha256=blob.sha256, meta=spec.metadata, hits=0)
 
-        return self._create_or_get(find, create)
+        # The first entry for a key wins: other bytes under the same key get that entry back.
+        return self._add_artifact(blob, before_commit, lambda s: lookup(s)[1], new_row)
 
     def get_composed_model(self, ref: str, class_ids: Sequence[int], fmt: str,
                            count_hit: bool = True) -> e.ComposedModel:
@@ -595,8 +582,8 @@ class SqlRegistryStore(RegistryStore):
             v.positive_id(oracle_id, "oracle_id")
         try:
             with self._session(write=True) as s:
-                if oracle_id is not None and s.get(OracleRow, oracle_id) is None:
-                    raise NotFound(f"oracle_id: no oracle {oracle_id}")
+                if oracle_id is not None:
+                    self._row(s, OracleRow, oracle_id, "oracle_id", "oracle")
                 if s.get(ExtractionJobRow, job_id) is not None:
                     raise AlreadyExists(f"job_id: job {job_id!r} already exists")
                 now = utcnow()
@@ -611,9 +598,7 @@ class SqlRegistryStore(RegistryStore):
     def update_job(self, job_id: str, update_: e.JobUpdate) -> e.ExtractionJob:
         v.fraction(update_.progress, "progress")
         with self._session(write=True) as s:
-            row = s.get(ExtractionJobRow, job_id)
-            if row is None:
-                raise NotFound(f"job_id: no job {job_id!r}")
+            row = self._row(s, ExtractionJobRow, job_id, "job_id", "job")
             current = e.JobState(row.state)
             if current.terminal:
                 raise FailedPrecondition(f"job {job_id} is {current.value}; a finished job cannot change")
@@ -624,8 +609,7 @@ class SqlRegistryStore(RegistryStore):
                 if value is not None:
                     setattr(row, attr, value)
             if update_.oracle_id is not None:
-                if s.get(OracleRow, update_.oracle_id) is None:
-                    raise NotFound(f"oracle_id: no oracle {update_.oracle_id}")
+                self._row(s, OracleRow, update_.oracle_id, "oracle_id", "oracle")
                 row.oracle_id = update_.oracle_id
             if update_.pool is not None:
                 row.pool_version_id = self._pool_version(s, update_.pool).id
@@ -635,25 +619,17 @@ class SqlRegistryStore(RegistryStore):
             return s.get(ExtractionJobRow, job_id).to_entity()
 
     def get_job(self, job_id: str) -> e.ExtractionJob:
-        with self._session() as s:
-            row = s.get(ExtractionJobRow, job_id)
-            if row is None:
-                raise NotFound(f"job_id: no job {job_id!r}")
-            return row.to_entity()
+        return self._get(ExtractionJobRow, job_id, "job", "job_id")
 
     def list_jobs(self, state: e.JobState | None = None, page_size: int = 0,
                   page_token: str = "") -> e.Page[e.ExtractionJob]:
-        size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = v.decode_page_token(page_token, ("jobs", state))
-        with self._session() as s:
+        def query(s: Session) -> Select:
             q = select(ExtractionJobRow)
             if state is not None:
                 q = q.where(ExtractionJobRow.state == e.JobState(state).value)
-            q = q.order_by(ExtractionJobRow.created_at.desc(), ExtractionJobRow.id).offset(offset).limit(size + 1)
-            rows = s.scalars(q).unique().all()
-            items = tuple(r.to_entity() for r in rows[:size])
-        token = v.encode_page_token(offset + size, ("jobs", state)) if len(rows) > size else ""
-        return e.Page(items, token)
+            return q.order_by(ExtractionJobRow.created_at.desc(), ExtractionJobRow.id)
+
+        return self._page(query, ("jobs", state), page_size, page_token)
 
     # -- lineage -------------------------------------------------------------------------------
 
@@ -688,19 +664,13 @@ class SqlRegistryStore(RegistryStore):
                 nodes.append(e.LineageNode("pool", f"{pv.pool.name}@{pv.version}", pv.pool.name))
                 library = pv.library
             elif kind == "expert":
-                x = s.get(ExpertRow, num)
-                if x is None:
-                    raise NotFound(f"id: no expert {num}")
+                x = self._row(s, ExpertRow, num, "id", "expert")
                 nodes.append(e.LineageNode("expert", str(x.id), x.task.name, x.blob.to_entity()))
                 library = x.library
             elif kind == "library":
-                library = s.get(LibraryRow, num)
-                if library is None:
-                    raise NotFound(f"id: no library {num}")
+                library = self._row(s, LibraryRow, num, "id", "library")
             elif kind == "oracle":
-                oracle = s.get(OracleRow, num)
-                if oracle is None:
-                    raise NotFound(f"id: no oracle {num}")
+                oracle = self._row(s, OracleRow, num, "id", "oracle")
             if library is not None:
                 nodes.append(e.LineageNode("library", str(library.id), library.name, library.blob.to_entity()))
                 oracle = s.get(OracleRow, library.oracle_id) if library.oracle_id else None

@@ -114,21 +114,25 @@ def pool_ref(ref: str, field: str = "pool") -> tuple[str, str | None]:
 
 # -- specs (checked before an upload's bytes are read, and again by the store) ------------------
 
+def _check_artifact_spec(spec, *, with_loss: bool) -> None:
+    """The fields oracles, libraries and experts share, in the order they are checked."""
+    mapping(spec.config, "config_json")
+    mapping(spec.metrics, "metrics_json")
+    if with_loss:
+        mapping(spec.loss, "loss_json")
+    non_negative(spec.params, "params")
+
+
 def check_oracle_spec(spec) -> None:
     label(spec.name)
     name(spec.dataset, "dataset", "data set name")
-    mapping(spec.config, "config_json")
-    mapping(spec.metrics, "metrics_json")
-    non_negative(spec.params, "params")
+    _check_artifact_spec(spec, with_loss=False)
 
 
 def check_library_spec(spec) -> None:
     label(spec.name)
     name(spec.dataset, "dataset", "data set name")
-    mapping(spec.config, "config_json")
-    mapping(spec.metrics, "metrics_json")
-    mapping(spec.loss, "loss_json")
-    non_negative(spec.params, "params")
+    _check_artifact_spec(spec, with_loss=True)
     if spec.oracle_id is not None:
         positive_id(spec.oracle_id, "oracle_id")
 
@@ -139,10 +143,7 @@ def check_expert_spec(spec) -> None:
         raise field_error("hierarchy_version", f"must be >= 1, got {spec.hierarchy_version!r}")
     name(spec.task, "task", "task name")
     ids = class_ids(spec.class_ids)
-    mapping(spec.config, "config_json")
-    mapping(spec.metrics, "metrics_json")
-    mapping(spec.loss, "loss_json")
-    non_negative(spec.params, "params")
+    _check_artifact_spec(spec, with_loss=True)
     fraction(spec.val_accuracy, "val_accuracy")
     n = spec.config.get("num_classes")
     if n is not None and n != len(ids):
