@@ -18,7 +18,8 @@ from poe.v1 import composer_pb2 as cpb
 # -- enums -----------------------------------------------------------------------------------------
 
 EXECUTIONS = {"fused": cpb.EXECUTION_FUSED, "reference": cpb.EXECUTION_REFERENCE}
-FORMATS = {"torchscript": cpb.MODEL_FORMAT_TORCHSCRIPT, "safetensors": cpb.MODEL_FORMAT_SAFETENSORS}
+FORMATS = {"torchscript": cpb.MODEL_FORMAT_TORCHSCRIPT, "pt2": cpb.MODEL_FORMAT_PT2, "onnx": cpb.MODEL_FORMAT_ONNX,
+           "safetensors": cpb.MODEL_FORMAT_SAFETENSORS}
 _EXECUTION_NAMES = {v: k for k, v in EXECUTIONS.items()} | {cpb.EXECUTION_UNSPECIFIED: "fused"}
 _FORMAT_NAMES = {v: k for k, v in FORMATS.items()} | {cpb.MODEL_FORMAT_UNSPECIFIED: "torchscript"}
 
@@ -32,7 +33,7 @@ def execution_name(value: int, field: str = "execution") -> str:
 
 
 def format_name(value: int, field: str = "format") -> str:
-    """"torchscript" | "safetensors" for a ModelFormat enum value (UNSPECIFIED: torchscript)."""
+    """"torchscript" | "pt2" | "onnx" | "safetensors" for a ModelFormat enum value (UNSPECIFIED: torchscript)."""
     try:
         return _FORMAT_NAMES[value]
     except KeyError:
@@ -68,6 +69,8 @@ class ComposeHeader:
     expected_accuracy: float = 0.0
     cache_hit: bool = False
     metadata: dict = dataclasses.field(default_factory=dict)  # the model's poe.json
+    degraded: bool = False  # a blob of the pool version failed its last fetch
+    degraded_tasks: tuple[str, ...] = ()  # the tasks whose expert blob failed
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -81,7 +84,8 @@ class ComposeHeader:
             expert_ids=self.expert_ids, params=self.params, flops=self.flops, size=self.size, sha256=self.sha256,
             format=FORMATS[self.format], execution=EXECUTIONS[self.execution], input_shape=self.input_shape,
             expected_accuracy=self.expected_accuracy, cache_hit=self.cache_hit,
-            metadata_json=json.dumps(self.metadata, sort_keys=True) if self.metadata else "")
+            metadata_json=json.dumps(self.metadata, sort_keys=True) if self.metadata else "",
+            degraded=self.degraded, degraded_tasks=self.degraded_tasks)
 
     @classmethod
     def from_message(cls, msg: cpb.ComposedModelHeader) -> ComposeHeader:
@@ -93,7 +97,8 @@ class ComposeHeader:
                    tasks=tuple(msg.tasks), expert_ids=tuple(msg.expert_ids), params=msg.params, flops=msg.flops,
                    size=msg.size, sha256=msg.sha256, format=format_name(msg.format, "header.format"),
                    execution=execution_name(msg.execution, "header.execution"), input_shape=tuple(msg.input_shape),
-                   expected_accuracy=msg.expected_accuracy, cache_hit=msg.cache_hit, metadata=metadata)
+                   expected_accuracy=msg.expected_accuracy, cache_hit=msg.cache_hit, metadata=metadata,
+                   degraded=msg.degraded, degraded_tasks=tuple(msg.degraded_tasks))
 
 
 # -- extraction states -----------------------------------------------------------------------------

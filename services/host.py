@@ -6,17 +6,21 @@ same interceptors (metrics outside, error mapping inside), grpc.health.v1 and se
 
 Health names: one per hosted service ("poe.v1.Registry", ...), set by its runtime; "" (the
 overall health) is SERVING exactly when every hosted service is; "liveness" is SERVING while the
-process answers. On stop every name turns NOT_SERVING before the port closes.
+process answers. On stop every name turns NOT_SERVING, and stays so for a drain period while calls
+are still served, before the port closes (`Host.stop` has the whole order).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +45,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # service (a composer whose registry is down is NOT_SERVING); liveness must not, or an outage of
 # the registry would restart every composer and extractor.
 LIVENESS = "liveness"
+# `run` exits at most this long after the shutdown's drain and grace periods, even when closing a
+# runtime takes longer or a call's handler is stuck in application code (within the 2 s promised).
+CLOSE_ALLOWANCE = 1.5
 
 
 class HealthReporter(Protocol):
@@ -51,7 +58,9 @@ class HealthReporter(Protocol):
 
 class ServiceRuntime(Protocol):
     """One hosted service. The host calls attach() while building the server, start() once it
-    listens, begin_shutdown() before it stops accepting calls and close() after the last call."""
+    listens, begin_shutdown() before it stops accepting calls and close() after the last call.
+    A runtime with background work that needs the server still open (a composer's recordings into a
+    registry on the same server) also has `flush(timeout) -> bool`, called right after begin_shutdown()."""
 
     def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
         """Add the servicer to `server`; report the service's status through `health`."""
@@ -102,8 +111,9 @@ class Host:
     """A built server and the runtimes it hosts (in start order). Not started yet."""
 
     def __init__(self, server: grpc.Server, port: int, runtimes: dict[str, ServiceRuntime],
-                 server_health: ServerHealth):
+                 server_health: ServerHealth, executor: futures.ThreadPoolExecutor | None = None):
         self.server, self.port, self.runtimes, self.health = server, port, runtimes, server_health
+        self.executor = executor  # the server's RPC threads
         self._lock = threading.Lock()
         self._closed: threading.Event | None = None
 
@@ -112,32 +122,52 @@ class Host:
         for runtime in self.runtimes.values():
             runtime.start()
 
-    def stop(self, grace: float | None = 10.0) -> threading.Event:
-        """NOT_SERVING everywhere, stop accepting, let in-flight calls finish within `grace` s,
-        then close the runtimes. Returns an event set once everything is closed (the same event
-        on every call)."""
+    def stop(self, grace: float | None = 10.0, drain: float = 0.0) -> threading.Event:
+        """Shut down within `drain` + `grace` seconds, in this order:
+
+        1. every health name NOT_SERVING (done when this returns; the rest runs in the background);
+        2. `drain` s of serving calls as before, so that readiness probes and client-side health
+           checks see NOT_SERVING while the port is still open;
+        3. each runtime's begin_shutdown(), dependents first, and its flush(): a composer sends its
+           queued recordings while a registry on this same server still accepts calls (flushing
+           takes at most half of `grace`, so that in-flight calls keep the other half);
+        4. no new calls; calls in flight get what is left of `grace`, then are cancelled (a stream
+           whose client stopped reading included). `grace` None: no drain, no flush, every call
+           cancelled at once;
+        5. the runtimes closed, dependents first, and the idle RPC threads ended.
+
+        Returns an event set once everything is closed (the same event on every call)."""
         with self._lock:
             if self._closed is not None:
                 return self._closed
             self._closed = closed = threading.Event()
         self.health.enter_graceful_shutdown()
-        for runtime in self.runtimes.values():
-            runtime.begin_shutdown()
-        stopped = self.server.stop(grace)
-
-        def close() -> None:
-            stopped.wait()
-            try:
-                for name, runtime in reversed(self.runtimes.items()):
-                    try:
-                        runtime.close()
-                    except Exception:
-                        log.exception("%s: close failed", name)
-            finally:
-                closed.set()
-
-        threading.Thread(target=close, name="host-close", daemon=True).start()
+        threading.Thread(target=self._shut_down, args=(grace, max(0.0, drain), closed), name="host-stop",
+                         daemon=True).start()
         return closed
+
+    def _shut_down(self, grace: float | None, drain: float, closed: threading.Event) -> None:
+        try:
+            if grace is not None and drain:
+                time.sleep(drain)
+            now = time.monotonic()
+            deadline = now + max(0.0, grace or 0.0)
+            flushed_by = now + max(0.0, grace or 0.0) / 2
+            dependents_first = list(reversed(self.runtimes.items()))
+            for name, runtime in dependents_first:
+                _quietly(name, "begin_shutdown", runtime.begin_shutdown)
+                flush = getattr(runtime, "flush", None)
+                if flush is not None and grace:
+                    done = _quietly(name, "flush", lambda f=flush: f(max(0.0, flushed_by - time.monotonic())))
+                    if done is False:
+                        log.warning("%s: background work not finished within half the grace period", name)
+            self.server.stop(None if grace is None else max(0.0, deadline - time.monotonic())).wait()
+            for name, runtime in dependents_first:
+                _quietly(name, "close", runtime.close)
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            closed.set()
 
     def __enter__(self) -> Host:
         self.start()
@@ -145,6 +175,15 @@ class Host:
 
     def __exit__(self, *exc) -> None:
         self.stop(None).wait()
+
+
+def _quietly(name: str, what: str, call: Callable[[], object]) -> object:
+    """call(), logging instead of raising: one runtime's failure must not stop the others' shutdown."""
+    try:
+        return call()
+    except Exception:
+        log.exception("%s: %s failed", name, what)
+        return None
 
 
 def _make_runtime(name: str, settings: Settings, registry_target: str | None, migrate: bool | None,
@@ -177,8 +216,8 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     if unknown or not services:
         raise field_error("services", f"expected some of {', '.join(SERVICES)}, got {', '.join(unknown) or 'none'}")
     services = tuple(s for s in SERVICES if s in services)  # the registry first: the others may read from it
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="poe-rpc"),
-                         interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="poe-rpc")
+    server = grpc.server(executor, interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
     port = server.add_insecure_port(address)
     if not port:
         raise Unavailable(f"cannot listen on {address}")
@@ -197,15 +236,20 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
         for runtime in reversed(runtimes.values()):
             runtime.close()
         server.stop(None)
+        executor.shutdown(wait=False)
         raise
     reflection.enable_server_reflection(
         (*(SERVICE_NAMES[s] for s in services), health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return Host(server, port, runtimes, server_health)
+    return Host(server, port, runtimes, server_health, executor)
 
 
 def run(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None, host: str = "[::]",
-        grace: float = 10.0, migrate: bool | None = None, banner: Callable[[str], None] = print) -> int:
-    """Serve until SIGTERM/SIGINT: NOT_SERVING, then drain in-flight calls for up to `grace` s.
+        grace: float = 10.0, migrate: bool | None = None, banner: Callable[[str], None] = print,
+        drain: float = 0.0) -> NoReturn:
+    """Serve until SIGTERM/SIGINT, then stop (`Host.stop`: NOT_SERVING, `drain` s still serving, then
+    in-flight calls get up to `grace` s) and end the process with status 0, at most `drain` + `grace`
+    + CLOSE_ALLOWANCE s after the signal. What is still running then (a runtime's close, a handler
+    stuck in application code) does not hold the process: it exits without waiting for it.
 
     `metrics_port`: where /metrics listens (0: any free port; None: not at all).
     """
@@ -227,6 +271,32 @@ def run(settings: Settings, services: Iterable[str], port: int, metrics_port: in
     # A short wait, not one long one: Python runs signal handlers between bytecodes of the main thread.
     while not done.wait(0.5):
         pass
-    banner(f"poe: stopping (draining in-flight calls for up to {grace:g} s)")
-    hosted.stop(grace).wait()
-    return 0
+    deadline = time.monotonic() + drain + grace + CLOSE_ALLOWANCE
+    banner(f"poe: stopping: NOT_SERVING{f', serving {drain:g} s more' if drain else ''}, then in-flight calls get "
+           f"up to {grace:g} s")
+    closed = hosted.stop(grace, drain=drain)
+    stuck = _wait_for_threads(closed, deadline)
+    if stuck:
+        log.warning("poe: exiting %.1f s after the grace period without waiting for: %s", CLOSE_ALLOWANCE,
+                    ", ".join(stuck))
+    # Without the interpreter's finalization: it would join the threads still stuck in a call, and
+    # daemon threads still inside torch (a warm-up) can abort it ("terminate called without an
+    # active exception"). Everything was closed in order above.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _wait_for_threads(closed: threading.Event, deadline: float) -> list[str]:
+    """Wait until the host is closed and every thread the interpreter's exit would join has ended, at
+    most until `deadline`; the names of what is still running then."""
+    pending = [] if closed.wait(max(0.0, deadline - time.monotonic())) else ["closing the services"]
+    # ThreadPoolExecutor workers (the RPC handlers) are joined at exit even when they are daemons,
+    # as they are when gRPC's polling thread starts them.
+    pool_workers = set(getattr(futures.thread, "_threads_queues", {}))
+    others = [t for t in threading.enumerate()
+              if t is not threading.current_thread() and (not t.daemon or t in pool_workers)]
+    for t in others:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return pending + [f"thread {t.name}" for t in others if t.is_alive()]

@@ -54,6 +54,28 @@ CACHE_BYTES = Gauge(
     "Bytes held by the composer's in-memory caches.",
     ["cache"],  # model | tensor | template
 )
+COMPOSE_DEGRADED_POOLS = Gauge(
+    "poe_compose_degraded_pools",
+    "Pool versions with a library or expert blob that failed its last fetch (corrupt or missing).",
+)
+COMPOSE_BLOB_ERRORS = Counter(
+    "poe_compose_blob_errors_total",
+    "Blob fetches from the registry that failed for good: the blob is corrupt or missing.",
+    ["kind"],  # data_loss | not_found
+)
+for _kind in ("data_loss", "not_found"):  # exported at 0, so that increase() sees the first error
+    COMPOSE_BLOB_ERRORS.labels(_kind)
+COMPOSE_RECORDINGS_QUEUED = Gauge(
+    "poe_compose_recordings_queued",
+    "Composed files waiting to be recorded in the registry (or being sent now).",
+)
+COMPOSE_RECORDINGS = Counter(
+    "poe_compose_recordings_total",
+    "Composed files handed to the registry recorder, by outcome.",
+    ["outcome"],  # recorded | failed (the registry refused or was unreachable) | dropped (queue full, stopping)
+)
+for _outcome in ("recorded", "failed", "dropped"):  # exported at 0, so that increase() sees the first one
+    COMPOSE_RECORDINGS.labels(_outcome)
 BYTES_STREAMED = Counter(
     "poe_compose_streamed_bytes_total",
     "Model bytes streamed to ComposeModel clients.",
@@ -89,7 +111,9 @@ def serve_metrics(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry 
 ALL_METRIC_NAMES = (
     "poe_compose_duration_seconds", "poe_compose_stage_duration_seconds", "poe_compose_requests_total",
     "poe_compose_in_flight_requests", "poe_compose_cache_hits_total", "poe_compose_cache_misses_total",
-    "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_grpc_server_handled_total",
+    "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_compose_recordings_queued",
+    "poe_compose_recordings_total", "poe_compose_degraded_pools",
+    "poe_compose_blob_errors_total", "poe_grpc_server_handled_total",
     "poe_grpc_server_handling_seconds", "poe_extraction_jobs", "poe_extraction_progress_ratio",
 )
 

@@ -3,7 +3,9 @@
 Cases:
 - warm: experts already in the composer's memory, each request a class set not composed before,
   for 1..5 primitive tasks: p50 / p99 latency as the client sees it, next to the floor: the time
-  `torch.jit.save` alone takes for the same model (a pre-scripted module, saved to memory).
+  `torch.jit.save` alone takes for the same model (a pre-scripted module, saved to memory). The
+  model format is TorchScript unless `format` says pt2, onnx or safetensors; the composer is warmed
+  for that format (its templates made before the first request).
 - cold: the composer's caches emptied before every request, so library and experts are fetched
   from the registry's blob store (an S3 server: moto's, on loopback) and verified: p50 / p99.
 - throughput: distinct compositions per second with N concurrent clients.
@@ -35,7 +37,7 @@ from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
 from poe.engine.compose import build, plan
 from poe.engine.config import Settings
-from poe.engine.export import quiet_jit, script
+from poe.engine.export import TEMPLATED_FORMATS, quiet_jit, script
 from poe.engine.pool import load as load_pool
 
 TITLE = "ComposeModel latency and throughput (gRPC on loopback)"
@@ -131,8 +133,8 @@ def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
     return best
 
 
-def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]], clients: int
-                       ) -> tuple[list[float], float]:
+def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]], clients: int,
+                       fmt: str = "torchscript") -> tuple[list[float], float]:
     """`clients` threads with a channel each compose `class_sets` as fast as they can (runs in a
     process of its own); returns every request's latency and the wall time."""
     todo = list(class_sets)
@@ -146,7 +148,7 @@ def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]],
                 if not todo:
                     return
                 cs = todo.pop()
-            r = channels[k].compose(cs, pool=ref)
+            r = channels[k].compose(cs, pool=ref, format=fmt)
             with lock:
                 seconds.append(r.seconds)
 
@@ -161,7 +163,7 @@ def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]],
 
 def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, clients: int = 16,
         throughput_requests: int = 400, s3: bool = True, seed: int = 0, record: bool = True,
-        progress=lambda msg: None) -> dict:
+        progress=lambda msg: None, fmt: str = "torchscript") -> dict:
     pool_dir = Path(pool_dir)
     pool = load_pool(pool_dir, with_oracle=False)
     rng = random.Random(seed)
@@ -169,10 +171,10 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
     host, target, ref, stop_stack = _start_stack(env, record, pool_dir, s3)
     engine = host.runtimes["composer"].engine
     result: dict = {"pool": ref, "blob_store": "s3 (moto)" if s3 else "file", "record_compositions": record,
-                    "torch_threads": torch.get_num_threads(), "cases": {}}
+                    "torch_threads": torch.get_num_threads(), "format": fmt, "cases": {}}
     try:
-        progress("warming the composer")
-        engine.warm(ref)
+        progress(f"warming the composer ({fmt})")
+        engine.warm(ref, formats=(fmt,) if fmt in TEMPLATED_FORMATS else ())
         sets = {n: class_sets_by_tasks(pool, n, rng) for n in range(1, len(pool.experts) + 1)}
         used: set[tuple[str, ...]] = set()
 
@@ -194,7 +196,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                     cs = fresh(n)
                     if cs is None:  # e.g. one task: only 17 distinct class sets in Fashion-MNIST
                         break
-                    r = c.compose(cs, pool=ref)
+                    r = c.compose(cs, pool=ref, format=fmt)
                     assert not r.header.cache_hit
                     lat.append(r.seconds)
                     if i < 5:
@@ -207,7 +209,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
             for _ in range(cold):
                 engine.clear_tensor_cache()
                 cs = fresh()
-                r = c.compose(cs, pool=ref)
+                r = c.compose(cs, pool=ref, format=fmt)
                 lat.append(r.seconds)
             result["cases"]["cold"] = _summary(lat)
         progress(f"throughput: {throughput_requests} distinct compositions, {clients} clients")
@@ -216,7 +218,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
         # The clients run in another process, as they would in production: here they would share
         # the composer's GIL and measure the benchmark's own Python as much as the service.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients).result()
+            seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients, fmt).result()
         cpu1 = os.times()
         server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         result["throughput"] = {"clients": clients, "requests": len(seconds),
@@ -240,6 +242,7 @@ def markdown(result: dict, command: str) -> str:
     cases, tput = result["cases"], result["throughput"]
     warm = [v for k, v in cases.items() if k.startswith("warm_")]
     lines = [f"Command: `{command}`", "",
+             f"Model format **{result.get('format', 'torchscript')}**. "
              f"Measured on {hardware_line(hardware())}; composer with {result['torch_threads']} torch thread(s), "
              f"blob store {result['blob_store']}, recording of new compositions in the registry "
              f"**{'on' if result['record_compositions'] else 'off'}**."

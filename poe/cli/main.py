@@ -89,31 +89,67 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     classes, tasks = _class_refs(_split(args.classes)), _split(args.tasks)
+    if args.output is None:
+        args.output = "model" + _SUFFIXES[args.format]
+    if args.triton_repo and args.format not in ("onnx", "torchscript"):
+        raise PoeError(f"--triton-repo: Triton serves the onnx or torchscript format, not {args.format}")
+    if args.triton_repo:  # refuse a bad name or batch size before composing anything
+        from poe.engine.triton import check_entry
+
+        check_entry(_triton_name(args), args.format, args.triton_max_batch_size)
     if not args.local:
         return _compose_remote(args, classes, tasks)
     from poe.engine import pool as pool_mod
-    from poe.engine.compose import compose
-    from poe.engine.export import metadata, to_torchscript_bytes
+    from poe.engine.compose import composed_state, plan
+    from poe.engine.export import ScriptCache, serialize
 
     t0 = time.perf_counter()
     pool = pool_mod.load(args.local, with_oracle=False)
     t1 = time.perf_counter()
-    p, model = compose(pool, classes, tasks, fused=args.execution == "fused")
-    meta = metadata(pool, p, model, args.execution)
-    meta["dataset"] = pool.info.get("dataset", pool.hierarchy.dataset)
-    data = to_torchscript_bytes(model, meta)
+    p = plan(pool, classes, tasks)
+    # The composer's own path: the state, then the format's template (made here, used once).
+    data, meta = serialize(pool, p, composed_state(pool, p, args.execution == "fused"), args.execution, args.format,
+                           ScriptCache(copies=1))
     t2 = time.perf_counter()
-    out = Path(args.output)
+    out = _write_atomic(Path(args.output), data)
+    summary = {"output": str(out), "format": args.format, "pool": p.pool, "classes": list(p.class_names),
+               "experts": list(p.tasks), "params": meta["params"], "bytes": len(data), "sha256": meta["sha256"],
+               "load_ms": round((t1 - t0) * 1e3, 1), "compose_ms": round((t2 - t1) * 1e3, 1)}
+    summary.update(_triton_entry(args, data, meta))
+    return emit(summary, args.json, lambda: f"{out}: {', '.join(p.class_names)} from {p.pool} experts "
+                f"[{', '.join(p.tasks)}], {meta['params']:,} params, {len(data) / 1024:.0f} KiB {args.format}, "
+                f"composed in {summary['compose_ms']} ms{_triton_note(summary)}")
+
+
+# Default output file per format (`poe compose` without -o); the keys are poe.engine.export.FORMATS,
+# spelled out so that building the parser does not import torch.
+_SUFFIXES = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
+
+
+def _write_atomic(out: Path, data: bytes) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)
-    summary = {"output": str(out), "pool": p.pool, "classes": list(p.class_names), "experts": list(p.tasks),
-               "params": meta["params"], "bytes": len(data), "sha256": meta["sha256"],
-               "load_ms": round((t1 - t0) * 1e3, 1), "compose_ms": round((t2 - t1) * 1e3, 1)}
-    return emit(summary, args.json, lambda: f"{out}: {', '.join(p.class_names)} from {p.pool} experts "
-                f"[{', '.join(p.tasks)}], {meta['params']:,} params, {len(data) / 1024:.0f} KiB, "
-                f"composed in {summary['compose_ms']} ms")
+    return out
+
+
+def _triton_entry(args: argparse.Namespace, data: bytes, meta: dict) -> dict:
+    """With --triton-repo: write the model-repository entry; its folder for the summary."""
+    if not args.triton_repo:
+        return {}
+    from poe.engine.triton import write_entry
+
+    entry = write_entry(args.triton_repo, _triton_name(args), data, args.format, meta, args.triton_max_batch_size)
+    return {"triton_entry": str(entry)}
+
+
+def _triton_name(args: argparse.Namespace) -> str:
+    return args.triton_name or Path(args.output).stem
+
+
+def _triton_note(summary: dict) -> str:
+    return f"; Triton entry {summary['triton_entry']}" if "triton_entry" in summary else ""
 
 
 def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -> int:
@@ -125,13 +161,15 @@ def _compose_remote(args: argparse.Namespace, classes: list, tasks: list[str]) -
         result = c.compose(classes, tasks=tasks, pool=args.pool or "", execution=args.execution, format=args.format)
     out = result.save(args.output)
     h = result.header
-    summary = {"output": str(out), "model_id": h.model_id, "pool": h.pool, "classes": list(h.classes),
-               "experts": list(h.tasks), "params": h.params, "flops": h.flops, "bytes": h.size,
-               "sha256": h.sha256, "expected_accuracy": round(h.expected_accuracy, 4),
+    summary = {"output": str(out), "format": h.format, "model_id": h.model_id, "pool": h.pool,
+               "classes": list(h.classes), "experts": list(h.tasks), "params": h.params, "flops": h.flops,
+               "bytes": h.size, "sha256": h.sha256, "expected_accuracy": round(h.expected_accuracy, 4),
                "cache_hit": h.cache_hit, "ms": round(result.seconds * 1e3, 1)}
+    summary.update(_triton_entry(args, result.data, h.metadata))
     return emit(summary, args.json, lambda: f"{out}: {', '.join(h.classes)} from {h.pool} experts "
-                f"[{', '.join(h.tasks)}], {h.params:,} params, {h.flops / 1e6:.1f} MFLOPs, {h.size / 1024:.0f} KiB, "
-                f"expected accuracy {h.expected_accuracy:.3f}, {summary['ms']} ms{' (cached)' if h.cache_hit else ''}")
+                f"[{', '.join(h.tasks)}], {h.params:,} params, {h.flops / 1e6:.1f} MFLOPs, {h.size / 1024:.0f} KiB "
+                f"{h.format}, expected accuracy {h.expected_accuracy:.3f}, {summary['ms']} ms"
+                f"{' (cached)' if h.cache_hit else ''}{_triton_note(summary)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -139,9 +177,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from poe.engine.export import load_torchscript
+    from poe.engine.export import load_model
 
-    model, meta = load_torchscript(Path(args.model))
+    model, meta, _ = load_model(Path(args.model))
     c, h, w = meta["input"]["shape"]
     images = []
     for path in args.images:
@@ -185,9 +223,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from poe.engine import pool as pool_mod
     from poe.engine.data import load_dataset
     from poe.engine.evaluate import evaluate_model, logits_of
-    from poe.engine.export import load_torchscript
+    from poe.engine.export import load_model
 
-    model, meta = load_torchscript(Path(args.model))
+    model, meta, fmt = load_model(Path(args.model))
     test = load_dataset(args.dataset or meta.get("dataset", "fashion-mnist"), "test")
     if len(test.classes) <= max(meta["class_ids"]):
         raise PoeError(f"{args.model}: class ids {meta['class_ids']} do not fit data set {test.name}")
@@ -200,12 +238,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             oracle_logits = logits_of(oracle, test.images)
             oracle_params = sum(p.numel() for p in oracle.parameters())
     result = evaluate_model(model, meta["class_ids"], test, oracle_logits).as_dict()
-    result.update({"model": str(args.model), "pool": meta["pool"], "params": meta["params"],
+    result.update({"model": str(args.model), "format": fmt, "pool": meta["pool"], "params": meta["params"],
                    "oracle_params": oracle_params})
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model   {args.model}: {', '.join(meta['classes'])}")
+    print(f"model   {args.model} ({fmt}): {', '.join(meta['classes'])}")
     print(f"images  {result['images']} test images of these classes ({test.name})")
     ratio = f" ({meta['params'] / oracle_params:.1%} of the oracle's {oracle_params:,})" if oracle_params else ""
     print(f"params  {meta['params']:,}{ratio}")
@@ -241,7 +279,7 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         result = bench.run(args.pool, Path(home), per_case=5 if quick else args.per_case,
                            cold=3 if quick else args.cold, clients=4 if quick else args.clients,
                            throughput_requests=20 if quick else args.requests, s3=not args.file_blobs,
-                           record=not args.no_record,
+                           record=not args.no_record, fmt=args.format,
                            progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
     result["quick"] = quick
     text = json.dumps(result, indent=2)
@@ -249,7 +287,8 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
     if args.update_docs:
-        section = "compose-no-record" if args.no_record else "compose"
+        section = "compose" + ("" if args.format == "torchscript" else f"-{args.format}") + \
+            ("-no-record" if args.no_record else "")
         path = report.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)), bench.TITLE)
         print(f"bench: wrote section {section} of {path}", file=sys.stderr)
     print(text)
@@ -376,11 +415,12 @@ def _add_bench_part_parsers(bsub) -> None:
                 "Throughput at batch 1 and 256 of composed models (TorchScript, as `poe compose` ships them) "
                 "for one query per number of primitive tasks, and of the oracle.")
     bi.add_argument("--sizes", type=_int_list, help="numbers of primitive tasks to time (default 1,2,3,4,5)")
-    bi.add_argument("--batch-sizes", type=_int_list, help="batch sizes (default 1,256)")
+    bi.add_argument("--batch-sizes", type=_int_list, help="batch sizes (default 1,32,256)")
     bi.add_argument("--warmup", type=int, help="untimed calls first (default 5)")
     bi.add_argument("--repeats", type=int, help="timed calls, at least (default 20)")
     bi.add_argument("--min-seconds", type=float, help="time each case for at least this long (default 1)")
-    bi.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    bi.add_argument("--threads", type=_int_list, help="torch thread counts, each a full run (default 1,2; 0: torch's "
+                    "default)")
     bi.add_argument("--eager", action="store_true", help="time eager modules instead of TorchScript")
 
 
@@ -418,22 +458,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda or auto (default: POE_DEVICE or auto)")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("compose", help="compose a TorchScript classifier for some classes")
+    c = sub.add_parser("compose", help="compose a classifier for some classes (TorchScript, pt2, ONNX)")
     c.add_argument("--local", metavar="POOL_DIR", help="build from a pool directory, without services")
     c.add_argument("--target", metavar="HOST:PORT", help="composer to ask (default POE_COMPOSER_ADDR)")
     c.add_argument("--pool", help="pool: name, name@version or name@alias (default: the composer's default)")
-    c.add_argument("--format", choices=["torchscript", "safetensors"], default="torchscript",
-                   help="model file format (through the composer)")
+    c.add_argument("--format", choices=list(_SUFFIXES), default="torchscript",
+                   help="model file format: torchscript (default), pt2 (torch.export), onnx, or safetensors "
+                        "(weights only)")
     c.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (through the composer)")
     c.add_argument("--classes", action="append", help="class names or ids, comma-separated (repeatable)")
     c.add_argument("--tasks", action="append", help="primitive tasks, comma-separated (repeatable)")
     c.add_argument("--execution", choices=["fused", "reference"], default="fused")
-    c.add_argument("-o", "--output", default="model.pt", help="output file (default model.pt)")
+    c.add_argument("-o", "--output", help="output file (default model.pt, model.pt2, model.onnx or "
+                                           "model.safetensors, by format)")
+    c.add_argument("--triton-repo", metavar="DIR",
+                   help="also write a Triton model-repository entry DIR/NAME (config.pbtxt, labels.txt, "
+                        "1/model.onnx or 1/model.pt); formats onnx and torchscript")
+    c.add_argument("--triton-name", metavar="NAME", help="the entry's model name (default: the output file's stem)")
+    c.add_argument("--triton-max-batch-size", type=int, default=256, metavar="N",
+                   help="max_batch_size of the entry (default 256; requests are batched dynamically)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.set_defaults(func=cmd_compose)
 
     e = sub.add_parser("eval", help="accuracy of a composed model on the real test images of its classes")
-    e.add_argument("model", help="composed model file (TorchScript with poe.json)")
+    e.add_argument("model", help="composed model file (TorchScript, pt2 or ONNX, with poe.json)")
     e.add_argument("--pool", help="pool directory with the oracle to compare against (default: shipped pool)")
     e.add_argument("--dataset", help="data set to evaluate on (default: the model's)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -461,17 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--requests", type=int, default=400, help="distinct compositions in the throughput case")
     bc.add_argument("--file-blobs", action="store_true", help="filesystem blob store instead of S3 (moto)")
     bc.add_argument("--no-record", action="store_true", help="do not record compositions in the registry")
+    bc.add_argument("--format", choices=list(_SUFFIXES), default="torchscript",
+                    help="model format requested (default torchscript); the composer is warmed for it")
     bc.add_argument("--quick", action="store_true", help="a few requests per case (seconds; used by the tests)")
     bc.add_argument("--json-out", help="also write the result to this JSON file")
     bc.add_argument("--update-docs", action="store_true",
-                    help="write the table between this benchmark's markers in --docs (section compose, or "
-                         "compose-no-record with --no-record)")
+                    help="write the table between this benchmark's markers in --docs (section compose, "
+                         "compose-FORMAT for another --format, -no-record appended with --no-record)")
     bc.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bc.set_defaults(func=cmd_bench_compose)
     _add_bench_part_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")
-    pr.add_argument("model", help="composed model file (TorchScript with poe.json)")
+    pr.add_argument("model", help="composed model file (TorchScript, pt2 or ONNX, with poe.json)")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the model's input)")
     pr.add_argument("--invert", action="store_true",
                     help="invert pixel values (Fashion-MNIST items are light on a black background)")

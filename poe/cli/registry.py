@@ -3,6 +3,8 @@
     poe registry migrate [--status]                 bring the database schema to head (Alembic)
     poe registry import POOL_DIR [--target T]       register and publish a pool directory
     poe registry list [--target T] [--class NAME]   published pool versions
+    poe registry gc [--apply] [--older-than 1h]     remove what crashes left (dry run without --apply)
+    poe registry fsck                               verify every blob's sha256; rows vs stored bytes
     poe registry serve [--port P]                   run the registry service (same as `poe serve registry`)
 
 `--target` is HOST:PORT of a running registry, or `embedded`: a registry started inside this
@@ -10,6 +12,9 @@ process on a loopback port, on the configured database and blob store (POE_DATAB
 POE_BLOB_URL; by default SQLite and files under POE_HOME) and reached over gRPC like any other.
 The embedded registry migrates a SQLite database by itself; any other database must be migrated
 with `poe registry migrate` first. Default target: POE_REGISTRY_ADDR when set, else embedded.
+
+`migrate`, `gc` and `fsck` work on the database and the blob store directly (POE_DATABASE_URL,
+POE_BLOB_URL), not through a registry; gc and fsck are safe while registries serve.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from poe.cli.output import emit, table
 
@@ -59,6 +66,32 @@ def registry_client(target: str, args: argparse.Namespace) -> Iterator:
 def _add_storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="SQLAlchemy URL (default: POE_DATABASE_URL or SQLite under POE_HOME)")
     p.add_argument("--blob-url", help="file://DIR or s3://BUCKET[/PREFIX] (default: POE_BLOB_URL)")
+
+
+def duration(text: str) -> float:
+    """Seconds from "90", "90s", "30m", "1h" or "7d" (an argparse type)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 30m, 1h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@contextlib.contextmanager
+def _storage(args: argparse.Namespace) -> Iterator:
+    """(settings, metadata store, blob store) of the configured registry, opened directly."""
+    from poe_services.registry.blobstore import open_blob_store
+    from poe_services.registry.sqlstore import SqlRegistryStore
+
+    cfg = _settings(args)
+    store = SqlRegistryStore(cfg.database_url)  # FailedPrecondition naming `migrate` on an old schema
+    try:
+        blobs = open_blob_store(cfg.blob_url, cfg)
+        try:
+            yield cfg, store, blobs
+        finally:
+            blobs.close()
+    finally:
+        store.close()
 
 
 def _add_target_flag(p: argparse.ArgumentParser) -> None:
@@ -121,6 +154,66 @@ def cmd_list(args: argparse.Namespace) -> int:
                                   f"{row['params']:>10,}  {', '.join(row['aliases'])}")
 
 
+def _runs_dir(args: argparse.Namespace, cfg) -> Path | None:
+    """--runs, else POE_HOME/extractions when the extractor shares this machine's home: the embedded
+    set-up (`poe up`: the SQLite database under POE_HOME)."""
+    from sqlalchemy.engine import make_url
+
+    if args.runs:
+        return Path(args.runs).expanduser()
+    url = make_url(cfg.database_url)
+    local = cfg.home / "extractions"
+    embedded = url.get_backend_name() == "sqlite" and bool(url.database) and \
+        Path(url.database).expanduser().resolve().is_relative_to(cfg.home.expanduser().resolve())
+    return local if embedded and local.is_dir() else None
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from poe_services.registry.maintenance import collect_garbage, human_age, human_bytes
+
+    with _storage(args) as (cfg, store, blobs):
+        report = collect_garbage(store, blobs, older_than=args.older_than, apply=args.apply,
+                                 runs_dir=_runs_dir(args, cfg), keep_runs=args.keep_runs)
+    if args.json:
+        emit(report.to_dict(), True, str)
+    else:
+        verb = "removed" if args.apply else "would remove"
+        for x in report.leftovers:
+            state = f"FAILED: {x.error}" if x.error else verb
+            print(f"{state} {x.kind} {x.key} {human_bytes(x.size)} (age {human_age(x.age)})")
+        for path in report.unknown_runs:
+            print(f"kept run {path}: no such job in this registry", file=sys.stderr)
+        done = [x for x in report.leftovers if not x.error]
+        hint = "" if args.apply or not done else "; run with --apply to remove"
+        print(f"gc: {verb} {len(done)} leftover(s), {human_bytes(sum(x.size for x in done))}; "
+              f"{report.kept} younger than the age or in use kept{hint}")
+    return 1 if report.failed else 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from poe_services.registry.maintenance import FSCK_PROBLEMS_EXIT, check_blobs, human_bytes
+
+    with _storage(args) as (_cfg, store, blobs):
+        report = check_blobs(store, blobs, older_than=args.older_than)
+    if args.json:
+        emit(report.to_dict(), True, str)
+    else:
+        for what, entries in (("corrupt", report.corrupt), ("missing", report.missing),
+                              ("size mismatch", report.size_mismatch), ("orphan", report.orphans)):
+            for entry in entries:
+                details = ", ".join(f"{k} {v}" for k, v in entry.items() if k != "sha256")
+                print(f"{what}: blob {entry['sha256']} ({details})", file=sys.stderr)
+        found = ", ".join(f"{n} {what}" for n, what in (
+            (len(report.corrupt), "corrupt"), (len(report.missing), "row(s) without bytes"),
+            (len(report.size_mismatch), "size mismatch(es)"), (len(report.orphans), "blob(s) without rows")) if n)
+        pending = f" ({len(report.in_flight)} upload(s) in flight)" if report.in_flight else ""
+        print(f"fsck: {report.blobs_checked} blobs, {human_bytes(report.bytes_checked)} verified: "
+              f"{found or 'clean'}{pending}"
+              + ("" if report.clean else "; `poe registry import` of the same files repairs corrupt blobs, "
+                 "`poe registry gc --apply` removes bytes without rows"))
+    return 0 if report.clean else FSCK_PROBLEMS_EXIT
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from poe.cli.serve import run_services
 
@@ -132,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `registry` command group to the `poe` parser's subparsers."""
-    reg = subparsers.add_parser("registry", help="the model registry: migrate, import pools, list",
+    reg = subparsers.add_parser("registry", help="the model registry: migrate, import pools, list, gc, fsck",
                                 description=__doc__.split("\n\n")[1] if __doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = reg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
@@ -160,6 +253,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     _add_storage_flags(ls)
     ls.set_defaults(func=cmd_list)
+
+    g = sub.add_parser("gc", help="remove what crashed uploads and finished extraction jobs left (dry run by default)",
+                       description="Remove staging leftovers and incomplete S3 uploads, blobs no row refers to "
+                                   "(all older than --older-than) and run directories of extraction jobs that "
+                                   "ended more than --keep-runs ago. Works on POE_DATABASE_URL and POE_BLOB_URL "
+                                   "directly; safe while registries serve. Without --apply it only reports.")
+    g.add_argument("--apply", action="store_true", help="remove (default: only print what would be removed)")
+    g.add_argument("--older-than", type=duration, default=3600.0, metavar="AGE",
+                   help="leave anything younger alone: it may be an upload in flight (default 1h; 90s, 30m, 7d)")
+    g.add_argument("--runs", metavar="DIR", help="the extractor's run directories (default: POE_HOME/extractions "
+                                                  "when the database is the embedded SQLite)")
+    g.add_argument("--keep-runs", type=duration, default=7 * 86400.0, metavar="AGE",
+                   help="keep run directories of finished jobs this long (default 7d)")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage_flags(g)
+    g.set_defaults(func=cmd_gc)
+
+    f = sub.add_parser("fsck", help="verify every stored blob's sha256 and match rows against stored bytes",
+                       description="Hash every stored blob (streaming), report corrupt blobs, rows without bytes "
+                                   "and bytes without rows (older than --older-than). Exit 0 when clean, 3 when "
+                                   "it found problems.")
+    f.add_argument("--older-than", type=duration, default=3600.0, metavar="AGE",
+                   help="bytes without rows younger than this are uploads in flight, not problems (default 1h)")
+    f.add_argument("--json", action="store_true", help="print the details as JSON")
+    _add_storage_flags(f)
+    f.set_defaults(func=cmd_fsck)
 
     from poe.cli.serve import add_serve_flags  # here: poe.cli.serve imports this module
 

@@ -11,16 +11,31 @@ import logging
 import sys
 
 from poe.cli.registry import _add_storage_flags, _settings
+from poe.engine.errors import InvalidArgument
+
+# Seconds a server keeps serving after turning NOT_SERVING on SIGTERM. In Kubernetes (`poe serve`),
+# one readiness probe period of the chart (5 s), so that the kubelet and the balancers see the pod
+# go before its port closes; `poe up` has nobody balancing across it.
+SERVE_DRAIN = 5.0
+UP_DRAIN = 0.0
 
 
-def run_services(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None) -> int:
+def run_services(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None,
+                 default_drain: float = SERVE_DRAIN) -> int:
     """Host `services` with the flags of add_serve_flags until SIGTERM/SIGINT."""
     from poe_services.host import run
 
     cfg = _settings(args)
+    drain = args.drain if args.drain is not None else \
+        cfg.shutdown_drain if cfg.shutdown_drain is not None else default_drain
+    if drain < 0:
+        raise InvalidArgument(f"--drain (POE_SHUTDOWN_DRAIN): must be >= 0 seconds, got {drain:g}")
+    grace = args.grace if args.grace is not None else cfg.shutdown_grace
+    if grace < 0:
+        raise InvalidArgument(f"--grace (POE_SHUTDOWN_GRACE): must be >= 0 seconds, got {grace:g}")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(cfg, services, args.port, args.metrics_port, host=args.host, grace=args.grace, migrate=migrate,
-               banner=lambda msg: print(msg, flush=True))
+    return run(cfg, services, args.port, args.metrics_port, host=args.host, grace=grace, drain=drain,
+               migrate=migrate, banner=lambda msg: print(msg, flush=True))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -37,7 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"poe up: state in {cfg.home} ({'embedded SQLite' if embedded else 'external database'}, "
           f"blobs {cfg.blob_url})", file=sys.stderr, flush=True)
     # The embedded database belongs to this process: bring its schema to head on start.
-    return run_services(args, ("registry", "composer", "extractor"), True if (embedded or args.migrate) else None)
+    return run_services(args, ("registry", "composer", "extractor"), True if (embedded or args.migrate) else None,
+                        default_drain=UP_DRAIN)
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -47,7 +63,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9464,
                    help="Prometheus /metrics port (default 9464; 0 picks a free one)")
     p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds to let in-flight calls finish on shutdown")
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds in-flight calls may take on shutdown, after the drain; then they are cancelled "
+                        "(default POE_SHUTDOWN_GRACE, else 10)")
+    p.add_argument("--drain", type=float, default=None,
+                   help="seconds to keep serving after turning NOT_SERVING on SIGTERM, so that probes and balancers "
+                        f"see it first (default POE_SHUTDOWN_DRAIN, else {SERVE_DRAIN:g} for `serve`, "
+                        f"{UP_DRAIN:g} for `up`)")
     p.add_argument("--migrate", action="store_true",
                    help="migrate the registry's schema before starting (default: refuse an out-of-date schema)")
     _add_storage_flags(p)

@@ -35,10 +35,10 @@ class ComposeResult:
     seconds: float  # end to end, as the client saw it
 
     def load(self):
-        """(TorchScript module, poe.json) for a TorchScript result."""
-        from poe.engine.export import load_torchscript
+        """(model, poe.json) for a TorchScript, pt2 or ONNX result (ONNX runs on onnxruntime)."""
+        from poe.engine.export import load_model
 
-        return load_torchscript(self.data)
+        return load_model(self.data)[:2]
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

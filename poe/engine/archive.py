@@ -1,13 +1,16 @@
-"""TorchScript archives written from a template: a new composition's file without `torch.jit.save`.
+"""Zip archives written from a template: a new composition's file without `torch.jit.save` or
+`torch.export.save`.
 
 A TorchScript file is a zip archive of stored records: code, `data.pkl` (the module tree, which
-points at tensor storages by key), one `data/<key>` record per storage, and extra files. Two
-composed models of the same structure and tensor layout (names, dtypes, shapes) differ only in the
-bytes of those storages and in `poe.json`. An `ArchiveTemplate` is made once per layout from an
-archive that `torch.jit.save` wrote for probe tensors whose values are all distinct, which tells
-which record holds which tensor; `render` then lays out the same records with another state's
-bytes. The record payloads are byte for byte those `torch.jit.save` writes for that state (a test
-checks it), and data starts on 64-byte boundaries as in torch's own writer.
+points at tensor storages by key), one `data/<key>` record per storage, and extra files. A
+`torch.export` (pt2) archive is written by the same zip writer: the graph as JSON, one
+`data/weights/weight_<i>` record per parameter or buffer, and extra files. Two composed models of
+the same structure and tensor layout (names, dtypes, shapes) differ only in the bytes of those
+storages and in `poe.json`. An `ArchiveTemplate` is made once per layout from an archive that torch
+wrote for probe tensors whose values are all distinct, which tells which record holds which
+tensor; `render` then lays out the same records with another state's bytes. The record payloads
+are byte for byte those `torch.jit.save` writes for that state (a test checks it), and data starts
+on 64-byte boundaries as in torch's own writer.
 
 The same template gives the weights' sha256 (the hash of `poe.engine.pool.tensors_to_bytes(state)`, the
 canonical safetensors bytes) from the header it precomputes for the layout, without building them.
@@ -24,6 +27,7 @@ import json
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +43,18 @@ _VERSION = 20
 
 
 class TemplateError(ValueError):
-    """The layout cannot be templated (the caller falls back to `torch.jit.save`)."""
+    """The layout cannot be templated (the caller falls back to saving every composition)."""
+
+
+def torchscript_storage(name: str) -> bool:
+    """Whether a TorchScript archive's record is a tensor storage: `<archive>/data/<key>`."""
+    return name.split("/")[-2:-1] == ["data"]
+
+
+def pt2_storage(name: str) -> bool:
+    """Whether a `torch.export.save` archive's record is a tensor: a weight, or anything but the
+    config among the constants (a non-tensor constant then fails the probe match: no template)."""
+    return "/data/weights/weight_" in name or ("/data/constants/" in name and not name.endswith(".json"))
 
 
 def tensor_layout(state: dict[str, torch.Tensor]) -> tuple:
@@ -83,20 +98,46 @@ class _Slot:
     central_crc: int
 
 
+class WeightsDigest:
+    """sha256 of the canonical safetensors bytes (`poe.engine.pool.tensors_to_bytes`) of any state
+    of one layout, from the header precomputed for that layout and the tensors' bytes."""
+
+    def __init__(self, probe: dict[str, torch.Tensor]):
+        self._header, self._order = _safetensors_layout(probe)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._header)
+
+    def hexdigest(self, views: dict[str, memoryview]) -> str:
+        h = hashlib.sha256(self._header)
+        for name in self._order:
+            h.update(views[name])
+        return h.hexdigest()
+
+
+def matching_probe(probe: dict[str, torch.Tensor]) -> dict[bytes, str]:
+    """Probe tensor names by their bytes: how a template finds where each tensor went."""
+    by_bytes = {bytes(tensor_bytes(t)): name for name, t in probe.items()}
+    if len(by_bytes) != len(probe):
+        raise TemplateError("probe tensors are not distinct")
+    return by_bytes
+
+
 class ArchiveTemplate:
     def __init__(self, layout: tuple, body: bytes, central: bytes, entries: int, slots: list[_Slot],
-                 extra_name: str, st_header: bytes, st_order: list[str]):
+                 extra_name: str, digest: WeightsDigest):
         self.layout = layout
         self._body, self._central, self._entries, self._slots = body, central, entries, slots
         self._extra_name = extra_name.encode()
-        self._st_header, self._st_order = st_header, st_order
+        self._digest = digest
 
     @classmethod
-    def from_archive(cls, archive: bytes, probe: dict[str, torch.Tensor], extra_file: str) -> ArchiveTemplate:
-        """A template from the archive `torch.jit.save` wrote for a module holding `probe`."""
-        by_bytes = {bytes(tensor_bytes(t)): name for name, t in probe.items()}
-        if len(by_bytes) != len(probe):
-            raise TemplateError("probe tensors are not distinct")
+    def from_archive(cls, archive: bytes, probe: dict[str, torch.Tensor], extra_file: str,
+                     storage: Callable[[str], bool] = torchscript_storage) -> ArchiveTemplate:
+        """A template from the archive torch wrote for a module holding `probe`; `storage` tells
+        which records hold tensors (TorchScript's by default, `pt2_storage` for torch.export's)."""
+        by_bytes = matching_probe(probe)
         body, central = bytearray(), bytearray()
         slots, found, extra_name, entries = [], set(), None, 0
         with zipfile.ZipFile(io.BytesIO(archive)) as z:
@@ -106,7 +147,7 @@ class ArchiveTemplate:
                     extra_name = info.filename  # written last, by render
                     continue
                 tensor = None
-                if folder == ["data"]:  # a tensor storage: <archive>/data/<key>
+                if storage(info.filename):
                     tensor = by_bytes.get(payload)
                     if tensor is None or tensor in found:
                         raise TemplateError(f"storage {info.filename} is none of the state's tensors")
@@ -120,14 +161,13 @@ class ArchiveTemplate:
             raise TemplateError(f"tensors missing from the archive: {sorted(set(probe) - found)}")
         if extra_name is None:
             raise TemplateError(f"the archive has no extra file {extra_file}")
-        st_header, st_order = _safetensors_layout(probe)
         return cls(tensor_layout(probe), bytes(body), bytes(central), entries, slots, extra_name,
-                   st_header, st_order)
+                   WeightsDigest(probe))
 
     @property
     def nbytes(self) -> int:
         """Memory the template holds (about one composed file)."""
-        return len(self._body) + len(self._central) + len(self._st_header)
+        return len(self._body) + len(self._central) + self._digest.nbytes
 
     def views(self, state: dict[str, torch.Tensor]) -> dict[str, memoryview]:
         if tensor_layout(state) != self.layout:
@@ -136,10 +176,7 @@ class ArchiveTemplate:
 
     def weights_sha256(self, views: dict[str, memoryview]) -> str:
         """sha256 of the canonical safetensors bytes (`poe.engine.pool.tensors_to_bytes`) of the state."""
-        h = hashlib.sha256(self._st_header)
-        for name in self._st_order:
-            h.update(views[name])
-        return h.hexdigest()
+        return self._digest.hexdigest(views)
 
     def render(self, views: dict[str, memoryview], meta: dict) -> bytes:
         """The archive for a state of the template's layout (`views`), with `meta` as the extra file."""

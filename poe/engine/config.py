@@ -41,6 +41,16 @@ class Settings:
     registry_health_interval: float = 5.0
     registry_auto_migrate: bool = False
     s3_region: str = ""
+    # S3 timeouts (seconds): TCP/TLS connect; waiting for the server's next bytes once a request is
+    # sent; sending a request without progress (a slow link is fine, a stalled one is not).
+    s3_connect_timeout: float = 3.0
+    s3_read_timeout: float = 10.0
+    s3_write_timeout: float = 10.0
+    # Incomplete multipart uploads under the blob store's staging/: seconds between sweeps that abort
+    # them (0: only at start-up and when the store comes back), and the age under which another
+    # process's upload is left alone because it may still be in flight.
+    s3_upload_sweep_interval: float = 3600.0
+    s3_stale_upload_age: float = 3600.0
     # Composer: pool used when a request names none; bound of the in-memory composed-model cache;
     # how long an alias ("name" = name@latest) stays resolved; record compositions in the registry.
     default_pool: str = "fashion-mnist"
@@ -49,6 +59,13 @@ class Settings:
     composer_threads: int = 1  # torch intra-op threads in a process hosting the composer (0: torch's own)
     alias_ttl: float = 5.0
     record_compositions: bool = True
+    # Recordings waiting for the registry, at most (each holds its composed file); more are dropped and counted.
+    record_queue: int = 256
+    # Composer warm-up: seconds between looks at the registry's pools (new versions, moved aliases,
+    # degraded pools); seconds after start past which the composer reports SERVING although warming
+    # continues (once the registry has answered).
+    composer_pool_poll: float = 10.0
+    composer_ready_timeout: float = 60.0
     # Extractor: jobs training at once; torch threads per worker (0: OMP_NUM_THREADS or the cores, over
     # max jobs); worker deaths before a job fails; seconds between progress writes to the registry and
     # between health probes.
@@ -57,6 +74,11 @@ class Settings:
     extractor_max_attempts: int = 3
     extractor_progress_interval: float = 2.0
     extractor_health_interval: float = 5.0
+    # Shutdown: seconds a server keeps serving after turning NOT_SERVING, so that probes and balancers
+    # see it before the port closes (None: the command's default, 5 for `poe serve`, 0 for `poe up`);
+    # then seconds in-flight calls may take before they are cancelled.
+    shutdown_drain: float | None = None
+    shutdown_grace: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -81,17 +103,27 @@ class Settings:
             registry_health_interval=float(env.get("POE_REGISTRY_HEALTH_INTERVAL", "5")),
             registry_auto_migrate=env.get("POE_REGISTRY_AUTO_MIGRATE", "false").lower() in ("1", "true", "yes"),
             s3_region=env.get("POE_S3_REGION", ""),
+            s3_connect_timeout=float(env.get("POE_S3_CONNECT_TIMEOUT", "3")),
+            s3_read_timeout=float(env.get("POE_S3_READ_TIMEOUT", "10")),
+            s3_write_timeout=float(env.get("POE_S3_WRITE_TIMEOUT", "10")),
+            s3_upload_sweep_interval=float(env.get("POE_S3_UPLOAD_SWEEP_INTERVAL", "3600")),
+            s3_stale_upload_age=float(env.get("POE_S3_STALE_UPLOAD_AGE", "3600")),
             default_pool=env.get("POE_DEFAULT_POOL", "fashion-mnist"),
             model_cache_bytes=int(env.get("POE_MODEL_CACHE_BYTES", str(256 * 1024 * 1024))),
             template_cache_bytes=int(env.get("POE_TEMPLATE_CACHE_BYTES", str(64 * 1024 * 1024))),
             composer_threads=int(env.get("POE_COMPOSER_THREADS", "1")),
             alias_ttl=float(env.get("POE_ALIAS_TTL", "5")),
             record_compositions=env.get("POE_RECORD_COMPOSITIONS", "true").lower() in ("1", "true", "yes"),
+            record_queue=int(env.get("POE_RECORD_QUEUE", "256")),
+            composer_pool_poll=float(env.get("POE_COMPOSER_POOL_POLL", "10")),
+            composer_ready_timeout=float(env.get("POE_COMPOSER_READY_TIMEOUT", "60")),
             extractor_max_jobs=int(env.get("POE_EXTRACTOR_MAX_JOBS", "1")),
             extractor_threads=int(env.get("POE_EXTRACTOR_THREADS", "0")),
             extractor_max_attempts=int(env.get("POE_EXTRACTOR_MAX_ATTEMPTS", "3")),
             extractor_progress_interval=float(env.get("POE_EXTRACTOR_PROGRESS_INTERVAL", "2")),
             extractor_health_interval=float(env.get("POE_EXTRACTOR_HEALTH_INTERVAL", "5")),
+            shutdown_drain=float(env["POE_SHUTDOWN_DRAIN"]) if env.get("POE_SHUTDOWN_DRAIN") else None,
+            shutdown_grace=float(env.get("POE_SHUTDOWN_GRACE", "10")),
         )
 
 

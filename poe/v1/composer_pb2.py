@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15poe/v1/composer.proto\x12\x06poe.v1\"\x8e\x01\n\x13\x43omposeModelRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\texecution\x18\x04 \x01(\x0e\x32\x11.poe.v1.Execution\x12#\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x13.poe.v1.ModelFormat\"\xde\x02\n\x13\x43omposedModelHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x11\n\tclass_ids\x18\x04 \x03(\x05\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x12\n\nexpert_ids\x18\x06 \x03(\x03\x12\x0e\n\x06params\x18\x07 \x01(\x03\x12\r\n\x05\x66lops\x18\x08 \x01(\x03\x12\x0c\n\x04size\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12#\n\x06\x66ormat\x18\x0b \x01(\x0e\x32\x13.poe.v1.ModelFormat\x12$\n\texecution\x18\x0c \x01(\x0e\x32\x11.poe.v1.Execution\x12\x13\n\x0binput_shape\x18\r \x03(\x05\x12\x19\n\x11\x65xpected_accuracy\x18\x0e \x01(\x01\x12\x11\n\tcache_hit\x18\x0f \x01(\x08\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\"a\n\x14\x43omposeModelResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.poe.v1.ComposedModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x95\x01\n\x1a\x44\x65scribeCompositionRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\texecution\x18\x04 \x01(\x0e\x32\x11.poe.v1.Execution\x12#\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x13.poe.v1.ModelFormat\"J\n\x1b\x44\x65scribeCompositionResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.poe.v1.ComposedModelHeader*T\n\tExecution\x12\x19\n\x15\x45XECUTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45XECUTION_FUSED\x10\x01\x12\x17\n\x13\x45XECUTION_REFERENCE\x10\x02*g\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x01\x12\x1c\n\x18MODEL_FORMAT_SAFETENSORS\x10\x02\x32\xb7\x01\n\x08\x43omposer\x12K\n\x0c\x43omposeModel\x12\x1b.poe.v1.ComposeModelRequest\x1a\x1c.poe.v1.ComposeModelResponse0\x01\x12^\n\x13\x44\x65scribeComposition\x12\".poe.v1.DescribeCompositionRequest\x1a#.poe.v1.DescribeCompositionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15poe/v1/composer.proto\x12\x06poe.v1\"\x8e\x01\n\x13\x43omposeModelRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\texecution\x18\x04 \x01(\x0e\x32\x11.poe.v1.Execution\x12#\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x13.poe.v1.ModelFormat\"\x88\x03\n\x13\x43omposedModelHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x11\n\tclass_ids\x18\x04 \x03(\x05\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x12\n\nexpert_ids\x18\x06 \x03(\x03\x12\x0e\n\x06params\x18\x07 \x01(\x03\x12\r\n\x05\x66lops\x18\x08 \x01(\x03\x12\x0c\n\x04size\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12#\n\x06\x66ormat\x18\x0b \x01(\x0e\x32\x13.poe.v1.ModelFormat\x12$\n\texecution\x18\x0c \x01(\x0e\x32\x11.poe.v1.Execution\x12\x13\n\x0binput_shape\x18\r \x03(\x05\x12\x19\n\x11\x65xpected_accuracy\x18\x0e \x01(\x01\x12\x11\n\tcache_hit\x18\x0f \x01(\x08\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x11 \x01(\x08\x12\x16\n\x0e\x64\x65graded_tasks\x18\x12 \x03(\t\"a\n\x14\x43omposeModelResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.poe.v1.ComposedModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x95\x01\n\x1a\x44\x65scribeCompositionRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\texecution\x18\x04 \x01(\x0e\x32\x11.poe.v1.Execution\x12#\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x13.poe.v1.ModelFormat\"J\n\x1b\x44\x65scribeCompositionResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.poe.v1.ComposedModelHeader*T\n\tExecution\x12\x19\n\x15\x45XECUTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45XECUTION_FUSED\x10\x01\x12\x17\n\x13\x45XECUTION_REFERENCE\x10\x02*\x94\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x01\x12\x1c\n\x18MODEL_FORMAT_SAFETENSORS\x10\x02\x12\x14\n\x10MODEL_FORMAT_PT2\x10\x03\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x04\x32\xb7\x01\n\x08\x43omposer\x12K\n\x0c\x43omposeModel\x12\x1b.poe.v1.ComposeModelRequest\x1a\x1c.poe.v1.ComposeModelResponse0\x01\x12^\n\x13\x44\x65scribeComposition\x12\".poe.v1.DescribeCompositionRequest\x1a#.poe.v1.DescribeCompositionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'poe.v1.composer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTION']._serialized_start=858
-  _globals['_EXECUTION']._serialized_end=942
-  _globals['_MODELFORMAT']._serialized_start=944
-  _globals['_MODELFORMAT']._serialized_end=1047
+  _globals['_EXECUTION']._serialized_start=900
+  _globals['_EXECUTION']._serialized_end=984
+  _globals['_MODELFORMAT']._serialized_start=987
+  _globals['_MODELFORMAT']._serialized_end=1135
   _globals['_COMPOSEMODELREQUEST']._serialized_start=34
   _globals['_COMPOSEMODELREQUEST']._serialized_end=176
   _globals['_COMPOSEDMODELHEADER']._serialized_start=179
-  _globals['_COMPOSEDMODELHEADER']._serialized_end=529
-  _globals['_COMPOSEMODELRESPONSE']._serialized_start=531
-  _globals['_COMPOSEMODELRESPONSE']._serialized_end=628
-  _globals['_DESCRIBECOMPOSITIONREQUEST']._serialized_start=631
-  _globals['_DESCRIBECOMPOSITIONREQUEST']._serialized_end=780
-  _globals['_DESCRIBECOMPOSITIONRESPONSE']._serialized_start=782
-  _globals['_DESCRIBECOMPOSITIONRESPONSE']._serialized_end=856
-  _globals['_COMPOSER']._serialized_start=1050
-  _globals['_COMPOSER']._serialized_end=1233
+  _globals['_COMPOSEDMODELHEADER']._serialized_end=571
+  _globals['_COMPOSEMODELRESPONSE']._serialized_start=573
+  _globals['_COMPOSEMODELRESPONSE']._serialized_end=670
+  _globals['_DESCRIBECOMPOSITIONREQUEST']._serialized_start=673
+  _globals['_DESCRIBECOMPOSITIONREQUEST']._serialized_end=822
+  _globals['_DESCRIBECOMPOSITIONRESPONSE']._serialized_start=824
+  _globals['_DESCRIBECOMPOSITIONRESPONSE']._serialized_end=898
+  _globals['_COMPOSER']._serialized_start=1138
+  _globals['_COMPOSER']._serialized_end=1321
 # @@protoc_insertion_point(module_scope)

@@ -18,12 +18,16 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FORMAT_UNSPECIFIED: _ClassVar[ModelFormat]
     MODEL_FORMAT_TORCHSCRIPT: _ClassVar[ModelFormat]
     MODEL_FORMAT_SAFETENSORS: _ClassVar[ModelFormat]
+    MODEL_FORMAT_PT2: _ClassVar[ModelFormat]
+    MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
 EXECUTION_UNSPECIFIED: Execution
 EXECUTION_FUSED: Execution
 EXECUTION_REFERENCE: Execution
 MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat
 MODEL_FORMAT_SAFETENSORS: ModelFormat
+MODEL_FORMAT_PT2: ModelFormat
+MODEL_FORMAT_ONNX: ModelFormat
 
 class ComposeModelRequest(_message.Message):
     __slots__ = ("pool", "classes", "tasks", "execution", "format")
@@ -40,7 +44,7 @@ class ComposeModelRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., tasks: _Optional[_Iterable[str]] = ..., execution: _Optional[_Union[Execution, str]] = ..., format: _Optional[_Union[ModelFormat, str]] = ...) -> None: ...
 
 class ComposedModelHeader(_message.Message):
-    __slots__ = ("model_id", "pool", "classes", "class_ids", "tasks", "expert_ids", "params", "flops", "size", "sha256", "format", "execution", "input_shape", "expected_accuracy", "cache_hit", "metadata_json")
+    __slots__ = ("model_id", "pool", "classes", "class_ids", "tasks", "expert_ids", "params", "flops", "size", "sha256", "format", "execution", "input_shape", "expected_accuracy", "cache_hit", "metadata_json", "degraded", "degraded_tasks")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +61,8 @@ class ComposedModelHeader(_message.Message):
     EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_TASKS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     pool: str
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -73,7 +79,9 @@ class ComposedModelHeader(_message.Message):
     expected_accuracy: float
     cache_hit: bool
     metadata_json: str
-    def __init__(self, model_id: _Optional[str] = ..., pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_ids: _Optional[_Iterable[int]] = ..., tasks: _Optional[_Iterable[str]] = ..., expert_ids: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., flops: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., execution: _Optional[_Union[Execution, str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., expected_accuracy: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    degraded_tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., pool: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_ids: _Optional[_Iterable[int]] = ..., tasks: _Optional[_Iterable[str]] = ..., expert_ids: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., flops: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., execution: _Optional[_Union[Execution, str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., expected_accuracy: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., metadata_json: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ComposeModelResponse(_message.Message):
     __slots__ = ("header", "chunk")

@@ -11,6 +11,10 @@ byte-bounded LRU and recorded in the registry in the background (provenance, hit
 sha256); concurrent identical requests build once. A memory miss rebuilds instead of fetching the
 registry's copy: measured on this machine, the registry round trip for a lookup alone (about 13 ms)
 costs more than the whole composition (2-4 ms), so the registry record is never on the request path.
+
+A blob the registry reports corrupt or missing marks its pool version degraded (`degraded_tasks`,
+the header's `degraded` fields, poe_compose_degraded_pools): compositions that need it fail with
+DataLoss naming the task, the others are served, and the next successful fetch clears the mark.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,16 +35,16 @@ from poe.client.registry import RegistryClient
 from poe.contract import ComposeHeader, hierarchy_from_message
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
-from poe.engine.errors import InvalidArgument, NotFound
-from poe.engine.export import ScriptCache, serialize
+from poe.engine.errors import DataLoss, InvalidArgument, NotFound
+from poe.engine.export import FORMATS, ScriptCache, architecture_key, serialize
 from poe.engine.nets import ExpertConfig, Library, count_flops, make_expert
 from poe.engine.pool import Expert, Pool, sha256_hex, wrn_config_from_dict
 from poe_services import metrics
 from poe_services.composer.caches import ByteLRU, SingleFlight
+from poe_services.composer.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "safetensors")
 EXECUTIONS = ("fused", "reference")
 
 
@@ -79,6 +82,10 @@ class PoolView:
     expert_params: dict[str, int] = field(default_factory=dict)
     flops_library: int = 0
     flops_expert_convs: dict[str, int] = field(default_factory=dict)
+    blob_bytes: int = 0  # library and experts, as stored
+
+
+LIBRARY = ""  # the library's key among a pool version's broken blobs (expert blobs are keyed by task)
 
 
 class StageTimer:
@@ -110,13 +117,23 @@ class ComposerEngine:
             settings.model_cache_bytes, lambda n: metrics.CACHE_BYTES.labels("model").set(n))
         self._views: dict[str, PoolView] = {}  # name@version -> view (immutable)
         self._aliases: dict[str, tuple[str, float]] = {}  # ref -> (name@version, resolved at)
+        # name@version -> {task, or LIBRARY: sha256} of the blobs whose last fetch failed for good.
+        self._broken: dict[str, dict[str, str]] = {}
+        self._warmed: set[str] = set()  # name@version warmed by `warm_view`
+        # Called (cheaply, on the request path) with a view a request met before warm-up did.
+        self.on_cold_view: Callable[[PoolView], None] | None = None
         self._lock = threading.Lock()
         self._flight = SingleFlight()
-        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="compose-record")
-        self._record_slots = threading.BoundedSemaphore(64)
+        self.recorder = Recorder(settings.record_queue) if settings.record_compositions else None
 
-    def close(self) -> None:
-        self._recorder.shutdown(wait=True, cancel_futures=True)
+    def flush_recordings(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until every recording queued so far is in the registry or failed."""
+        return self.recorder is None or self.recorder.flush(timeout)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop recording: what is still queued gets `timeout` s more, the rest is counted as dropped."""
+        if self.recorder is not None:
+            self.recorder.close(timeout)
 
     # -- resolve ---------------------------------------------------------------------------------
     def view(self, ref: str) -> PoolView:
@@ -128,7 +145,13 @@ class ComposerEngine:
             pinned = self._aliases.get(ref)
             if pinned and now - pinned[1] < self.settings.alias_ttl and pinned[0] in self._views:
                 return self._views[pinned[0]]
-        pv = self.registry.get_pool(ref)
+        view = self.view_of(self.registry.get_pool(ref))
+        with self._lock:
+            self._aliases[ref] = (view.ref, now)
+        return view
+
+    def view_of(self, pv) -> PoolView:
+        """The view of a published version (a `poe.v1.PoolVersion` from GetPool or ListPools)."""
         key = f"{pv.name}@{pv.version}"
         with self._lock:
             view = self._views.get(key)
@@ -137,8 +160,6 @@ class ComposerEngine:
             with self._lock:
                 self._views.setdefault(key, view)
                 view = self._views[key]
-        with self._lock:
-            self._aliases[ref] = (key, now)
         return view
 
     def _make_view(self, pv) -> PoolView:
@@ -155,7 +176,8 @@ class ComposerEngine:
         pool = Pool(pv.name, pv.version, hier, lib_cfg, {}, {t: experts[t] for t in hier.tasks if t in experts},
                     info=info)
         view = PoolView(pool.ref, pool, pv.library.blob.sha256, shas, ids, pv.library.params,
-                        {e.task: e.params for e in pv.experts})
+                        {e.task: e.params for e in pv.experts},
+                        blob_bytes=pv.library.blob.size + sum(e.blob.size for e in pv.experts))
         # FLOPs do not depend on weights: count them once per pool version on fresh modules.
         c, hh, ww = pool.input_shape  # FailedPrecondition for a pool whose info records no input shape
         lib = Library(lib_cfg)
@@ -175,17 +197,71 @@ class ComposerEngine:
         metrics.CACHE_MISSES.labels("tensor").inc()
 
         def fetch() -> dict[str, torch.Tensor]:
-            state = self.registry.download_tensors(sha256)  # sha256-verified
+            try:
+                state = self.registry.download_tensors(sha256)  # sha256-verified
+            except (DataLoss, NotFound) as e:  # counted once per download, not per waiting request
+                metrics.COMPOSE_BLOB_ERRORS.labels("data_loss" if isinstance(e, DataLoss) else "not_found").inc()
+                raise
             self._tensors.put(sha256, state, sum(t.numel() * t.element_size() for t in state.values()))
             return state
 
         return self._flight.do(("tensors", sha256), fetch)[0]
 
+    def _blob_tensors(self, view: PoolView, task: str = LIBRARY) -> dict[str, torch.Tensor]:
+        """The tensors of the view's library (LIBRARY) or of one task's expert. A blob the registry
+        reports corrupt or missing marks the pool version degraded and raises DataLoss naming the
+        task; the next successful fetch (after the artifact was registered again) clears the mark."""
+        sha = view.library_sha256 if task == LIBRARY else view.expert_sha256[task]
+        try:
+            state = self.tensors(sha)
+        except (DataLoss, NotFound) as e:
+            self._mark_broken(view, task, sha, e)
+            what = "the library" if task == LIBRARY else f"the expert of task {task!r}"
+            raise DataLoss(f"pool {view.ref}: {what} cannot be fetched (blob {sha}): {e}") from None
+        if view.ref in self._broken:
+            self._mark_repaired(view, task, sha)
+        return state
+
+    def _mark_broken(self, view: PoolView, task: str, sha: str, err: Exception) -> None:
+        with self._lock:
+            broken = self._broken.setdefault(view.ref, {})
+            first_in_pool, new = not broken, broken.get(task) != sha
+            broken[task] = sha
+        if first_in_pool:
+            metrics.COMPOSE_DEGRADED_POOLS.inc()
+        if new:  # once per blob, not per request or warm-up retry (poe_compose_blob_errors_total counts those)
+            what = "library" if task == LIBRARY else f"expert of task {task!r}"
+            log.error("composer: pool %s is degraded: %s blob %s cannot be fetched: %s", view.ref, what, sha, err)
+
+    def _mark_repaired(self, view: PoolView, task: str, sha: str) -> None:
+        with self._lock:
+            broken = self._broken.get(view.ref, {})
+            if broken.get(task) != sha:
+                return
+            del broken[task]
+            healed = not broken
+            if healed:
+                del self._broken[view.ref]
+        if healed:
+            metrics.COMPOSE_DEGRADED_POOLS.dec()
+        log.info("composer: pool %s: blob %s fetched again%s", view.ref, sha, " (no longer degraded)" if healed else "")
+
+    def degraded_tasks(self, ref: str) -> tuple[str, ...] | None:
+        """None when every blob of the pool version `ref` (name@version) fetched fine last time, else
+        the tasks whose expert blob failed (empty when only the library's did), in hierarchy order."""
+        with self._lock:
+            broken = dict(self._broken.get(ref, {}))
+            view = self._views.get(ref)
+        if not broken:
+            return None
+        order = list(view.pool.hierarchy.tasks) if view else sorted(broken)
+        return tuple(t for t in order if t in broken)
+
     def _pool_with_tensors(self, view: PoolView, p: Plan) -> Pool:
         experts = dict(view.pool.experts)
         for t in p.tasks:
-            experts[t] = dataclasses.replace(experts[t], state=self.tensors(view.expert_sha256[t]))
-        return dataclasses.replace(view.pool, library_state=self.tensors(view.library_sha256), experts=experts)
+            experts[t] = dataclasses.replace(experts[t], state=self._blob_tensors(view, t))
+        return dataclasses.replace(view.pool, library_state=self._blob_tensors(view), experts=experts)
 
     def clear_tensor_cache(self) -> None:
         """Forget every fetched tensor (the next composition fetches from the blob store again)."""
@@ -196,7 +272,14 @@ class ComposerEngine:
         with timer.stage("resolve"):
             check_request(req.classes, req.tasks)  # before the pool look-up
             view = self.view(req.pool)
+            if self.on_cold_view is not None and view.ref not in self._warmed:
+                self.on_cold_view(view)
             return view, plan(view.pool, list(req.classes), list(req.tasks))
+
+    def _degradation(self, view: PoolView) -> dict:
+        """The header's degraded fields for the view, as of now."""
+        tasks = self.degraded_tasks(view.ref)
+        return {"degraded": tasks is not None, "degraded_tasks": tasks or ()}
 
     def _header(self, view: PoolView, p: Plan, req: ComposeRequest) -> ComposeHeader:
         kept = {t: len(k) for t, k in zip(p.tasks, p.keep, strict=True)}
@@ -211,14 +294,15 @@ class ComposerEngine:
                              expert_ids=tuple(view.expert_ids[t] for t in p.tasks),
                              params=plan_params(view.pool, p, view.library_params, view.expert_params),
                              flops=flops, format=req.format, execution=req.execution,
-                             input_shape=tuple(view.pool.input_shape), expected_accuracy=expected)
+                             input_shape=tuple(view.pool.input_shape), expected_accuracy=expected,
+                             **self._degradation(view))
 
     def describe(self, req: ComposeRequest) -> Composition:
         view, p = self._plan(req, StageTimer())
         header = self._header(view, p, req)
         cached = self._models.get(header.model_id)
         if cached is not None:
-            header = dataclasses.replace(cached.header, cache_hit=True)
+            header = dataclasses.replace(cached.header, cache_hit=True, **self._degradation(view))
         return Composition(header)
 
     def compose(self, req: ComposeRequest, timer: StageTimer | None = None,
@@ -231,7 +315,8 @@ class ComposerEngine:
         cached = self._models.get(model_id)
         if cached is not None:
             metrics.CACHE_HITS.labels("model").inc()
-            return Composition(dataclasses.replace(cached.header, cache_hit=True), cached.data)
+            return Composition(dataclasses.replace(cached.header, cache_hit=True, **self._degradation(view)),
+                               cached.data)
         metrics.CACHE_MISSES.labels("model").inc()
         check()
         comp, shared = self._flight.do(("model", model_id), lambda: self._build(view, p, req, header, timer, check))
@@ -259,45 +344,66 @@ class ComposerEngine:
         return f"{req.format}.{req.execution}"
 
     def _record(self, view: PoolView, p: Plan, req: ComposeRequest, comp: Composition) -> None:
-        """Record the file in the registry in the background; never blocks or fails a request."""
-        if not self.settings.record_compositions or not self._record_slots.acquire(blocking=False):
+        """Queue the file for recording in the registry; never blocks or fails a request (a full
+        queue drops it, counted in poe_compose_recordings_total: see poe_services.composer.recorder)."""
+        if self.recorder is None:
             return
-
-        def put() -> None:
-            try:
-                self.registry.put_composed_model(view.ref, p.class_ids, self._cache_format(req), comp.data,
-                                                 metadata=comp.header.metadata)
-            except Exception as e:  # best effort: the composer keeps serving from memory
-                log.warning("composer: could not record %s in the registry: %s", comp.header.model_id, e)
-            finally:
-                self._record_slots.release()
-
-        try:
-            self._recorder.submit(put)
-        except RuntimeError:  # shutting down
-            self._record_slots.release()
+        self.recorder.submit(comp.header.model_id, lambda: self.registry.put_composed_model(
+            view.ref, p.class_ids, self._cache_format(req), comp.data, metadata=comp.header.metadata))
 
     # -- warm-up ---------------------------------------------------------------------------------
-    def warm(self, ref: str = "") -> PoolView:
+    def warm(self, ref: str = "", formats: tuple[str, ...] = ("torchscript",)) -> PoolView:
+        """Warm the pool version `ref` resolves to (the default pool for ""); see `warm_view`."""
+        return self.warm_view(self.view(ref), formats)
+
+    def warm_view(self, view: PoolView, formats: tuple[str, ...] = ("torchscript",),
+                  stopping: Callable[[], bool] = lambda: False) -> PoolView:
         """Fetch a pool's tensors, script each structure and save an archive template for every
         tensor layout of the fused execution (n experts keeping k classes), so that no request
-        waits for TorchScript. Layouts beyond the template cache's bytes stay lazy."""
-        view = self.view(ref)
+        waits for TorchScript. Layouts beyond the template cache's bytes stay lazy.
+
+        A corrupt or missing blob does not stop it: the pool version is marked degraded (see
+        `degraded_tasks`) and the layouts of its healthy experts are warmed. Unavailable (the
+        registry is down) propagates, and the pool is not counted as warm. When `stopping()` turns
+        true (shutdown) it returns between two layouts, without counting the pool as warm."""
         pool = view.pool
         if not pool.experts:
             raise NotFound(f"pool {view.ref} has no experts")
-        self.tensors(view.library_sha256)
+        try:
+            self._blob_tensors(view)
+        except DataLoss:  # marked and logged: no composition of this version can succeed
+            self._warmed.add(view.ref)
+            return view
+        healthy = []
         for t in pool.experts:
-            self.tensors(view.expert_sha256[t])
-        largest_first = sorted(pool.experts, key=lambda t: -len(pool.hierarchy.tasks[t]))
+            try:
+                self._blob_tensors(view, t)
+                healthy.append(t)
+            except DataLoss:
+                pass  # marked and logged; the other tasks still compose
+        largest_first = sorted(healthy, key=lambda t: -len(pool.hierarchy.tasks[t]))
         for n in range(1, len(largest_first) + 1):
             kept = {t: list(pool.hierarchy.tasks[t]) for t in largest_first[:n]}
             while True:  # every total from all the n tasks' classes down to one each
+                if stopping():
+                    return view
                 p = plan(pool, classes=[c for ids in kept.values() for c in ids])
                 full = self._pool_with_tensors(view, p)
-                self.scripts.template(composed_state(full, p, True), lambda full=full, p=p: build(full, p, True))
+                for fmt in formats:  # pt2 and onnx templates take 1-3 s each: warmed only when asked
+                    self.scripts.template(composed_state(full, p, True), lambda full=full, p=p: build(full, p, True),
+                                          fmt, pool.input_shape, architecture_key(pool))
                 shrink = next((t for t in kept if len(kept[t]) > 1), None)
                 if shrink is None or self.scripts.full:  # at least each structure is scripted
                     break
                 kept[shrink].pop()
+        self._warmed.add(view.ref)
         return view
+
+    def is_warm(self, ref: str) -> bool:
+        """Whether `warm_view` completed for the pool version `ref` (name@version)."""
+        return ref in self._warmed
+
+    def has_room_for(self, view: PoolView) -> bool:
+        """Whether warming `view` would keep within the template and tensor caches (it would
+        otherwise push out what earlier, more important pools warmed)."""
+        return not self.scripts.full and self._tensors.size_bytes + view.blob_bytes <= self._tensors.max_bytes

@@ -1,9 +1,24 @@
-"""The composer as a hosted service (poe_services.host): engine, health (NOT_SERVING until warm), shutdown."""
+"""The composer as a hosted service (poe_services.host): engine, warm-up of every pool, readiness, shutdown.
+
+Warm-up runs in one background thread for as long as the process does. It looks at the registry's
+pools (ListPools) at start and every `composer_pool_poll` seconds, and warms every published
+version it has not warmed yet: the default pool's version first, then the largest, as long as the
+template and tensor caches have room. A version a request meets before warm-up did is warmed next,
+whatever the room. Pool versions with a corrupt or missing blob (degraded) are tried again on every
+look, so that re-importing the pool repairs them without a request. While the registry cannot be
+reached, the thread retries with a backoff of up to one poll interval and never gives up.
+
+Readiness ("poe.v1.Composer"): NOT_SERVING until the default pool's version is warm, or the
+registry has answered and there is no default pool (yet), or `composer_ready_timeout` seconds have
+passed since start and the registry has answered; then SERVING until shutdown. A bad pool or blob
+never takes the composer out of readiness (requests that need the bad blob fail with DATA_LOSS).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,23 +27,35 @@ from grpc_health.v1 import health_pb2
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
-from poe.engine.errors import NotFound, PoeError
-from poe_services.composer.engine import ComposerEngine
+from poe.engine.errors import InvalidArgument, NotFound, PoeError, Unavailable
+from poe_services.composer.engine import ComposerEngine, PoolView
 from poe_services.composer.servicer import SERVICE_NAME, add_to_server
 
 if TYPE_CHECKING:
+    from poe.v1 import registry_pb2
     from poe_services.host import HealthReporter
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FIRST_RETRY_DELAY = 0.2  # seconds; doubles up to the poll interval while the registry is unreachable
+
+
+def _transient(err: PoeError) -> bool:
+    """Whether a registry error may go away by itself (down, overloaded, an unexpected server error),
+    as opposed to one about a particular pool version, which stays as long as the version does."""
+    return isinstance(err, Unavailable) or type(err) is PoeError
 
 
 class ComposerRuntime:
-    """Owns the engine and its registry client; reports SERVING once the default pool is warm
-    (or known not to exist: other pools can still be served)."""
+    """Owns the engine, its registry client and the warm-up thread; reports readiness."""
 
     def __init__(self, settings: Settings, registry_target: str | None = None, warm: bool = True):
+        if settings.composer_pool_poll <= 0:
+            raise InvalidArgument(f"POE_COMPOSER_POOL_POLL: must be > 0 seconds, got {settings.composer_pool_poll:g}")
+        if settings.composer_ready_timeout < 0:
+            raise InvalidArgument(
+                f"POE_COMPOSER_READY_TIMEOUT: must be >= 0 seconds, got {settings.composer_ready_timeout:g}")
         self.settings = settings
         if settings.composer_threads > 0:
             # Composing concatenates small tensors, which intra-op threads do not speed up; with
@@ -37,11 +64,23 @@ class ComposerRuntime:
             torch.set_num_threads(settings.composer_threads)
         self.registry = RegistryClient(registry_target or settings.registry_addr, timeout=30.0)
         self.engine = ComposerEngine(self.registry, settings)
+        # warm=False (tests, benchmarks): no warm-up at all; SERVING once the registry is reachable.
         self._warm = warm
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a request met a cold pool version, or shutdown
+        self._lock = threading.Lock()
+        self._requested: dict[str, PoolView] = {}  # name@version -> view, met by requests before warm-up
+        self._seen: dict[str, tuple[str, ...]] | None = None  # name@version -> aliases, at the last look
+        self._skipped: set[str] = set()  # versions that cannot be warmed (reported once)
+        self._default_error = ""
+        self._registry_answered = False
+        self._started = 0.0
+        self._ready_timer: threading.Timer | None = None
         self.ready = threading.Event()
         self.health: HealthReporter | None = None
         self.closed = False
+        if warm:
+            self.engine.on_cold_view = self._request_warm
 
     def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
         """Add the Composer servicer to `server`; report "poe.v1.Composer" through `health`."""
@@ -52,40 +91,201 @@ class ComposerRuntime:
     def start(self) -> None:
         """Warm up in the background (call after the server has started: in `poe up` the registry
         this composer reads from is served by the same server)."""
-        threading.Thread(target=self._warm_up, name="composer-warm", daemon=True).start()
+        self._started = time.monotonic()
+        if self._warm:
+            self._ready_timer = threading.Timer(self.settings.composer_ready_timeout, self._on_ready_timeout)
+            self._ready_timer.daemon = True
+            self._ready_timer.start()
+        target = self._warm_up if self._warm else self._wait_for_registry
+        threading.Thread(target=target, name="composer-warm", daemon=True).start()
 
     def _set(self, status) -> None:
         if self.health is not None:
             self.health.set(SERVICE_NAME, status)
 
-    def _warm_up(self) -> None:
-        delay = 0.2
+    def _become_ready(self, why: str) -> None:
+        with self._lock:  # with begin_shutdown's: SERVING never follows the shutdown's NOT_SERVING
+            if self.ready.is_set() or self._stop.is_set():
+                return
+            self.ready.set()
+            self._set(SERVING)
+        log.info("composer: ready (%s)", why)
+
+    def _on_ready_timeout(self) -> None:
+        if self._registry_answered:
+            self._become_ready(f"still warming after {self.settings.composer_ready_timeout:g} s")
+
+    def _registry_answers(self) -> None:
+        self._registry_answered = True
+        if time.monotonic() - self._started >= self.settings.composer_ready_timeout:
+            self._on_ready_timeout()
+
+    def _request_warm(self, view: PoolView) -> None:
+        """On the request path: queue a pool version for warm-up (cheap, once per version)."""
+        with self._lock:
+            if view.ref in self._requested:
+                return
+            self._requested[view.ref] = view
+        self._wake.set()
+
+    # -- the warm-up thread ----------------------------------------------------------------------
+
+    def _wait_for_registry(self) -> None:
+        delay = FIRST_RETRY_DELAY
         while not self._stop.is_set():
             try:
-                if self._warm:
-                    view = self.engine.warm()
-                    log.info("composer: warm (%s, %d experts)", view.ref, len(view.pool.experts))
-                else:
-                    self.registry.wait_ready(timeout=5.0)
-                break
-            except NotFound as e:
-                log.warning("composer: default pool not warmed: %s", e)
-                break
+                self.registry.wait_ready(timeout=5.0)
+                self._become_ready("registry reachable; warm-up off")
+                return
             except PoeError as e:
                 log.info("composer: waiting for the registry (%s)", e)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
-        if not self._stop.is_set():
-            self.ready.set()
-            self._set(SERVING)
+
+    def _warm_up(self) -> None:
+        delay = FIRST_RETRY_DELAY
+        next_look = 0.0
+        while not self._stop.is_set():
+            self._wake.clear()  # before the work: a request arriving during it wakes the wait below
+            try:
+                self._warm_requested()
+                if time.monotonic() >= next_look:
+                    self._look()
+                    next_look = time.monotonic() + self.settings.composer_pool_poll
+                delay = FIRST_RETRY_DELAY
+            except Exception as e:
+                if self._stop.is_set():
+                    return  # the registry client was closed under us
+                if isinstance(e, PoeError) and _transient(e):
+                    log.info("composer: waiting for the registry (%s)", e)
+                else:  # never let warm-up die: it is what makes the composer fast
+                    log.exception("composer: warm-up failed; trying again")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.settings.composer_pool_poll)
+                next_look = 0.0
+                continue
+            self._wake.wait(max(0.0, next_look - time.monotonic()))
+
+    def _warm_requested(self) -> None:
+        """Warm the versions requests met cold (before the next look: a client is waiting for them)."""
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._requested:
+                    return
+                ref, view = next(iter(self._requested.items()))
+            if not self.engine.is_warm(ref):
+                self._warm_one(view, "requested")
+            with self._lock:
+                self._requested.pop(ref, None)
+
+    def _look(self) -> None:
+        """One look at the registry: warm what is published and not warm yet, retry degraded
+        versions, and decide readiness."""
+        pools = list(self.registry.list_pools())
+        self._registry_answers()
+        seen = {f"{p.name}@{p.version}": tuple(sorted(p.aliases)) for p in pools}
+        previous = self._seen
+        # Versions that were just published, or that an alias moved to, since the last look.
+        changed = set() if previous is None else {ref for ref, a in seen.items() if previous.get(ref) != a}
+        if changed:
+            log.info("composer: pools changed: %s",
+                     ", ".join(f"{ref} ({', '.join(seen[ref]) or 'no alias'})" for ref in sorted(changed)))
+        default = self._default_view()
+        if default is None:
+            self._become_ready("no default pool in the registry yet")
+        else:
+            if not self.engine.is_warm(default.ref) or self.engine.degraded_tasks(default.ref) is not None:
+                self._warm_one(default, "default pool")
+            self._become_ready(f"default pool {default.ref}")
+        for pv in self._by_size(pools):
+            if self._stop.is_set():
+                return
+            ref = f"{pv.name}@{pv.version}"
+            if ref in self._skipped or (default is not None and ref == default.ref):
+                continue
+            degraded = self.engine.degraded_tasks(ref) is not None
+            if self.engine.is_warm(ref) and not degraded:
+                continue
+            try:
+                view = self.engine.view_of(pv)
+            except PoeError as e:
+                if _transient(e):
+                    raise
+                self._skip(ref, e)
+                continue
+            # A version an alias just moved to is what requests resolve to from now on: warm it anyway.
+            if degraded or self.engine.has_room_for(view) or (ref in changed and seen[ref]):
+                self._warm_one(view, "published")
+            # else: stays lazy (POE_TEMPLATE_CACHE_BYTES, POE_CACHE_BYTES); a request warms it
+        self._seen = seen  # only after a whole look: one cut short by an outage compares again
+
+    def _default_view(self) -> PoolView | None:
+        """The default pool's current version; None when there is none (yet), or it cannot be used."""
+        ref = self.settings.default_pool.strip()
+        if not ref:
+            return None
+        try:
+            return self.engine.view(ref)
+        except NotFound:
+            return None
+        except PoeError as e:
+            if _transient(e):
+                raise
+            if str(e) != self._default_error:  # once, not on every look
+                log.warning("composer: default pool %s cannot be used: %s", ref, e)
+            self._default_error = str(e)
+            return None
+
+    @staticmethod
+    def _by_size(pools: list[registry_pb2.PoolVersion]) -> list[registry_pb2.PoolVersion]:
+        """Largest first; among equals, versions with an alias first, then the newest."""
+        return sorted(pools, key=lambda p: (-p.params, not p.aliases, -p.publish_time.ToNanoseconds()))
+
+    def _warm_one(self, view: PoolView, why: str) -> None:
+        """Warm one version; an error about this version (not the registry's) is reported once."""
+        if view.ref in self._skipped:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.engine.warm_view(view, stopping=self._stop.is_set)
+        except PoeError as e:
+            if _transient(e):
+                raise
+            self._skip(view.ref, e)
+            return
+        except Exception as e:  # a bug: keep warming the other versions; the traceback is in the log
+            log.exception("composer: warming %s failed", view.ref)
+            self._skip(view.ref, e)
+            return
+        if self._stop.is_set():
+            return
+        tasks = self.engine.degraded_tasks(view.ref)
+        state = "" if tasks is None else f"; degraded: {', '.join(tasks) or 'library'}"
+        log.info("composer: warm (%s, %s, %d experts, %.1f s%s)", view.ref, why, len(view.pool.experts),
+                 time.perf_counter() - t0, state)
+
+    def _skip(self, ref: str, err: Exception) -> None:
+        self._skipped.add(ref)
+        log.warning("composer: pool %s cannot be warmed (not tried again): %s", ref, err)
+
+    # -- shutdown --------------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        self._stop.set()
-        self._set(NOT_SERVING)
+        with self._lock:
+            self._stop.set()
+            self._set(NOT_SERVING)
+        self._wake.set()
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+
+    def flush(self, timeout: float, /) -> bool:
+        """Send the queued recordings (at most `timeout` s). The host calls it after begin_shutdown and
+        before it stops accepting calls, so that a registry on the same server still takes them."""
+        return self.engine.flush_recordings(timeout)
 
     def close(self) -> None:
         self.begin_shutdown()
         if not self.closed:
             self.closed = True
-            self.engine.close()
+            self.engine.close()  # recordings queued since flush() get a last second
             self.registry.close()

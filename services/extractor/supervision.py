@@ -35,6 +35,7 @@ from poe_services.extractor.spec import RegistryOracle, TorchScriptOracle
 log = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"
+ERROR_LOG = "error.log"  # a worker's traceback (worker.py); stale once a later attempt succeeded
 # Files a succeeded job no longer needs (its results are in the registry).
 BULKY = ("teacher_views.safetensors", "oracle.safetensors", "oracle.torchscript", "base_library.safetensors")
 
@@ -88,12 +89,13 @@ def stop_worker(job: Job, grace: float = 5.0) -> None:
 
 
 def clean_run_dir(job: Job, outcome: str | None) -> None:
-    """A cancelled job's run directory goes; a succeeded one keeps its logs and results only. A
-    failed job's stays whole for a post-mortem; a stopped one's for its resumption."""
+    """A cancelled job's run directory goes; a succeeded one keeps its logs and results only (not
+    the error.log of an attempt that died before a resumed one succeeded). A failed job's stays
+    whole for a post-mortem; a stopped one's for its resumption."""
     if outcome == "cancelled":
         shutil.rmtree(job.run, ignore_errors=True)
     elif outcome == "succeeded":
-        for name in BULKY:
+        for name in (*BULKY, ERROR_LOG):
             with contextlib.suppress(OSError):
                 (job.run / name).unlink()
         for ckpt in job.run.glob("*.ckpt"):

@@ -17,7 +17,16 @@ Committing always rewrites the object, so registering identical content again re
 copy. Every full read is hashed; `get_range(..., verify=False)` is the one raw read, for callers
 that verify the assembled whole themselves (resumed downloads).
 
-Connection failures map to `Unavailable`; a missing key is `NotFound`.
+Connection failures map to `Unavailable`; a missing key is `NotFound`. On S3 the connect, read and
+write timeouts are separate (`POE_S3_CONNECT_TIMEOUT`, `_READ_TIMEOUT`, `_WRITE_TIMEOUT`): a slow
+link only has to keep making progress, while a dead endpoint or a black hole fails within one
+timeout. Multipart uploads that an outage cut off cannot be aborted at that moment;
+`abort_incomplete_uploads()` (run by an `UploadSweeper`) aborts them later.
+
+For maintenance (`poe_services.registry.maintenance`: `poe registry gc`, `fsck`): `scan()` and
+`stat()` give committed blobs with their size and last write, `leftovers()` what crashed uploads
+left in `staging/` (on S3 also incomplete multipart uploads), `remove_leftover()` drops one, and
+`digest()` hashes the stored bytes without judging them.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import re
 import tempfile
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -35,6 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlparse
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
 
 from poe.engine.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 
@@ -44,6 +60,8 @@ if TYPE_CHECKING:
 CHUNK_SIZE = 1 << 20  # 1 MiB: read size, and the largest gRPC chunk the services send
 S3_PART_SIZE = 8 << 20  # multipart part size (S3 needs >= 5 MiB for all but the last part)
 SPOOL_BYTES = 32 << 20  # verified reads stay in memory up to this size, then spill to a temp file
+S3_SEND_BLOCK = 64 << 10  # S3 requests go out in blocks of this size, each within the write timeout
+log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -62,6 +80,19 @@ def blob_path(sha256: str) -> str:
 class BlobInfo:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object as maintenance sees it: a committed blob (kind "blob", key its sha256), a file or
+    object in staging/ ("staging", key "staging/NAME") or an incomplete S3 multipart upload
+    ("upload", key the object's path under the store, with its upload id)."""
+
+    kind: str
+    key: str
+    size: int
+    modified: float  # POSIX seconds of the last write (an upload: when it was started)
+    upload_id: str = ""
 
 
 class _Hasher:
@@ -223,8 +254,43 @@ class BlobStore(ABC):
         """The keys (sha256) of all committed blobs."""
 
     @abstractmethod
+    def scan(self) -> Iterator[StoredObject]:
+        """All committed blobs with their size and last write."""
+
+    @abstractmethod
+    def stat(self, sha256: str) -> StoredObject | None:
+        """A committed blob's size and last write; None when absent."""
+
+    @abstractmethod
+    def leftovers(self, uploads: bool = True) -> Iterator[StoredObject]:
+        """What uploads left in staging/: in-flight ones and those of crashed processes alike
+        (with `uploads`, S3's incomplete multipart uploads too)."""
+
+    @abstractmethod
+    def remove_leftover(self, obj: StoredObject) -> None:
+        """Remove one of `leftovers()` (gone already is fine)."""
+
+    def digest(self, sha256: str) -> BlobInfo:
+        """sha256 and size of the bytes stored under the key, streamed and not judged (fsck compares)."""
+        check_key(sha256)
+        h = _Hasher()
+        for chunk in self._read_chunks(sha256):
+            h.update(chunk)
+        return BlobInfo(h.sha256, h.size)
+
+    @abstractmethod
     def ping(self) -> None:
         """Raise Unavailable unless the store can be read and written right now."""
+
+    def abort_incomplete_uploads(self, older_than: float) -> list[str]:
+        """Abort the incomplete multipart uploads under staging/ that this process abandoned and
+        those of other processes started more than `older_than` seconds ago; returns their keys.
+        Only S3 has such uploads (a file store's staging leftovers are `poe registry gc`'s)."""
+        return []
+
+    def abandoned_uploads(self) -> int:
+        """How many of this process's failed uploads may still hold an incomplete multipart upload."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -321,6 +387,34 @@ class FileBlobStore(BlobStore):
             if _SHA256.match(p.name):
                 yield p.name
 
+    def scan(self) -> Iterator[StoredObject]:
+        for name in self.list():
+            obj = self.stat(name)
+            if obj is not None:  # None: deleted since it was listed
+                yield obj
+
+    def stat(self, sha256: str) -> StoredObject | None:
+        try:
+            st = self._path(sha256).stat()
+        except FileNotFoundError:
+            return None
+        return StoredObject("blob", sha256, st.st_size, st.st_mtime)
+
+    def leftovers(self, uploads: bool = True) -> Iterator[StoredObject]:
+        for p in sorted((self.root / "staging").iterdir()):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # committed or discarded meanwhile
+                continue
+            if p.is_file():
+                yield StoredObject("staging", f"staging/{p.name}", st.st_size, st.st_mtime)
+
+    def remove_leftover(self, obj: StoredObject) -> None:
+        name = obj.key.removeprefix("staging/")
+        if obj.kind != "staging" or not name or "/" in name or name.startswith("."):
+            raise InvalidArgument(f"not a staging leftover of {self.url}: {obj.kind} {obj.key!r}")
+        (self.root / "staging" / name).unlink(missing_ok=True)
+
     def ping(self) -> None:
         if not (self.root / "sha256").is_dir() or not (self.root / "staging").is_dir():
             raise Unavailable(f"blob store {self.url}: directory missing")
@@ -329,6 +423,68 @@ class FileBlobStore(BlobStore):
 
 
 # -- S3 / MinIO ----------------------------------------------------------------------------------
+
+
+class _WriteTimeout:
+    """Sends a request in blocks, each within `write_timeout` seconds.
+
+    urllib3 sends the whole request under the connect timeout (one sendall() per body), so an
+    8 MiB part on a 1 MB/s link timed out after 3 s. Here the connect timeout bounds only the
+    connect, and a send fails only when the link makes no progress for `write_timeout` seconds.
+    """
+
+    def __init__(self, *args, write_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.write_timeout = write_timeout
+
+    def send(self, data) -> None:
+        if self.sock is None:
+            self.connect()  # as http.client would, under the connect timeout
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return super().send(data)  # a file-like body (the minio SDK sends bytes)
+        view = memoryview(data).cast("B")
+        self.sock.settimeout(self.write_timeout)
+        try:
+            for start in range(0, len(view), S3_SEND_BLOCK):
+                super().send(view[start:start + S3_SEND_BLOCK])
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)
+
+
+class _HTTPConnection(_WriteTimeout, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_WriteTimeout, HTTPSConnection):
+    pass
+
+
+class _S3PoolManager(urllib3.PoolManager):
+    """A PoolManager whose connections honour a write timeout (see _WriteTimeout)."""
+
+    def __init__(self, *, write_timeout: float, **kwargs):
+        super().__init__(**kwargs)
+        self.write_timeout = write_timeout
+
+    def _new_pool(self, scheme, host, port, request_context=None):
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.ConnectionCls = _HTTPSConnection if scheme == "https" else _HTTPConnection
+        pool.conn_kw["write_timeout"] = self.write_timeout
+        return pool
+
+
+class _S3Retry(urllib3.Retry):
+    """Retries refused and dropped connections (a restarted server, a stale pooled connection), never
+    a timeout after the request went out: a server that stayed silent for a whole read timeout, or
+    stopped reading for a whole write timeout, is a black hole, and a retry only doubles the wait."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        stalled = isinstance(error, ReadTimeoutError) or (
+            isinstance(error, ProtocolError) and any(isinstance(a, TimeoutError) for a in error.args))
+        if stalled:
+            raise MaxRetryError(_pool, url, error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 class _ChunkReader(io.RawIOBase):
@@ -382,16 +538,28 @@ class S3BlobStore(BlobStore):
 
     The bucket is created when missing (on first use, so that a service can start, report
     NOT_SERVING and recover while the object store is down). Uploads stream through multipart
-    uploads of S3_PART_SIZE parts; an upload that fails is aborted by the minio SDK.
+    uploads of S3_PART_SIZE parts; an upload that fails is aborted by the minio SDK, or, when the
+    store cannot be reached to abort it, by the next `abort_incomplete_uploads()`.
+
+    Timeouts (seconds): `connect_timeout` for a TCP (and TLS) connect, `read_timeout` for each wait
+    for the server's next bytes, `write_timeout` for each 64 KiB of a request to leave.
     """
 
     def __init__(self, bucket: str, prefix: str, endpoint: str, access_key: str = "", secret_key: str = "",
-                 secure: bool = False, region: str = "", connect_timeout: float = 3.0, read_timeout: float = 60.0):
-        import urllib3
+                 secure: bool = False, region: str = "", connect_timeout: float = 3.0, read_timeout: float = 10.0,
+                 write_timeout: float = 10.0):
         from minio import Minio
+        from minio.helpers import check_bucket_name
 
         if not bucket:
             raise InvalidArgument("blob URL: s3://BUCKET[/PREFIX] needs a bucket name")
+        try:
+            check_bucket_name(bucket)
+        except ValueError as e:  # else it would surface at the first request, as an internal error
+            raise InvalidArgument(f"blob URL s3://{bucket}: {e} (3-63 lower-case letters, digits, '.', '-')") from None
+        for name, value in (("connect", connect_timeout), ("read", read_timeout), ("write", write_timeout)):
+            if not value > 0:
+                raise InvalidArgument(f"POE_S3_{name.upper()}_TIMEOUT: expected seconds > 0, got {value}")
         if endpoint.startswith(("http://", "https://")):
             parsed = urlparse(endpoint)
             secure, endpoint = parsed.scheme == "https", parsed.netloc
@@ -400,13 +568,17 @@ class S3BlobStore(BlobStore):
         self.endpoint = endpoint
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         # Short timeouts and few retries: a dead endpoint must surface as UNAVAILABLE in seconds,
-        # not after the SDK's default five minutes.
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout), maxsize=16,
-            retries=urllib3.Retry(total=2, connect=1, backoff_factor=0.1, status_forcelist=[500, 502, 503, 504]))
+        # not after the SDK's default five minutes; a slow link only has to keep moving.
+        http = _S3PoolManager(
+            write_timeout=write_timeout, timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            maxsize=16,
+            retries=_S3Retry(total=2, connect=1, backoff_factor=0.1, status_forcelist=[500, 502, 503, 504]))
         self.client = Minio(endpoint, access_key=access_key or None, secret_key=secret_key or None,
                             secure=secure, region=region or None, http_client=http)
         self._bucket_ready = False
+        self._lock = threading.Lock()
+        self._uploading: set[str] = set()  # staging keys of this process's uploads in flight
+        self._abandoned: set[str] = set()  # ... and of those that failed: their multipart upload may be open
 
     def _key(self, sha256: str) -> str:
         return self.prefix + blob_path(check_key(sha256))
@@ -421,11 +593,15 @@ class S3BlobStore(BlobStore):
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"blob not in {self.url}") from None
-            if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"):
+            # NoSuchUpload: another replica's sweep aborted this upload (it took longer than
+            # POE_S3_STALE_UPLOAD_AGE); the client may retry.
+            if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+                          "NoSuchUpload"):
                 raise Unavailable(f"blob store {self.url} at {self.endpoint}: {what}: {e.code} ({e.message})") from None
             raise
         except (urllib3.exceptions.HTTPError, ServerError, InvalidResponseError, OSError) as e:
-            reason = str(e).splitlines()[0][:200]
+            cause = e.reason if isinstance(e, MaxRetryError) and e.reason is not None else e  # the timeout or refusal
+            reason = str(cause).splitlines()[0][:200]
             raise Unavailable(f"blob store {self.url} at {self.endpoint} unreachable ({what}: {reason})") from None
 
     def _ensure_bucket(self) -> None:
@@ -446,12 +622,23 @@ class S3BlobStore(BlobStore):
         self._ensure_bucket()
         key = f"{self.prefix}staging/{uuid.uuid4().hex}"
         reader = _ChunkReader(_source(chunks))
+        with self._lock:
+            self._uploading.add(key)
         try:
             with self._errors("upload"):
                 self.client.put_object(self.bucket, key, reader, length=-1, part_size=S3_PART_SIZE,
                                        num_parallel_uploads=1)
-        except _SourceError as e:  # the multipart upload was aborted by the SDK; nothing is visible
-            raise e.original from None
+        except BaseException as e:
+            # The SDK aborts the multipart upload, unless the store is unreachable: then the next
+            # abort_incomplete_uploads() does, whatever the upload's age.
+            with self._lock:
+                self._abandoned.add(key)
+            if isinstance(e, _SourceError):  # nothing is visible
+                raise e.original from None
+            raise
+        finally:
+            with self._lock:
+                self._uploading.discard(key)
         return _S3Staged(self, BlobInfo(reader.hasher.sha256, reader.hasher.size), key)
 
     def _get(self, sha256: str, offset: int = 0, length: int | None = None):
@@ -499,6 +686,99 @@ class S3BlobStore(BlobStore):
                 if _SHA256.match(name):
                     yield name
 
+    def scan(self) -> Iterator[StoredObject]:
+        with self._errors("list"):
+            for obj in self.client.list_objects(self.bucket, prefix=f"{self.prefix}sha256/", recursive=True):
+                name = obj.object_name.rsplit("/", 1)[-1]
+                if _SHA256.match(name):
+                    yield StoredObject("blob", name, obj.size or 0, obj.last_modified.timestamp())
+
+    def stat(self, sha256: str) -> StoredObject | None:
+        try:
+            with self._errors("stat"):
+                st = self.client.stat_object(self.bucket, self._key(sha256))
+        except NotFound:
+            return None
+        return StoredObject("blob", sha256, st.size or 0, st.last_modified.timestamp())
+
+    def leftovers(self, uploads: bool = True) -> Iterator[StoredObject]:
+        self._ensure_bucket()
+        with self._errors("list staging"):
+            for obj in self.client.list_objects(self.bucket, prefix=f"{self.prefix}staging/", recursive=True):
+                yield StoredObject("staging", obj.object_name[len(self.prefix):], obj.size or 0,
+                                   obj.last_modified.timestamp())
+        # A process killed during a multipart upload leaves the upload open (its parts are stored
+        # and billed, but no object exists); a commit of more than 5 GiB copies in parts too.
+        for area in ("staging/", "sha256/") if uploads else ():
+            for up in self._open_uploads(self.prefix + area):
+                yield StoredObject("upload", up.object_name[len(self.prefix):],
+                                   self._upload_size(up.object_name, up.upload_id),
+                                   up.initiated_time.timestamp() if up.initiated_time else 0.0, up.upload_id)
+
+    def _open_uploads(self, prefix: str) -> Iterator:
+        key_marker = upload_id_marker = None
+        while True:
+            with self._errors("list uploads"):
+                page = self.client._list_multipart_uploads(self.bucket, prefix=prefix, key_marker=key_marker,
+                                                           upload_id_marker=upload_id_marker)
+            yield from page.uploads
+            if not page.is_truncated or not page.uploads:
+                return
+            # minio 7.2 never fills next_upload_id_marker: continue after the last upload listed
+            key_marker = page.next_key_marker or page.uploads[-1].object_name
+            upload_id_marker = page.uploads[-1].upload_id
+
+    def _upload_size(self, object_name: str, upload_id: str) -> int:
+        size, marker = 0, None
+        while True:
+            with self._errors("list parts"):
+                page = self.client._list_parts(self.bucket, object_name, upload_id, part_number_marker=marker)
+            size += sum(p.size or 0 for p in page.parts)
+            if not page.is_truncated or not page.parts:
+                return size
+            marker = str(page.parts[-1].part_number)
+
+    def remove_leftover(self, obj: StoredObject) -> None:
+        from minio.error import S3Error
+
+        if obj.kind == "staging" and obj.key.startswith("staging/"):
+            with self._errors("delete"):
+                self.client.remove_object(self.bucket, self.prefix + obj.key)
+        elif obj.kind == "upload" and obj.upload_id:
+            try:
+                with self._errors("abort upload"):
+                    self.client._abort_multipart_upload(self.bucket, self.prefix + obj.key, obj.upload_id)
+            except S3Error as e:
+                if e.code != "NoSuchUpload":  # completed or aborted meanwhile
+                    raise
+        else:
+            raise InvalidArgument(f"not a staging leftover of {self.url}: {obj.kind} {obj.key!r}")
+
+    def abandoned_uploads(self) -> int:
+        with self._lock:
+            return len(self._abandoned)
+
+    def abort_incomplete_uploads(self, older_than: float) -> list[str]:
+        # Own failed uploads go whatever their age (their process knows they are dead); those of other
+        # processes only once older than `older_than` by the server's clock, since they may be in flight.
+        self._ensure_bucket()
+        with self._lock:
+            abandoned = set(self._abandoned)
+        cutoff = time.time() - older_than
+        aborted = []
+        for up in self._open_uploads(f"{self.prefix}staging/"):
+            with self._lock:
+                in_flight = up.object_name in self._uploading
+            stale = up.initiated_time is not None and up.initiated_time.timestamp() < cutoff
+            if up.object_name in abandoned or (stale and not in_flight):
+                key = up.object_name[len(self.prefix):]
+                started = up.initiated_time.timestamp() if up.initiated_time else 0.0
+                self.remove_leftover(StoredObject("upload", key, 0, started, up.upload_id))
+                aborted.append(key)
+        with self._lock:
+            self._abandoned -= abandoned  # all listed: those not seen had been aborted already
+        return aborted
+
     def ping(self) -> None:
         self._bucket_ready = False  # re-check: the bucket may have been deleted
         self._ensure_bucket()
@@ -522,5 +802,65 @@ def open_blob_store(url: str, settings: Settings | None = None) -> BlobStore:
 
             settings = current()
         return S3BlobStore(parsed.netloc, parsed.path, settings.s3_endpoint, settings.s3_access_key,
-                           settings.s3_secret_key, settings.s3_secure, settings.s3_region)
+                           settings.s3_secret_key, settings.s3_secure, settings.s3_region,
+                           connect_timeout=settings.s3_connect_timeout, read_timeout=settings.s3_read_timeout,
+                           write_timeout=settings.s3_write_timeout)
     raise InvalidArgument(f"blob URL {url!r}: expected file://DIR or s3://BUCKET[/PREFIX] (POE_BLOB_URL)")
+
+
+class UploadSweeper:
+    """Runs `store.abort_incomplete_uploads(older_than)` in a thread: every `interval` seconds (never
+    when 0), whenever `wake()` asks (the registry does each time it turns SERVING: at start-up and
+    when the store is back after an outage), and every RETRY_SECONDS while this process has failed
+    uploads to abort or the last sweep could not reach the store."""
+
+    RETRY_SECONDS = 10.0
+
+    def __init__(self, store: BlobStore, interval: float, older_than: float):
+        self.store, self.interval, self.older_than = store, interval, older_than
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._run, name="blob-upload-sweep", daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def sweep(self) -> list[str]:
+        aborted = self.store.abort_incomplete_uploads(self.older_than)
+        if aborted:
+            log.warning("blob store %s: aborted %d incomplete multipart upload(s): %s", self.store.url,
+                        len(aborted), ", ".join(aborted[:20]) + (" ..." if len(aborted) > 20 else ""))
+        return aborted
+
+    def _next_wait(self) -> float | None:
+        waits = [self.interval] if self.interval > 0 else []
+        if self._failing or self.store.abandoned_uploads():
+            waits.append(self.RETRY_SECONDS)
+        return min(waits, default=None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._next_wait())
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            try:
+                self.sweep()
+                self._failing = False
+            except Exception as err:
+                if not self._failing:  # once per outage, not every retry
+                    log.warning("blob store %s: incomplete uploads not swept (retrying every %.0f s): %s",
+                                self.store.url, self.RETRY_SECONDS, err, exc_info=not isinstance(err, Unavailable))
+                self._failing = True

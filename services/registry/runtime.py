@@ -22,8 +22,9 @@ from poe.engine.config import Settings
 from poe.engine.errors import FailedPrecondition, Unavailable
 from poe.v1 import registry_pb2_grpc
 from poe_services.registry import db
-from poe_services.registry.blobstore import open_blob_store
+from poe_services.registry.blobstore import UploadSweeper, open_blob_store
 from poe_services.registry.core import Registry
+from poe_services.registry.maintenance import sweep_leftovers
 from poe_services.registry.servicer import SERVICE_NAME, RegistryServicer
 from poe_services.registry.sqlstore import SqlRegistryStore
 
@@ -58,6 +59,8 @@ class RegistryRuntime:
             self.engine.dispose()
             raise
         self.registry = Registry(SqlRegistryStore(self.engine, require_current=False), blobs)
+        # Aborts multipart uploads an S3 outage cut off: woken each time the registry turns SERVING.
+        self._upload_sweeper = UploadSweeper(blobs, settings.s3_upload_sweep_interval, settings.s3_stale_upload_age)
         self.health: HealthReporter | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,6 +87,7 @@ class RegistryRuntime:
         if status != self._last:
             if status == SERVING:
                 log.info("registry: SERVING")
+                self._upload_sweeper.wake()  # at start-up, and after an outage that may have cut uploads off
             elif self._stop.is_set():
                 log.info("registry: NOT_SERVING: shutting down")
             else:
@@ -102,9 +106,13 @@ class RegistryRuntime:
     def start(self) -> None:
         """Probe the database and the blob store every POE_REGISTRY_HEALTH_INTERVAL seconds."""
         log.info("registry: database %s, blobs %s", db.redact(self.settings.database_url), self.settings.blob_url)
+        # Leftovers of uploads that a crash interrupted (older than an hour: never one in flight).
+        threading.Thread(target=sweep_leftovers, args=(self.registry.blobs,), name="registry-sweep",
+                         daemon=True).start()
         if self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(target=self._monitor, name="registry-health", daemon=True)
             self._thread.start()
+            self._upload_sweeper.start()
 
     def _monitor(self) -> None:
         interval = max(0.05, self.settings.registry_health_interval)
@@ -123,6 +131,7 @@ class RegistryRuntime:
             self.health.set(SERVICE_NAME, NOT_SERVING)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._upload_sweeper.stop()
 
     def close(self) -> None:
         """begin_shutdown(), then release the database and blob store connections."""

@@ -255,6 +255,11 @@ class SqlRegistryStore(RegistryStore):
         with self._session() as s:
             return s.get(BlobRow, sha256) is not None
 
+    def all_blobs(self) -> list[e.Blob]:
+        with self._session() as s:
+            return [e.Blob(*row) for row in s.execute(select(BlobRow.sha256, BlobRow.size, BlobRow.media_type)
+                                                       .order_by(BlobRow.sha256))]
+
     # -- artifacts -----------------------------------------------------------------------------
 
     def _add_artifact(self, blob: e.Blob, before_commit: BeforeCommit, existing: Callable[[Session], R | None],

@@ -77,6 +77,10 @@ class RegistryStore(ABC):
     def blob_referenced(self, sha256: str) -> bool:
         """Whether a blob row with this sha256 exists (used to undo a failed commit safely)."""
 
+    @abstractmethod
+    def all_blobs(self) -> list[Blob]:
+        """Every recorded blob, by sha256 (for maintenance: `poe registry gc`, `fsck`)."""
+
     # -- artifacts -----------------------------------------------------------------------------
 
     @abstractmethod

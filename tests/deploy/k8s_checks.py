@@ -18,7 +18,7 @@ import yaml
 
 K8S_VERSION = "1.30"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
-WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "CronJob"}
 POE_COMPONENTS = {"registry": "poe.v1.Registry", "composer": "poe.v1.Composer", "extractor": "poe.v1.Extractor"}
 
 # kubernetes-validate reads the 1.2 MB definitions file on every call; the files never change.
@@ -65,8 +65,13 @@ def schema_problems(objs: list[dict]) -> list[str]:
     return problems
 
 
+def pod_template(obj: dict) -> dict:
+    spec = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+    return spec["template"]
+
+
 def pod_spec(obj: dict) -> dict:
-    return obj["spec"]["template"]["spec"]
+    return pod_template(obj)["spec"]
 
 
 def component_of(obj: dict) -> str | None:
@@ -101,7 +106,7 @@ def security_problems(objs: list[dict], *, uid: int = 10001) -> list[str]:
             continue
         spec = pod_spec(obj)
         psc = spec.get("securityContext") or {}
-        poe = component_of(obj) in (*POE_COMPONENTS, "migrate")
+        poe = component_of(obj) in (*POE_COMPONENTS, "migrate", "maintenance")
         if psc.get("runAsNonRoot") is not True:
             problems.append(f"{name_of(obj)}: pod securityContext.runAsNonRoot is not true")
         if not psc.get("runAsUser"):
@@ -190,7 +195,7 @@ def reference_problems(objs: list[dict], *, external_secrets: Iterable[str] = ()
     pods = []  # (owner, labels, spec)
     for obj in objs:
         if obj["kind"] in WORKLOAD_KINDS:
-            pods.append((obj, obj["spec"]["template"]["metadata"].get("labels", {}), pod_spec(obj)))
+            pods.append((obj, pod_template(obj)["metadata"].get("labels", {}), pod_spec(obj)))
     for obj, labels, spec in pods:
         sa = spec.get("serviceAccountName", "default")
         if sa not in accounts:

@@ -29,7 +29,7 @@ RELEASE, NAMESPACE = "poe", "poe-test"
 
 
 def test_ci_values_cover_the_features():
-    assert {"default", "dev", "prod", "in-cluster-deps", "monitoring"} <= set(CASES)
+    assert {"default", "dev", "prod", "in-cluster-deps", "monitoring", "maintenance"} <= set(CASES)
 
 
 @functools.cache
@@ -232,6 +232,9 @@ def test_in_cluster_dependencies_for_a_trial():
         assert int(s["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(job_ann["helm.sh/hook-weight"])
     pg = env_of(container(sts["poe-postgresql"], "postgresql"))
     assert pg["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "poe-database"
+    minio = env_of(container(sts["poe-minio"], "minio"))  # MinIO's stand-in for an incomplete-upload lifecycle rule
+    assert minio["MINIO_API_STALE_UPLOADS_EXPIRY"]["value"] == "24h"
+    assert minio["MINIO_API_STALE_UPLOADS_CLEANUP_INTERVAL"]["value"] == "6h"
     assert set(by_name(objs, "NetworkPolicy")) >= {"poe-postgresql", "poe-minio"}
     # With egress restricted, the registry may still reach both.
     egress = by_name(objs, "NetworkPolicy")["poe-registry"]["spec"]["egress"]
@@ -314,6 +317,40 @@ def test_prometheus_rule_carries_the_alerts_file_verbatim():
         linked.read_bytes() == (PROMETHEUS / "alerts.yaml").read_bytes()
 
 
+def test_registry_maintenance_cronjob():
+    assert not any(o["kind"] == "CronJob" for o in objects("default"))  # off by default
+    objs = objects("maintenance")
+    cron = by_name(objs, "CronJob")["poe-maintenance"]
+    assert (cron["spec"]["schedule"], cron["spec"]["concurrencyPolicy"]) == ("15 4 * * 0", "Forbid")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    # gc first (init container), then fsck, each on the registry's storage settings.
+    (gc,), (fsck,) = pod["initContainers"], pod["containers"]
+    assert gc["command"] + gc["args"] == ["poe", "registry", "gc", "--apply", "--older-than", "2h"]
+    assert fsck["command"] + fsck["args"] == ["poe", "registry", "fsck", "--json"]
+    for c in (gc, fsck):
+        env = env_of(c)
+        assert "@poe-postgresql:5432/poe" in env["POE_DATABASE_URL"]["value"]
+        assert env["POE_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "poe-object-store"
+        assert c["envFrom"] == [{"configMapRef": {"name": "poe-config"}}]  # POE_BLOB_URL, POE_S3_ENDPOINT
+    policies = by_name(objs, "NetworkPolicy")
+    assert policies["poe-maintenance"]["spec"]["ingress"] == []
+    assert {5432, 9000} <= {p["port"] for rule in policies["poe-maintenance"]["spec"]["egress"]
+                            for p in rule.get("ports", [])}
+    for dependency in ("poe-postgresql", "poe-minio"):
+        peers = policies[dependency]["spec"]["ingress"][0]["from"]
+        assert any(p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "maintenance" for p in peers)
+
+    only_fsck = load_docs(t for p, t in render({"registry": {"maintenance": {
+        "enabled": True, "gc": {"enabled": False, "args": []}}}}).items() if p.endswith(".yaml"))
+    pod = by_name(only_fsck, "CronJob")["poe-maintenance"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and [c["name"] for c in pod["containers"]] == ["fsck"]
+    with pytest.raises(helm_python.HelmError, match="registry.maintenance.gc.enabled or"):
+        render({"registry": {"maintenance": {"enabled": True, "gc": {"enabled": False, "args": []},
+                                             "fsck": {"enabled": False, "args": []}}}})
+
+
 def _checksums(values: dict) -> dict[str, dict[str, str]]:
     objs = load_docs(t for p, t in render(values).items() if p.endswith(".yaml"))
     return {n: {k: v for k, v in d["spec"]["template"]["metadata"]["annotations"].items() if k.startswith("checksum/")}
@@ -353,6 +390,7 @@ def test_incomplete_values_fail_with_a_reason(values, message):
     {"config": {"logLevel": "LOUD"}},
     {"image": {"pullPolicy": "Sometimes"}},
     {"objectStore": {"bucket": "Not_A_Bucket"}},
+    {"minio": {"staleUploads": {"expiry": "a day", "cleanupInterval": "6h"}}},
     {"ports": {"grpc": 70000}},
 ])
 def test_schema_rejects_bad_values(values):

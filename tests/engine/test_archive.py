@@ -122,3 +122,44 @@ def test_templates_are_bounded_by_bytes(random_pool):
         assert torch.allclose(load_torchscript(data)[0](x), build(random_pool, p, True).eval()(x), atol=1e-6)
     assert cache.templated == 3  # the first layout was pushed out by the second, so it was saved again
     assert cache.full and len(cache._templates) == 1 and seen[-1] == cache.template_bytes > 0
+
+
+def test_a_failed_scripting_gives_its_copy_back(random_pool):
+    """With one copy per structure, a scripting that fails must not leave later callers waiting."""
+    import threading
+
+    cache = ScriptCache(copies=1)
+    p = plan(random_pool, tasks=list(random_pool.experts)[:2])
+    state = composed_state(random_pool, p, True)
+
+    def broken():
+        raise RuntimeError("cannot build")
+
+    with pytest.raises(RuntimeError, match="cannot build"):
+        cache.template(state, broken)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(cache.template(state, lambda: build(random_pool, p, True))),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "the second caller waited for a copy that was never made"
+    assert cache.scripted == 2
+
+
+
+def test_pools_that_differ_only_in_stem_stride_get_their_own_templates(random_pool):
+    """The stride is a constant in the scripted code, not a tensor: a template must not be shared."""
+    import dataclasses
+
+    from poe.engine.export import serialize
+
+    strided = dataclasses.replace(random_pool, library_config=dataclasses.replace(random_pool.library_config,
+                                                                                  stem_stride=2))
+    cache = ScriptCache(copies=1)
+    x = torch.rand(3, *random_pool.input_shape)
+    for pool in (random_pool, strided):
+        p = plan(pool, tasks=list(pool.experts)[:2])
+        data, _ = serialize(pool, p, composed_state(pool, p, True), "fused", "torchscript", cache)
+        model, _ = load_torchscript(data)
+        assert torch.allclose(model(x), build(pool, p, True).eval()(x), atol=1e-5)
+    assert cache.templated == 2

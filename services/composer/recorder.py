@@ -1,0 +1,177 @@
+"""The composer's recordings: every newly built composed file is copied into the registry
+(provenance, hit counts, download by sha256) in the background, never on the request path.
+
+One thread sends them, oldest first, from a queue of at most `POE_RECORD_QUEUE` recordings (each
+holds its file's bytes). A composer that builds faster than the registry records must neither grow
+without bound nor slow its requests, so a recording that finds the queue full is dropped; but
+never in silence: `poe_compose_recordings_total{outcome}` counts every recording (`recorded`,
+`failed`: the registry refused it or could not be reached, `dropped`: the queue was full or the
+composer was stopping), `poe_compose_recordings_queued` the ones waiting, and a WARNING, at most
+one a minute per cause, says how many were dropped or failed since the last one.
+
+At shutdown the host calls `flush` while the server still accepts calls (the registry may be hosted
+on the same server), then `close` sends what was queued since, for a bounded time, and counts the
+rest as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from poe.engine.errors import InvalidArgument
+from poe_services import metrics
+
+log = logging.getLogger(__name__)
+
+WARN_INTERVAL = 60.0  # seconds between two warnings of one cause
+
+
+class ThrottledWarning:
+    """Logs a WARNING for an event at most once per `interval` seconds, with the number of events
+    since the previous warning; `emit_due` (called now and then) reports the ones that came after."""
+
+    def __init__(self, logger: logging.Logger, what: str, interval: float = WARN_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.what, self.interval, self.clock = logger, what, interval, clock
+        self._lock = threading.Lock()
+        self._count = 0
+        self._reason = ""
+        self._last: float | None = None  # when the last warning was logged
+
+    def note(self, reason: str, count: int = 1) -> None:
+        """`count` more events; logs now unless a warning was logged less than `interval` s ago."""
+        with self._lock:
+            self._count += count
+            self._reason = reason
+            if self._last is not None and self.clock() - self._last < self.interval:
+                return
+        self._emit()
+
+    def emit_due(self, force: bool = False) -> None:
+        """Log the events counted since the last warning, if the interval is over (or `force`)."""
+        with self._lock:
+            if not self._count or (not force and self._last is not None and self.clock() - self._last < self.interval):
+                return
+        self._emit()
+
+    def _emit(self) -> None:
+        with self._lock:
+            count, reason, last, now = self._count, self._reason, self._last, self.clock()
+            self._count, self._last = 0, now
+        if not count:
+            return
+        since = "" if last is None else f" in the last {now - last:.0f} s"
+        self.logger.warning("composer: %d %s%s: %s (this warning repeats at most every %g s)", count, self.what,
+                            since, reason, self.interval)
+
+
+@dataclass
+class _Recording:
+    model_id: str
+    send: Callable[[], object]
+
+
+class Recorder:
+    """A bounded queue of recordings and the one thread that sends them (see the module's doc)."""
+
+    def __init__(self, capacity: int, *, warn_interval: float = WARN_INTERVAL):
+        if capacity < 1:
+            raise InvalidArgument(f"POE_RECORD_QUEUE: must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self._queue: deque[_Recording] = deque()
+        self._cond = threading.Condition()
+        self._sending: _Recording | None = None
+        self._closed = False
+        self.dropped = ThrottledWarning(log, "recording(s) of composed files dropped", warn_interval)
+        self.failed = ThrottledWarning(log, "recording(s) of composed files failed", warn_interval)
+        # A daemon: a send stuck on an unreachable registry must never hold the process at exit.
+        self._thread = threading.Thread(target=self._run, name="compose-record", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Recordings queued or being sent."""
+        with self._cond:
+            return len(self._queue) + (self._sending is not None)
+
+    def submit(self, model_id: str, send: Callable[[], object]) -> bool:
+        """Queue `send` (which records `model_id`); False when it was dropped (and counted)."""
+        with self._cond:
+            if self._closed:
+                reason = "the composer is shutting down"
+            elif len(self._queue) >= self.capacity:
+                reason = (f"{self.capacity} recordings already wait for the registry (POE_RECORD_QUEUE): it records "
+                          "slower than this composer builds")
+            else:
+                self._queue.append(_Recording(model_id, send))
+                metrics.COMPOSE_RECORDINGS_QUEUED.inc()
+                self._cond.notify_all()
+                return True
+        metrics.COMPOSE_RECORDINGS.labels("dropped").inc()
+        self.dropped.note(reason)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._closed:
+                    self._cond.wait(timeout=min(self.dropped.interval, 5.0))
+                if not self._queue:
+                    if self._closed:
+                        return
+                    rec = None
+                else:
+                    rec = self._sending = self._queue.popleft()
+            if rec is None:  # idle: report drops and failures that came after the last warning
+                self.dropped.emit_due()
+                self.failed.emit_due()
+                continue
+            try:
+                rec.send()
+                outcome = "recorded"
+            except Exception as e:  # the composer keeps serving from memory; counted and reported
+                outcome = "failed"
+                self.failed.note(f"last {rec.model_id}: {e}")
+            with self._cond:
+                abandoned = self._sending is not rec  # close() gave up on it and counted it
+                self._sending = None
+                self._cond.notify_all()
+            if not abandoned:
+                metrics.COMPOSE_RECORDINGS_QUEUED.dec()
+                metrics.COMPOSE_RECORDINGS.labels(outcome).inc()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until nothing is queued or being sent, at most `timeout` s; whether that happened.
+        Recordings submitted meanwhile are waited for too."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._sending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Refuse new recordings, send the queued ones for at most `timeout` s, count the rest as
+        dropped (idempotent)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.flush(timeout)
+        with self._cond:
+            left = list(self._queue) + ([self._sending] if self._sending is not None else [])
+            self._queue.clear()
+            self._sending = None
+        if left:
+            metrics.COMPOSE_RECORDINGS_QUEUED.dec(len(left))
+            metrics.COMPOSE_RECORDINGS.labels("dropped").inc(len(left))
+            self.dropped.note(f"still unsent at shutdown after {timeout:g} s more (the registry did not take them)",
+                              len(left))
+        self.dropped.emit_due(force=True)
+        self.failed.emit_due(force=True)
