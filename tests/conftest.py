@@ -70,3 +70,40 @@ def fmnist_train():
     from poe.engine.data import load_fashion_mnist
 
     return load_fashion_mnist("train")
+
+
+def check_storage(*where, corrupt=(), older_than: float = 0.0):
+    """What `poe registry fsck` checks, on `where`: a Settings, (database URL, file:// blob URL) or
+    (metadata store, blob store). Asserts that it finds exactly the blobs `corrupt` corrupt and
+    nothing else inconsistent; returns the report. `older_than=0` (the default) counts every blob
+    without a row as an orphan: right wherever no upload can be in flight."""
+    import contextlib
+    import json
+
+    from poe_services.registry.blobstore import open_blob_store
+    from poe_services.registry.maintenance import check_blobs
+    from poe_services.registry.sqlstore import SqlRegistryStore
+
+    with contextlib.ExitStack() as opened:
+        if len(where) == 2 and not isinstance(where[0], str):
+            store, blobs = where
+        else:
+            settings = where[0] if len(where) == 1 else None
+            database_url, blob_url = (settings.database_url, settings.blob_url) if settings else where
+            # Opened as the command opens them (poe.cli.registry._storage).
+            store = SqlRegistryStore(database_url)
+            opened.callback(store.close)
+            blobs = open_blob_store(blob_url, settings)
+            opened.callback(blobs.close)
+        report = check_blobs(store, blobs, older_than=older_than)
+    details = json.dumps(report.to_dict(), indent=1)
+    assert sorted(c["sha256"] for c in report.corrupt) == sorted(corrupt), details
+    assert report.missing == [] and report.size_mismatch == [] and report.orphans == [], details
+    return report
+
+
+@pytest.fixture
+def assert_fsck_clean():
+    """assert_fsck_clean(settings | database_url, blob_url | store, blobs, corrupt=(), older_than=0)
+    -> FsckReport: `poe registry fsck` finds nothing inconsistent but the `corrupt` blobs named."""
+    return check_storage

@@ -8,7 +8,10 @@ flushed, the staged bytes are committed under their hash. So:
 - an interrupted or mismatching upload leaves no row and no blob (the staging copy is dropped);
 - a rejected record (NotFound, AlreadyExists, ...) leaves no blob either;
 - only if the final database COMMIT itself fails after the blob was committed is the blob deleted
-  again, and only when this upload created it and no row references it.
+  again, and only when this upload created it and no row references it. When that undo fails too
+  (the database or the blob store went away with the COMMIT), it is kept and retried by
+  `finish_undos()`, which the registry runtime calls on every health probe that finds both back:
+  the bytes do not wait for a `poe registry gc` as an orphan.
 
 Registering identical content again returns the existing record and rewrites the (verified) bytes,
 which repairs a blob that was corrupted at rest.
@@ -21,13 +24,14 @@ DataLoss too).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from poe.engine.errors import DataLoss, NotFound, Unavailable, field_error
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
-from poe_services.registry.blobstore import CHUNK_SIZE, BlobStore
+from poe_services.registry.blobstore import CHUNK_SIZE, BlobStore, StoredObject
 from poe_services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ class Registry:
     def __init__(self, store: RegistryStore, blobs: BlobStore):
         self.store = store
         self.blobs = blobs
+        # Blobs whose undo failed: sha256 -> the stored object as it was then (None if unknown).
+        self._undos: dict[str, StoredObject | None] = {}
+        self._undos_lock = threading.Lock()
 
     # -- uploads ---------------------------------------------------------------------------------
 
@@ -88,8 +95,42 @@ class Registry:
         try:
             if not self.store.blob_referenced(sha256):
                 self.blobs.delete(sha256)
+            return
         except Exception:
-            log.warning("could not undo blob %s after a failed commit; it is unreferenced", sha256, exc_info=True)
+            log.warning("could not undo blob %s after a failed commit; retrying once the registry serves again",
+                        sha256, exc_info=True)
+        try:
+            seen = self.blobs.stat(sha256)
+        except Exception:  # the blob store is what failed
+            seen = None
+        with self._undos_lock:
+            self._undos[sha256] = seen
+
+    def finish_undos(self) -> int:
+        """Retry the undos of blobs whose commit and undo both failed (see the module docstring);
+        returns how many are still pending. Bytes rewritten since (an upload of the same content)
+        or referenced by a row by now are kept, as `poe registry gc` would."""
+        with self._undos_lock:
+            pending = dict(self._undos)
+        for sha256, seen in pending.items():
+            try:
+                current = self.blobs.stat(sha256)
+                if current is not None and (seen is None or current.modified == seen.modified) \
+                        and not self.store.blob_referenced(sha256):
+                    self.blobs.delete(sha256)
+            except Exception as err:  # still away: the next probe tries again
+                log.debug("undo of blob %s still failing: %s", sha256, err)
+                continue
+            with self._undos_lock:
+                del self._undos[sha256]
+            log.info("registry: undid blob %s of a failed commit", sha256)
+        with self._undos_lock:
+            return len(self._undos)
+
+    @property
+    def pending_undos(self) -> int:
+        with self._undos_lock:
+            return len(self._undos)
 
     # -- downloads -------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ serve, because nothing is removed that a row refers to or that is younger than a
 - An upload writes its bytes to staging/, makes them visible under their sha256 and only then
   commits the rows that refer to them (`core.Registry._upload`). Bytes without a row are therefore
   normal for an upload in flight; only those older than the age are orphans (a process killed
-  between the two steps, a failed COMMIT whose undo failed too).
+  between the two steps, or before it could finish the undo of a failed COMMIT).
 - gc lists the stored bytes before it reads the rows, and just before deleting an orphan it looks
   again: a row committed since, or bytes rewritten by an upload of the same content since (a new
   modification time), keep the blob.

@@ -1,7 +1,8 @@
 """The registry as a hosted service (poe_services.host): database engine, blob store, health.
 
 Health is NOT_SERVING while the database or the blob store does not answer (probed every
-`POE_REGISTRY_HEALTH_INTERVAL` seconds) and during shutdown.
+`POE_REGISTRY_HEALTH_INTERVAL` seconds) and during shutdown. A probe that finds both answering
+also finishes the undos of uploads whose COMMIT failed and whose undo failed too (core.Registry).
 
 Start-up refuses (FailedPrecondition naming `poe registry migrate`) when the database schema is
 not current, unless settings.registry_auto_migrate (POE_REGISTRY_AUTO_MIGRATE) or `migrate=True`
@@ -93,6 +94,8 @@ class RegistryRuntime:
             else:
                 log.warning("registry: NOT_SERVING: %s", "; ".join(problems))
             self._last = status
+        if status == SERVING and self.registry.pending_undos:
+            self.registry.finish_undos()  # blobs of uploads whose COMMIT and undo both failed
         if self.health is not None:
             self.health.set(SERVICE_NAME, status)
         return status == SERVING

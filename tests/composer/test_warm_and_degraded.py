@@ -104,7 +104,8 @@ def test_pools_imported_after_start_are_warmed(tmp_path, host_factory, pool_dir,
         assert (engine.scripts.scripted, engine.scripts.templated) == before
 
 
-def test_corrupt_expert_blob_degrades_its_pool_version_only(tmp_path, host_factory, pool_dir, caplog):
+def test_corrupt_expert_blob_degrades_its_pool_version_only(tmp_path, host_factory, pool_dir, caplog,
+                                                            assert_fsck_clean):
     """A new composer meets a flipped byte in one expert's blob: it still becomes SERVING, says
     the pool is degraded, composes what does not need that expert, refuses what does with
     DATA_LOSS, counts and logs it; importing the pool again repairs it."""
@@ -121,7 +122,7 @@ def test_corrupt_expert_blob_degrades_its_pool_version_only(tmp_path, host_facto
     errors_before = sample("poe_compose_blob_errors_total", kind="data_loss")
     degraded_before = sample("poe_compose_degraded_pools")
 
-    _, target = host_factory(settings, ("composer",), registry_target=registry_target)
+    composer_host, target = host_factory(settings, ("composer",), registry_target=registry_target)
     assert eventually(lambda: composer_health(target) == SERVING)
     with Composer(target, retries=0) as composer:
         described = composer.describe(["Sandal"])
@@ -144,6 +145,10 @@ def test_corrupt_expert_blob_degrades_its_pool_version_only(tmp_path, host_facto
         repaired = composer.compose(["Sandal", "Bag"])
         assert repaired.header.tasks == ("footwear", "bags") and repaired.header.degraded_tasks == ()
     assert sample("poe_compose_degraded_pools") == degraded_before
+    # Once the two compositions' recordings are sent nothing is in flight: the pool's 7 blobs and
+    # the 2 recorded files are whole again.
+    assert composer_host.runtimes["composer"].flush(10)
+    assert assert_fsck_clean(settings).blobs_checked == 9
 
 
 def test_ready_after_the_timeout_while_the_default_pool_still_warms(tmp_path, host_factory, pool_dir):

@@ -1,15 +1,16 @@
 """`poe registry gc` and `poe registry fsck`, and what crashes leave behind, on real components:
 SQLite and PostgreSQL, file and S3 (moto) blob stores, a `poe registry import` killed with SIGKILL
-mid-upload, PostgreSQL backends terminated under a serving registry."""
+mid-upload, PostgreSQL backends terminated under a serving registry, the database gone between an
+upload's bytes and its COMMIT. Each ends with fsck finding nothing it did not leave on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from poe.cli.main import main
 from poe.client.registry import RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.errors import NotFound, Unavailable
+from poe.engine.pool import Pool
+from poe.engine.pool import save as save_pool
 from poe.v1 import common_pb2
 from poe_services.extractor.jobs import Job
 from poe_services.extractor.supervision import clean_run_dir
@@ -76,7 +79,7 @@ def age_file(path: Path, seconds: float) -> None:
 # -- fsck --------------------------------------------------------------------------------------
 
 
-def test_fsck_finds_flipped_truncated_and_missing_blobs(registry_core):
+def test_fsck_finds_flipped_truncated_and_missing_blobs(registry_core, assert_fsck_clean):
     store, blobs = registry_core.store, registry_core.blobs
     data = [os.urandom(3000 + i) for i in range(4)]
     flipped, truncated, missing, intact = (register(registry_core, d) for d in data)
@@ -97,15 +100,19 @@ def test_fsck_finds_flipped_truncated_and_missing_blobs(registry_core):
     assert intact not in json.dumps(report.to_dict())
     assert report.orphans == [] and report.size_mismatch == []
 
-    # Registering the same bytes again repairs a corrupt copy (the upload is verified on arrival).
+    # Registering the same bytes again repairs a corrupt copy (the upload is verified on arrival)
+    # and puts a missing one back.
     register(registry_core, data[0])
     assert [c["sha256"] for c in check_blobs(store, blobs).corrupt] == [truncated]
+    register(registry_core, data[1])
+    register(registry_core, data[2])
+    assert_fsck_clean(store, blobs)
 
 
 # -- gc ----------------------------------------------------------------------------------------
 
 
-def test_gc_removes_old_leftovers_and_orphans_never_referenced_blobs(registry_core):
+def test_gc_removes_old_leftovers_and_orphans_never_referenced_blobs(registry_core, assert_fsck_clean):
     store, blobs = registry_core.store, registry_core.blobs
     referenced = register(registry_core, os.urandom(2048))
     orphan = blobs.put(os.urandom(1500)).sha256  # bytes stored, the row never committed
@@ -132,20 +139,21 @@ def test_gc_removes_old_leftovers_and_orphans_never_referenced_blobs(registry_co
     assert {(x.kind, x.key) for x in done.leftovers if x.removed} == {(k, key) for k, key, _ in expected}
     assert not blobs.exists(orphan) and list(blobs.leftovers()) == []
     assert list(blobs.list()) == [referenced] and blobs.get(referenced)
-    assert check_blobs(store, blobs).clean
+    assert_fsck_clean(store, blobs)
     assert collect_garbage(store, blobs, now=later).leftovers == []
 
 
-def test_gc_keeps_an_orphan_that_an_upload_claims_after_the_listing(registry_core):
+def test_gc_keeps_an_orphan_that_an_upload_claims_after_the_listing(registry_core, assert_fsck_clean):
     store, blobs = registry_core.store, registry_core.blobs
     data = os.urandom(1024)
     listed = blobs.stat(blobs.put(data).sha256)  # an orphan, as gc listed it
     register(registry_core, data)  # then an upload of the same content commits its row
     assert _delete_orphan(store, blobs, listed) is False
-    assert blobs.exists(listed.key) and check_blobs(store, blobs).clean
+    assert blobs.exists(listed.key)
+    assert_fsck_clean(store, blobs)
 
 
-def test_gc_and_fsck_commands(db_url, tmp_path, capsys, monkeypatch):
+def test_gc_and_fsck_commands(db_url, tmp_path, capsys, monkeypatch, assert_fsck_clean):
     """Mixed ages on a file store through `poe registry gc` / `fsck`: the young stay."""
     monkeypatch.setenv("POE_HOME", str(tmp_path / "home"))
     blobs = FileBlobStore(tmp_path / "blobs")
@@ -196,6 +204,9 @@ def test_gc_and_fsck_commands(db_url, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["registry", "gc", "--older-than", "soon", *where])
     assert exit_.value.code == 2 and "'soon' is not a duration" in capsys.readouterr().err
+    # Nothing but the blob truncated on purpose, and the young bytes of an upload "in flight".
+    left = assert_fsck_clean(db_url, blobs.url, corrupt=[kept_sha], older_than=HOUR)
+    assert [x["sha256"] for x in left.in_flight] == [young_orphan]
 
 
 def test_gc_removes_run_directories_of_finished_jobs_only(store, tmp_path):
@@ -243,7 +254,7 @@ def test_a_succeeded_job_drops_the_error_log_of_an_earlier_attempt(tmp_path):
 # -- crashes -------------------------------------------------------------------------------------
 
 
-def test_registry_start_up_sweeps_old_staging_files(tmp_path, sqlite_url, make_settings, poll):
+def test_registry_start_up_sweeps_old_staging_files(tmp_path, sqlite_url, make_settings, poll, assert_fsck_clean):
     blobs = FileBlobStore(tmp_path / "blobs")
     old = blobs.root / leave_in_staging(blobs, "crashed.part", os.urandom(5000))
     age_file(old, 2 * HOUR)
@@ -256,6 +267,7 @@ def test_registry_start_up_sweeps_old_staging_files(tmp_path, sqlite_url, make_s
     finally:
         host.stop(None).wait(30)
     assert sweep_leftovers(blobs, older_than=0) and not young.exists()
+    assert_fsck_clean(sqlite_url, blobs.url)
 
 
 def _import_killed_mid_upload(home: Path) -> list[Path]:
@@ -303,14 +315,15 @@ def test_kill_9_during_import_then_gc_leaves_a_clean_store(tmp_path, monkeypatch
             # Embedded (SQLite under POE_HOME): the extractor's run directories are looked at too.
             assert f"kept run {home / 'extractions' / 'other-registrys-job'}: no such job" in err
             assert list((home / "blobs" / "staging").iterdir()) == []
-            assert main(["registry", "fsck"]) == 0
+            assert main(["registry", "fsck", "--older-than", "0"]) == 0  # no upload is in flight
             assert capsys.readouterr().out.endswith(": clean\n")
             pv, created = client.import_pool(SHIPPED_POOL)
             assert created and len(pv.experts) == 5
     finally:
         host.stop(None).wait(30)
-    assert main(["registry", "fsck", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["blobs_checked"] == 7
+    fsck = main(["registry", "fsck", "--json", "--older-than", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert fsck == 0 and report["blobs_checked"] == 7, report
 
 
 # -- PostgreSQL connections cut under a serving registry -----------------------------------------
@@ -322,19 +335,25 @@ def _terminate_backends(conn) -> int:
     return len(rows)
 
 
-def _pool_version(pool_dir: Path, version: str, tmp_path: Path) -> Path:
-    copy = tmp_path / f"pool-{version}"
-    if copy.exists():
-        return copy
-    shutil.copytree(pool_dir, copy)
-    manifest = json.loads((copy / "pool.json").read_text())
-    manifest["version"] = version
-    (copy / "pool.json").write_text(json.dumps(manifest))
-    return copy
+def _pool_version(pool: Pool, version: str, tmp_path: Path) -> Path:
+    """`pool` as `version`, every weight shifted by it: each version uploads bytes of its own, so the
+    blobs of an import that failed are not claimed later by another version's identical content."""
+    directory = tmp_path / f"pool-{version}"
+    if directory.exists():
+        return directory
+    shift = int(version) * 1e-3
+
+    def shifted(state: dict) -> dict:
+        return {k: t + shift if t.is_floating_point() else t for k, t in state.items()}
+
+    experts = {task: dataclasses.replace(x, state=shifted(x.state)) for task, x in pool.experts.items()}
+    return save_pool(dataclasses.replace(pool, version=version, library_state=shifted(pool.library_state),
+                                         experts=experts, oracle_state=shifted(pool.oracle_state)), directory)
 
 
 @pytest.mark.postgres
-def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_path, make_settings, pool_dir, poll):
+def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_path, make_settings, random_pool, poll,
+                                                                  assert_fsck_clean):
     import psycopg
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from sqlalchemy.engine import make_url
@@ -347,10 +366,10 @@ def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_pat
     client = RegistryClient(f"127.0.0.1:{host.port}", timeout=20)
     outcomes: dict[str, str] = {}
     try:
-        client.import_pool(pool_dir)
+        client.import_pool(_pool_version(random_pool, "1", tmp_path))
         # Between imports: every pooled connection of the registry is dead; the next import works.
         assert _terminate_backends(admin) >= 1
-        pv, created = client.import_pool(_pool_version(pool_dir, "2", tmp_path))
+        pv, created = client.import_pool(_pool_version(random_pool, "2", tmp_path))
         assert created and len(pv.experts) == 5
 
         # During imports: the registry's backends are terminated every 100 ms.
@@ -366,7 +385,7 @@ def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_pat
         try:
             for version in ("3", "4", "5"):
                 try:
-                    client.import_pool(_pool_version(pool_dir, version, tmp_path))
+                    client.import_pool(_pool_version(random_pool, version, tmp_path))
                     outcomes[version] = "ok"
                 except Unavailable:
                     outcomes[version] = "unavailable"
@@ -374,6 +393,10 @@ def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_pat
             stop.set()
             killer.join(5)
         assert sum(terminated) >= 1
+        # Before anything uploads the same bytes again, and once the health probes have finished the
+        # undos that failed with a terminated connection: a failed import left no blob without its row.
+        assert poll(lambda: host.runtimes["registry"].registry.pending_undos == 0)
+        assert_fsck_clean(settings)
 
         for version in ("1", "2", "3", "4", "5"):  # a version is there whole, or not at all
             try:
@@ -384,18 +407,84 @@ def test_postgres_backends_terminated_between_and_during_imports(pg_url, tmp_pat
         assert poll(lambda: health.Check(health_pb2.HealthCheckRequest(service="poe.v1.Registry")).status
                     == health_pb2.HealthCheckResponse.SERVING)
         for version in ("3", "4", "5"):  # the same registry, no restart
-            client.import_pool(_pool_version(pool_dir, version, tmp_path))
+            client.import_pool(_pool_version(random_pool, version, tmp_path))
         assert sorted(p.version for p in client.list_pools(name="test-pool")) == ["1", "2", "3", "4", "5"]
     finally:
         client.close()
         host.stop(None).wait(30)
         admin.close()
 
-    store, blobs = SqlRegistryStore(pg_url), FileBlobStore(tmp_path / "blobs")
+    # Imports that failed under the chaos left no bytes behind, and no row without its bytes.
+    assert_fsck_clean(settings)
+
+
+class _DatabaseGoesWithTheCommit(FileBlobStore):
+    """A file blob store that runs `fault` (once) the moment an upload's bytes are committed, between
+    them and the registry's database COMMIT: the one window a failed upload can leave bytes behind."""
+
+    def __init__(self, root: Path, fault):
+        super().__init__(root)
+        self.fault = fault
+
+    def stage(self, chunks):
+        staged = super().stage(chunks)
+        commit = staged._commit
+
+        def commit_then_fault() -> None:
+            commit()
+            fault, self.fault = self.fault, None
+            if fault is not None:
+                fault()
+
+        staged._commit = commit_then_fault
+        return staged
+
+
+@pytest.mark.postgres
+def test_bytes_of_a_commit_lost_with_the_database_are_undone_when_it_is_back(pg_url, tmp_path, make_settings, poll,
+                                                                              assert_fsck_clean):
+    """The database goes away between an upload's bytes and its COMMIT, so the undo of the bytes
+    fails too: the registry keeps the undo and finishes it once the database answers again, with
+    no restart and no gc."""
+    import psycopg
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from sqlalchemy.engine import make_url
+
+    database = make_url(pg_url).database
+    # From another database: a session cannot disallow connections to its own.
+    admin = psycopg.connect(make_url(pg_url).set(drivername="postgresql", database="postgres")
+                            .render_as_string(hide_password=False), autocommit=True)
+
+    def database_goes() -> None:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                      "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+
+    settings = make_settings(tmp_path, pg_url, f"file://{tmp_path / 'blobs'}")
+    host = create_server("127.0.0.1:0", settings, ("registry",))
+    registry = host.runtimes["registry"].registry
+    registry.blobs = _DatabaseGoesWithTheCommit(tmp_path / "blobs", database_goes)
+    host.start()
+    client = RegistryClient(f"127.0.0.1:{host.port}", timeout=20, retries=0)
+    health = health_pb2_grpc.HealthStub(client.channel)
     try:
-        report = check_blobs(store, blobs, older_than=0)
-        assert report.corrupt == [] and report.missing == [], (outcomes, report.to_dict())
-        collect_garbage(store, blobs, older_than=0, apply=True)  # orphans of commits that failed, if any
-        assert check_blobs(store, blobs, older_than=0).clean
+        client.register_hierarchy(hierarchy_mod.builtin(FM))
+        data = os.urandom(5000)
+        with pytest.raises(Unavailable):
+            client.register_oracle("lost", FM, {"depth": 10, "width": 1}, data)
+        sha = hashlib.sha256(data).hexdigest()
+        assert registry.blobs.exists(sha) and registry.pending_undos == 1  # no row, and nothing can ask yet
+
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        assert poll(lambda: registry.pending_undos == 0)  # the next health probe finished the undo
+        assert not registry.blobs.exists(sha)
+        assert poll(lambda: health.Check(health_pb2.HealthCheckRequest(service="poe.v1.Registry")).status
+                    == health_pb2.HealthCheckResponse.SERVING)
+        oracle, created = client.register_oracle("lost", FM, {"depth": 10, "width": 1}, data)
+        assert created and client.download(oracle.blob.sha256) == data
     finally:
-        store.close()
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        admin.close()
+        client.close()
+        host.stop(None).wait(30)
+    assert assert_fsck_clean(settings).blobs_checked == 1

@@ -194,6 +194,7 @@ class Stack:
     reached through the proxy; a registry client without retries, and health."""
 
     def __init__(self, settings, services=("registry",)):
+        self.settings = settings
         self.host = create_server("127.0.0.1:0", settings, services, warm=False)
         self.host.start()
         self.target = f"127.0.0.1:{self.host.port}"
@@ -242,7 +243,7 @@ def sha(data: bytes) -> str:
 
 # -- the registry while S3 fails -----------------------------------------------------------------
 
-def test_outage_before_an_upload(stack, s3_proxy, s3_direct, bucket, poll):
+def test_outage_before_an_upload(stack, s3_proxy, s3_direct, bucket, poll, assert_fsck_clean):
     reg = stack()
     s3_proxy.outage()
     data = os.urandom(3 << 20)
@@ -255,10 +256,11 @@ def test_outage_before_an_upload(stack, s3_proxy, s3_direct, bucket, poll):
     assert poll(lambda: reg.status() == SERVING)
     oracle, created = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
     assert created and reg.registry.download(oracle.blob.sha256) == data
+    assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
 
 def test_outage_during_an_upload_leaves_nothing_and_the_upload_is_aborted_after(stack, s3_proxy, s3_direct,
-                                                                                   bucket, poll):
+                                                                                   bucket, poll, assert_fsck_clean):
     # Only this registry's own failed upload qualifies for the sweep: moto dates every upload 2010,
     # which is younger than this age.
     reg = stack(POE_S3_STALE_UPLOAD_AGE=str(1e10))
@@ -288,9 +290,10 @@ def test_outage_during_an_upload_leaves_nothing_and_the_upload_is_aborted_after(
     assert poll(lambda: open_uploads(s3_direct, bucket) == [], timeout=15)
     oracle, created = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
     assert created and oracle.blob.sha256 == sha(data)
+    assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
 
-def test_outage_after_an_upload_keeps_the_blob_complete(stack, s3_proxy, s3_direct, bucket, poll):
+def test_outage_after_an_upload_keeps_the_blob_complete(stack, s3_proxy, s3_direct, bucket, poll, assert_fsck_clean):
     reg = stack()
     data = os.urandom(S3_PART_SIZE + 4096)
     oracle, _ = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
@@ -304,9 +307,10 @@ def test_outage_after_an_upload_keeps_the_blob_complete(stack, s3_proxy, s3_dire
     s3_proxy.passing()
     assert poll(lambda: reg.status() == SERVING)
     assert reg.registry.download(oracle.blob.sha256) == data  # verified against its sha256 by both ends
+    assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
 
-def test_slow_link_upload_of_more_than_a_part(stack, s3_proxy):
+def test_slow_link_upload_of_more_than_a_part(stack, s3_proxy, assert_fsck_clean):
     reg = stack()
     s3_proxy.throttle(1_000_000)  # 1 MB/s: each 8 MiB part takes over 8 s to send
     data = os.urandom(S3_PART_SIZE + (512 << 10))
@@ -315,9 +319,10 @@ def test_slow_link_upload_of_more_than_a_part(stack, s3_proxy):
     assert created and time.monotonic() - t0 > 8
     s3_proxy.passing()
     assert reg.registry.download(oracle.blob.sha256) == data
+    assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
 
-def test_cold_compose_during_an_outage(stack, s3_proxy, pool_dir, poll):
+def test_cold_compose_during_an_outage(stack, s3_proxy, pool_dir, poll, assert_fsck_clean):
     from poe.client import Composer
 
     s = stack(("registry", "composer"), POE_DEFAULT_POOL="test-pool", POE_RECORD_COMPOSITIONS="false")
@@ -329,6 +334,8 @@ def test_cold_compose_during_an_outage(stack, s3_proxy, pool_dir, poll):
         assert poll(lambda: s.status() == SERVING)
         result = composer.compose(["Sandal", "Sneaker"])
     assert list(result.header.classes) == ["Sandal", "Sneaker"] and sha(result.data) == result.header.sha256
+    # Nothing recorded (POE_RECORD_COMPOSITIONS=false): no upload in flight; the pool's 7 blobs are whole.
+    assert assert_fsck_clean(s.settings).blobs_checked == 7
 
 
 # -- the store itself ----------------------------------------------------------------------------

@@ -178,6 +178,13 @@ def test_sigterm_drains_then_stops_within_its_limit_and_keeps_the_recordings(poe
     recorded = {model_id: m.blob.sha256 if m is not None else None for model_id, m in found.items()}
     assert recorded == {h.model_id: h.sha256 for h in headers}, output
 
+    # Every process is gone, so no upload is in flight: any blob without its row is an orphan.
+    fsck = subprocess.run([sys.executable, "-m", "poe.cli.main", "registry", "fsck", "--older-than", "0"],
+                          env={**os.environ, "POE_HOME": str(home), "POE_DATABASE_URL": "", "POE_BLOB_URL": ""},
+                          capture_output=True, text=True, timeout=60)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert f"fsck: {7 + len(headers)} blobs" in fsck.stdout, fsck.stdout  # the pool's and the recordings
+
 
 def test_drain_keeps_serving_calls_while_not_serving(tmp_path):
     host = _registry(tmp_path / "home")
