@@ -413,7 +413,8 @@ def _add_bench_part_parsers(bsub) -> None:
 
     bi = common("inference", "images/s of composed models (fused, reference) and the oracle on the CPU",
                 "Throughput at batch 1 and 256 of composed models (TorchScript, as `poe compose` ships them) "
-                "for one query per number of primitive tasks, and of the oracle.")
+                "for one query per number of primitive tasks, and of the oracle; for the largest query also each "
+                "model file (TorchScript, pt2, ONNX) as loaded from its bytes.")
     bi.add_argument("--sizes", type=_int_list, help="numbers of primitive tasks to time (default 1,2,3,4,5)")
     bi.add_argument("--batch-sizes", type=_int_list, help="batch sizes (default 1,32,256)")
     bi.add_argument("--warmup", type=int, help="untimed calls first (default 5)")
@@ -422,6 +423,10 @@ def _add_bench_part_parsers(bsub) -> None:
     bi.add_argument("--threads", type=_int_list, help="torch thread counts, each a full run (default 1,2; 0: torch's "
                     "default)")
     bi.add_argument("--eager", action="store_true", help="time eager modules instead of TorchScript")
+    bi.add_argument("--formats", type=lambda v: tuple(_split([v])), help="model files to time as loaded from their "
+                    "bytes (default torchscript,pt2,onnx; '' for none)")
+    bi.add_argument("--format-sizes", type=_int_list, help="query sizes whose model files are timed (default: the "
+                    "largest)")
 
 
 # -- parser --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -202,17 +203,61 @@ def test_inference_rows(inference_run, pool_dir):
     result, out, _ = inference_run
     check_provenance(result, "inference", pool_dir)
     rows = result["rows"]
-    assert {(r["model"], r["n"], r["batch"]) for r in rows} == {
+    assert {(r["model"], r["n"], r["batch"]) for r in rows if r["format"] == "module"} == {
         (m, n, b) for m in ("fused", "reference") for n in (1, 5) for b in (1, 256)} | {
         ("oracle", None, 1), ("oracle", None, 256)}
+    # Every model file format, for the largest query: fused and reference at each batch size.
+    assert {(r["format"], r["model"], r["n"], r["batch"]) for r in rows if r["format"] != "module"} == {
+        (f, m, 5, b) for f in ("torchscript", "pt2", "onnx") for m in ("fused", "reference") for b in (1, 256)}
+    assert len({(r["format"], r["model"], r["n"], r["batch"]) for r in rows}) == len(rows)  # one thread count
     for r in rows:
         assert r["images_per_s"] > 0 and r["calls"] >= 3 and r["median_ms"] > 0 and r["params"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3), rel=1e-3)
         if r["model"] != "oracle":
             assert r["max_abs_diff_fused_reference"] < 1e-4
+        if r["format"] != "module":  # each file, as loaded, computes the composed model's function
+            assert r["max_abs_diff_vs_eager"] < 1e-4 and r["file_bytes"] > 0
     assert set(result["summary"]) == {"n1_b1", "n1_b256", "n5_b1", "n5_b256"}
     assert all(v["fused_over_reference"] > 0 and v["fused_over_oracle"] > 0 for v in result["summary"].values())
     assert "Target: fused >= 1.5x reference for 5 experts" in out
+
+
+def test_inference_reports_every_format(inference_run):
+    result, out, _ = inference_run
+    (threads,) = result["threads"]
+    assert set(result["format_summary"]) == {"n5_b1", "n5_b256"}
+    for key, by_threads in result["format_summary"].items():
+        entry = by_threads[str(threads)]
+        assert set(entry["formats"]) == {"torchscript", "pt2", "onnx"}
+        for fmt, v in entry["formats"].items():
+            row = {r["model"]: r for r in result["rows"] if r["format"] == fmt and f"n{r['n']}_b{r['batch']}" == key}
+            assert (v["fused"], v["reference"]) == (row["fused"]["images_per_s"], row["reference"]["images_per_s"])
+            assert v["fused_over_reference"] == pytest.approx(v["fused"] / v["reference"], abs=1e-3)
+        fastest = entry["fastest"]
+        assert fastest["images_per_s"] == max(v[m] for v in entry["formats"].values() for m in ("fused", "reference"))
+        assert entry["formats"][fastest["format"]][fastest["model"]] == fastest["images_per_s"]
+    assert "**Model files, 5 expert(s) (" in out and f"{threads} intra-op thread(s), 1 inter-op" in out
+    for fmt, loader in inference.LOADED_WITH.items():
+        assert f"| {fmt} | {loader} | fused |" in out
+    assert f"Fastest file at {threads} thread(s): batch 1: " in out
+
+
+def test_inference_without_onnxruntime_says_so(random_pool, monkeypatch):
+    """onnxruntime is a dev dependency: without it the ONNX rows say so and the rest is measured."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    s = inference.InferenceSettings(sizes=(1,), batch_sizes=(1,), warmup=0, repeats=1, min_seconds=0.0, threads=(1,),
+                                    formats=("torchscript", "onnx"))
+    result = inference.run_inference(random_pool, s)
+    onnx = [r for r in result["rows"] if r["format"] == "onnx"]
+    assert [r["model"] for r in onnx] == ["fused", "reference"]
+    assert all(r["images_per_s"] is None and r["not_measured"] == inference.NO_ONNXRUNTIME for r in onnx)
+    assert {r["format"] for r in result["rows"] if r["images_per_s"]} == {"module", "torchscript"}
+    assert set(result["format_summary"]["n1_b1"]["1"]["formats"]) == {"torchscript"}
+    text = inference.markdown(report.stamp(result, quick=True, hw=report.hardware("cpu"), command=None,
+                                           started=time.time()))
+    assert "| onnx | onnxruntime `InferenceSession` | fused, reference | – | not measured: onnxruntime is not " \
+           "installed" in text
+    assert "| torchscript | `torch.jit.load` | fused |" in text
 
 
 def test_quick_mode_of_every_part_is_quick(baselines_run, cross_expert_run, inference_run):
@@ -290,6 +335,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
                  "CUDA is not available", marks=NO_CUDA),
     (["bench", "baselines", "--pool", "{pool}", "--quick", "--methods", "scratch,magic"], "unknown baselines"),
     (["bench", "inference", "--pool", "{pool}", "--quick", "--sizes", "7"], "no query sizes"),
+    (["bench", "inference", "--pool", "{pool}", "--quick", "--formats", "pt2,tflite"], "formats: distinct names"),
+    (["bench", "inference", "--pool", "{pool}", "--quick", "--format-sizes", "3"], "must be among the query sizes"),
     (["bench", "cross-expert", "--pool", "{pool}", "--quick", "--max-tasks", "1"], "at least 2 primitive tasks"),
 ])
 def test_bad_input_is_one_line(pool_dir, tmp_path, args, message):
