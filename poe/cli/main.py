@@ -1,4 +1,5 @@
-"""The `poe` command line. Every command exits non-zero with a one-line reason on bad input."""
+"""The `poe` command line. Every command exits non-zero with a one-line reason on bad input; the exit
+status names the class of failure (`poe.cli.output.EXIT_CODES`, listed by `poe --help`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from poe.cli.output import emit
+from poe.cli.output import EXIT_CODES_HELP, EXIT_INTERRUPTED, emit, exit_code
 from poe.engine.errors import PoeError
 
 
@@ -432,8 +433,9 @@ def _add_bench_part_parsers(bsub) -> None:
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poe", description="Pool of Experts: small task-specific classifiers, "
-                                     "composed train-free from a pool of distilled experts.")
+    parser = argparse.ArgumentParser(prog="poe", description="Pool of Experts: small task-specific classifiers,\n"
+                                     "composed train-free from a pool of distilled experts.",
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an oracle, a library and experts into a pool (offline, slow)",
@@ -546,12 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except PoeError as e:
+    except PoeError as e:  # also a bad POE_* setting, read by the command (settings() raises InvalidArgument)
         print(f"poe: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     except KeyboardInterrupt:
         print("poe: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from poe.cli.output import emit, table
+from poe.cli.output import EXIT_FSCK_PROBLEMS, EXIT_UNAVAILABLE, emit, table
 
 EMBEDDED = "embedded"
 
@@ -191,7 +191,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from poe_services.registry.maintenance import FSCK_PROBLEMS_EXIT, check_blobs, human_bytes
+    from poe_services.registry.maintenance import check_blobs, human_bytes
 
     with _storage(args) as (_cfg, store, blobs):
         report = check_blobs(store, blobs, older_than=args.older_than)
@@ -211,7 +211,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
               f"{found or 'clean'}{pending}"
               + ("" if report.clean else "; `poe registry import` of the same files repairs corrupt blobs, "
                  "`poe registry gc --apply` removes bytes without rows"))
-    return 0 if report.clean else FSCK_PROBLEMS_EXIT
+    return 0 if report.clean else EXIT_FSCK_PROBLEMS
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,8 +272,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     f = sub.add_parser("fsck", help="verify every stored blob's sha256 and match rows against stored bytes",
                        description="Hash every stored blob (streaming), report corrupt blobs, rows without bytes "
-                                   "and bytes without rows (older than --older-than). Exit 0 when clean, 3 when "
-                                   "it found problems.")
+                                   "and bytes without rows (older than --older-than). Exit 0 when clean, "
+                                   f"{EXIT_FSCK_PROBLEMS} when it found problems, {EXIT_UNAVAILABLE} when the "
+                                   "database or the blob store cannot be reached.")
     f.add_argument("--older-than", type=duration, default=3600.0, metavar="AGE",
                    help="bytes without rows younger than this are uploads in flight, not problems (default 1h)")
     f.add_argument("--json", action="store_true", help="print the details as JSON")

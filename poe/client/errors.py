@@ -16,7 +16,9 @@ from poe.engine.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     PoeError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -25,7 +27,8 @@ FIELD_METADATA_KEY = "poe-field"
 
 _FROM_CODE: dict[grpc.StatusCode, type[PoeError]] = {
     grpc.StatusCode[cls.code]: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable, DataLoss, Cancelled)
+    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable, DataLoss, Cancelled,
+                PermissionDenied, Unauthenticated)
 }
 _FROM_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument
 _FROM_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable

@@ -1,14 +1,78 @@
 """All configuration, read from `POE_*` environment variables, with the embedded defaults in code.
 
 A command-line flag always wins over the variable: the CLI passes its flags as overrides to
-`settings(**overrides)`.
+`settings(**overrides)`. Typed values are read through `_int`, `_float`, `_bytes` and `_bool`, which
+raise InvalidArgument naming the variable and the expected form; an empty value counts as unset.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from poe.engine.errors import InvalidArgument
+
+_BINARY_SUFFIXES = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+_SIZE = re.compile(r"(\d+)\s*(Ki|Mi|Gi)?B?")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def _bad(name: str, expected: str, value: str) -> InvalidArgument:
+    return InvalidArgument(f"{name}: expected {expected}, got {value!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number (negative allowed where the setting gives it a meaning)."""
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise _bad(name, f"a whole number such as {default}", value) from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    """A finite number of seconds (all float settings are durations)."""
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise _bad(name, "a number of seconds such as 2.5", value)
+    return number
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size: a whole number of bytes, or with a binary suffix Ki, Mi or Gi (512Mi = 536870912)."""
+    value = _raw(env, name)
+    if value is None:
+        return default
+    m = _SIZE.fullmatch(value)
+    if not m:
+        raise _bad(name, "a whole number of bytes such as 536870912 or 512Mi", value)
+    return int(m.group(1)) * _BINARY_SUFFIXES[m.group(2) or ""]
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise _bad(name, "true or false (also 1/0, yes/no, on/off)", value)
 
 
 def _default_home() -> Path:
@@ -81,7 +145,7 @@ class Settings:
     shutdown_grace: float = 10.0
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         home = Path(env.get("POE_HOME") or _default_home()).expanduser()
         return cls(
@@ -93,37 +157,37 @@ class Settings:
             s3_endpoint=env.get("POE_S3_ENDPOINT", "127.0.0.1:9000"),
             s3_access_key=env.get("POE_S3_ACCESS_KEY", ""),
             s3_secret_key=env.get("POE_S3_SECRET_KEY", ""),
-            s3_secure=env.get("POE_S3_SECURE", "false").lower() in ("1", "true", "yes"),
+            s3_secure=_bool(env, "POE_S3_SECURE", False),
             registry_addr=env.get("POE_REGISTRY_ADDR", "127.0.0.1:50051"),
             composer_addr=env.get("POE_COMPOSER_ADDR", "127.0.0.1:50051"),
             extractor_addr=env.get("POE_EXTRACTOR_ADDR", "127.0.0.1:50051"),
             device=env.get("POE_DEVICE", "auto"),
-            cache_bytes=int(env.get("POE_CACHE_BYTES", str(512 * 1024 * 1024))),
+            cache_bytes=_bytes(env, "POE_CACHE_BYTES", 512 * 1024 * 1024),
             log_level=env.get("POE_LOG_LEVEL", "INFO"),
-            registry_health_interval=float(env.get("POE_REGISTRY_HEALTH_INTERVAL", "5")),
-            registry_auto_migrate=env.get("POE_REGISTRY_AUTO_MIGRATE", "false").lower() in ("1", "true", "yes"),
+            registry_health_interval=_float(env, "POE_REGISTRY_HEALTH_INTERVAL", 5.0),
+            registry_auto_migrate=_bool(env, "POE_REGISTRY_AUTO_MIGRATE", False),
             s3_region=env.get("POE_S3_REGION", ""),
-            s3_connect_timeout=float(env.get("POE_S3_CONNECT_TIMEOUT", "3")),
-            s3_read_timeout=float(env.get("POE_S3_READ_TIMEOUT", "10")),
-            s3_write_timeout=float(env.get("POE_S3_WRITE_TIMEOUT", "10")),
-            s3_upload_sweep_interval=float(env.get("POE_S3_UPLOAD_SWEEP_INTERVAL", "3600")),
-            s3_stale_upload_age=float(env.get("POE_S3_STALE_UPLOAD_AGE", "3600")),
+            s3_connect_timeout=_float(env, "POE_S3_CONNECT_TIMEOUT", 3.0),
+            s3_read_timeout=_float(env, "POE_S3_READ_TIMEOUT", 10.0),
+            s3_write_timeout=_float(env, "POE_S3_WRITE_TIMEOUT", 10.0),
+            s3_upload_sweep_interval=_float(env, "POE_S3_UPLOAD_SWEEP_INTERVAL", 3600.0),
+            s3_stale_upload_age=_float(env, "POE_S3_STALE_UPLOAD_AGE", 3600.0),
             default_pool=env.get("POE_DEFAULT_POOL", "fashion-mnist"),
-            model_cache_bytes=int(env.get("POE_MODEL_CACHE_BYTES", str(256 * 1024 * 1024))),
-            template_cache_bytes=int(env.get("POE_TEMPLATE_CACHE_BYTES", str(64 * 1024 * 1024))),
-            composer_threads=int(env.get("POE_COMPOSER_THREADS", "1")),
-            alias_ttl=float(env.get("POE_ALIAS_TTL", "5")),
-            record_compositions=env.get("POE_RECORD_COMPOSITIONS", "true").lower() in ("1", "true", "yes"),
-            record_queue=int(env.get("POE_RECORD_QUEUE", "256")),
-            composer_pool_poll=float(env.get("POE_COMPOSER_POOL_POLL", "10")),
-            composer_ready_timeout=float(env.get("POE_COMPOSER_READY_TIMEOUT", "60")),
-            extractor_max_jobs=int(env.get("POE_EXTRACTOR_MAX_JOBS", "1")),
-            extractor_threads=int(env.get("POE_EXTRACTOR_THREADS", "0")),
-            extractor_max_attempts=int(env.get("POE_EXTRACTOR_MAX_ATTEMPTS", "3")),
-            extractor_progress_interval=float(env.get("POE_EXTRACTOR_PROGRESS_INTERVAL", "2")),
-            extractor_health_interval=float(env.get("POE_EXTRACTOR_HEALTH_INTERVAL", "5")),
-            shutdown_drain=float(env["POE_SHUTDOWN_DRAIN"]) if env.get("POE_SHUTDOWN_DRAIN") else None,
-            shutdown_grace=float(env.get("POE_SHUTDOWN_GRACE", "10")),
+            model_cache_bytes=_bytes(env, "POE_MODEL_CACHE_BYTES", 256 * 1024 * 1024),
+            template_cache_bytes=_bytes(env, "POE_TEMPLATE_CACHE_BYTES", 64 * 1024 * 1024),
+            composer_threads=_int(env, "POE_COMPOSER_THREADS", 1),
+            alias_ttl=_float(env, "POE_ALIAS_TTL", 5.0),
+            record_compositions=_bool(env, "POE_RECORD_COMPOSITIONS", True),
+            record_queue=_int(env, "POE_RECORD_QUEUE", 256),
+            composer_pool_poll=_float(env, "POE_COMPOSER_POOL_POLL", 10.0),
+            composer_ready_timeout=_float(env, "POE_COMPOSER_READY_TIMEOUT", 60.0),
+            extractor_max_jobs=_int(env, "POE_EXTRACTOR_MAX_JOBS", 1),
+            extractor_threads=_int(env, "POE_EXTRACTOR_THREADS", 0),
+            extractor_max_attempts=_int(env, "POE_EXTRACTOR_MAX_ATTEMPTS", 3),
+            extractor_progress_interval=_float(env, "POE_EXTRACTOR_PROGRESS_INTERVAL", 2.0),
+            extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
+            shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),
+            shutdown_grace=_float(env, "POE_SHUTDOWN_GRACE", 10.0),
         )
 
 

@@ -1,7 +1,8 @@
 """Domain errors shared by the core library and the services.
 
 Each class names the gRPC status it maps to; the services translate them in one interceptor
-(`poe_services.errors`), the CLI prints the message on one line and exits non-zero.
+(`poe_services.errors`), the CLI prints the message on one line and exits with the status of
+the class (`poe.cli.output.EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ class FailedPrecondition(PoeError):
 
 class Unavailable(PoeError):
     code = "UNAVAILABLE"
+
+
+class PermissionDenied(PoeError):
+    """The caller is known but may not do this."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(PoeError):
+    """The caller's credentials are missing or not valid."""
+
+    code = "UNAUTHENTICATED"
 
 
 class DataLoss(PoeError):

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AGE = 3600.0  # leftovers younger than this may belong to an upload in flight
 DEFAULT_KEEP_RUNS = 7 * 86400.0  # run directories of finished jobs: kept for post-mortems this long
-FSCK_PROBLEMS_EXIT = 3
 
 
 @dataclass(frozen=True)

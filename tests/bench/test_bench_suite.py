@@ -20,6 +20,7 @@ import torch
 
 from poe.bench import baselines, common, cross_expert, inference, report
 from poe.cli.main import main
+from poe.cli.output import EXIT_INVALID_ARGUMENT, EXIT_NOT_FOUND
 from poe.engine.compose import compose
 from poe.engine.errors import InvalidArgument
 from poe.engine.pool import load as load_pool
@@ -342,7 +343,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 def test_bad_input_is_one_line(pool_dir, tmp_path, args, message):
     rc, _, err = run_cli(*[a.format(pool=pool_dir, tmp=tmp_path) for a in args])
     lines = err.strip().splitlines()
-    assert rc == 2 and lines[-1].startswith("poe: error:") and message in lines[-1], err
+    assert rc == (EXIT_NOT_FOUND if message == "not a pool directory" else EXIT_INVALID_ARGUMENT), err
+    assert lines[-1].startswith("poe: error:") and message in lines[-1], err
 
 
 # -- --device ------------------------------------------------------------------------------------
@@ -471,4 +473,4 @@ def test_bench_pool_local(pool_dir, tmp_path, random_pool, fmnist_test):
 def test_bench_pool_bad_input_is_one_line(pool_dir, args, message):
     rc, _, err = run_cli("bench", "pool", "--pool", str(pool_dir), *args)
     lines = err.strip().splitlines()
-    assert rc == 2 and lines[-1].startswith("poe: error:") and message in lines[-1], err
+    assert rc == EXIT_INVALID_ARGUMENT and lines[-1].startswith("poe: error:") and message in lines[-1], err

@@ -13,6 +13,7 @@ import sys
 import yaml
 
 from poe.cli.main import main
+from poe.cli.output import EXIT_CONFLICT, EXIT_INVALID_ARGUMENT, EXIT_NOT_FOUND
 from poe.engine.hierarchy import builtin
 
 
@@ -83,23 +84,23 @@ def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, c
 
     # Errors: one line, non-zero.
     code, out, err = run_cli(capsys, "extract", "cancel", job_id, "--target", target)
-    assert code == 2 and err.strip() == f"poe: error: job {job_id} is already succeeded"
+    assert code == EXIT_CONFLICT and err.strip() == f"poe: error: job {job_id} is already succeeded"
     code, out, err = run_cli(capsys, "extract", "--target", target, "--dataset", data["rgb3"], "--oracle",
                              oracle["safetensors"], "--hierarchy", "fashion-mnist")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "class count mismatch" in err
+    assert code == EXIT_INVALID_ARGUMENT and len(err.strip().splitlines()) == 1 and "class count mismatch" in err
     code, out, err = run_cli(capsys, "extract", "--target", target, "--oracle", oracle["safetensors"])
-    assert code == 2 and "--dataset is required" in err
+    assert code == EXIT_INVALID_ARGUMENT and "--dataset is required" in err
     code, out, err = run_cli(capsys, "extract", "status", "nope", "--target", target)
-    assert code == 2 and "no job 'nope'" in err
+    assert code == EXIT_NOT_FOUND and "no job 'nope'" in err
 
     # --upload registers a local safetensors oracle in the registry before the job is checked; the
     # registry files it under a data set, so a data set that names no built-in hierarchy needs one.
     code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
                              data["idx"], "--oracle", oracle["safetensors"], "--upload")
-    assert code == 2 and "--upload needs --hierarchy" in err
+    assert code == EXIT_INVALID_ARGUMENT and "--upload needs --hierarchy" in err
     code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
                              data["idx"], "--hierarchy", "fashion-mnist", "--oracle", oracle["safetensors"], "--upload",
                              "--tasks", "hats")
-    assert code == 2 and "unknown primitive tasks: 'hats'" in err
+    assert code == EXIT_INVALID_ARGUMENT and "unknown primitive tasks: 'hats'" in err
     uploaded = int(err.split("id ")[1].split()[0])
     assert registry.client.get_oracle(uploaded).dataset == "fashion-mnist"

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from poe.cli.main import build_parser, main
+from poe.cli.output import EXIT_DATA_LOSS, EXIT_INVALID_ARGUMENT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE
 from poe.client.registry import RegistryClient
 from poe_services.host import create_server
 
@@ -68,23 +69,23 @@ def test_import_through_a_running_registry(pool_dir, tmp_path, sqlite_url, make_
 
 
 def test_import_errors_are_one_line(pool_dir, tmp_path, poe_home, capsys):
-    assert main(["registry", "import", str(tmp_path / "missing"), "--target", "embedded"]) == 2
+    assert main(["registry", "import", str(tmp_path / "missing"), "--target", "embedded"]) == EXIT_NOT_FOUND
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("poe: error:") and "no pool.json" in err[-1]
     broken = tmp_path / "broken"
     shutil.copytree(pool_dir, broken)
     expert = next((broken / "experts").iterdir())
     expert.write_bytes(expert.read_bytes()[:-10] + b"0123456789")
-    assert main(["registry", "import", str(broken), "--target", "embedded"]) == 2
+    assert main(["registry", "import", str(broken), "--target", "embedded"]) == EXIT_DATA_LOSS
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("poe: error:") and "sha256 does not match" in err[-1]
     manifest = json.loads((pool_dir / "pool.json").read_text())
     del manifest["experts"]
     shutil.copytree(pool_dir, tmp_path / "no-experts")
     (tmp_path / "no-experts" / "pool.json").write_text(json.dumps(manifest))
-    assert main(["registry", "import", str(tmp_path / "no-experts"), "--target", "embedded"]) == 2
+    assert main(["registry", "import", str(tmp_path / "no-experts"), "--target", "embedded"]) == EXIT_INVALID_ARGUMENT
     assert "malformed manifest" in capsys.readouterr().err
-    assert main(["registry", "list", "--target", "127.0.0.1:1"]) == 2
+    assert main(["registry", "list", "--target", "127.0.0.1:1"]) == EXIT_UNAVAILABLE
     assert "registry at 127.0.0.1:1" in capsys.readouterr().err
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from poe.cli.main import main
+from poe.cli.output import EXIT_FSCK_PROBLEMS, EXIT_UNAVAILABLE, EXIT_USAGE
 from poe.client.registry import RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.errors import NotFound, Unavailable
@@ -180,7 +181,7 @@ def test_gc_and_fsck_commands(db_url, tmp_path, capsys, monkeypatch, assert_fsck
                        "run with --apply to remove")
     assert old_part.exists() and blobs.exists(old_orphan)
 
-    assert main(["registry", "fsck", *where]) == 3
+    assert main(["registry", "fsck", *where]) == EXIT_FSCK_PROBLEMS == 3
     captured = capsys.readouterr()
     assert captured.out.startswith("fsck: 3 blobs, 6.2 KB verified: 1 blob(s) without rows (1 upload(s) in flight)")
     assert f"orphan: blob {old_orphan}" in captured.err
@@ -199,11 +200,15 @@ def test_gc_and_fsck_commands(db_url, tmp_path, capsys, monkeypatch, assert_fsck
 
     path = blobs.root / blob_path(kept_sha)
     path.write_bytes(path.read_bytes()[:-1])
-    assert main(["registry", "fsck", *where, "--json"]) == 3
+    assert main(["registry", "fsck", *where, "--json"]) == EXIT_FSCK_PROBLEMS
     assert [x["sha256"] for x in json.loads(capsys.readouterr().out)["corrupt"]] == [kept_sha]
     with pytest.raises(SystemExit) as exit_:
         main(["registry", "gc", "--older-than", "soon", *where])
-    assert exit_.value.code == 2 and "'soon' is not a duration" in capsys.readouterr().err
+    assert exit_.value.code == EXIT_USAGE and "'soon' is not a duration" in capsys.readouterr().err
+    # A store that cannot be reached is not a finding: the unavailable status, distinct from problems found.
+    unreachable = ["--database-url", "postgresql+psycopg://poe:poe@127.0.0.1:1/none", "--blob-url", blobs.url]
+    assert main(["registry", "fsck", *unreachable]) == EXIT_UNAVAILABLE != EXIT_FSCK_PROBLEMS
+    assert capsys.readouterr().err.startswith("poe: error: database unavailable")
     # Nothing but the blob truncated on purpose, and the young bytes of an upload "in flight".
     left = assert_fsck_clean(db_url, blobs.url, corrupt=[kept_sha], older_than=HOUR)
     assert [x["sha256"] for x in left.in_flight] == [young_orphan]

@@ -21,6 +21,8 @@ CASES = [
     (errors.FailedPrecondition("not yet"), grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable("db down"), grpc.StatusCode.UNAVAILABLE),
     (errors.DataLoss("bad bytes"), grpc.StatusCode.DATA_LOSS),
+    (errors.PermissionDenied("not yours"), grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
     (errors.Cancelled("stop"), grpc.StatusCode.CANCELLED),
     (errors.PoeError("a message for users"), grpc.StatusCode.INTERNAL),
 ]

@@ -9,6 +9,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from poe.cli.main import main
+from poe.cli.output import EXIT_INVALID_ARGUMENT
 from poe.engine.errors import FailedPrecondition
 from poe_services.host import create_server
 from poe_services.registry import db
@@ -98,6 +99,6 @@ def test_poe_registry_migrate_command(empty_db_url, capsys):
     assert main(["registry", "migrate", "--database-url", empty_db_url]) == 0
     assert "already at" in capsys.readouterr().out
     assert main(["registry", "migrate", "--status", "--database-url", empty_db_url]) == 0
-    assert main(["registry", "migrate", "--database-url", "not a url"]) == 2
+    assert main(["registry", "migrate", "--database-url", "not a url"]) == EXIT_INVALID_ARGUMENT
     err = capsys.readouterr().err
     assert err.startswith("poe: error:") and len(err.strip().splitlines()) == 1
