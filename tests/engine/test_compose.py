@@ -172,9 +172,9 @@ def test_folded_tensors_follow_the_pools_tensors(random_pool):
                                experts={t: dataclasses.replace(e, state=copied(e.state))
                                         for t, e in random_pool.experts.items()})
     p = plan(pool, tasks=["tops", "bags"])
-    before = len(_FOLDED)
     first = composed_state(pool, p, True)
-    assert len(_FOLDED) == before + 3  # the library and two experts
+    keys = [pool.library_state["group1.0.conv1.weight"], pool.experts["tops"].state["group.0.conv1.weight"],
+            pool.experts["bags"].state["group.0.conv1.weight"]]  # what an entry is keyed by
     bags = pool.experts["bags"]
     changed = copied(bags.state)
     changed["bn.bias"] += 1.0
@@ -182,9 +182,13 @@ def test_folded_tensors_follow_the_pools_tensors(random_pool):
     second = composed_state(other, p, True)
     assert not torch.equal(first["experts.bn_shift"], second["experts.bn_shift"])
     assert torch.equal(second["experts.bn_shift"], build(other, p, True).state_dict()["experts.bn_shift"])
-    del pool, other, bags, changed, first, second
+    keys.append(changed["group.0.conv1.weight"])  # a new fold for the changed expert
+    refs = {id(k): _FOLDED._entries[id(k)][0] for k in keys}
+    assert all(ref() is k for ref, k in zip(refs.values(), keys, strict=True))
+    del pool, other, bags, changed, first, second, keys
     gc.collect()
-    assert len(_FOLDED) == before
+    # Only this test's entries are checked: other tests' entries may come and go meanwhile.
+    assert all(ref() is None and _FOLDED._entries.get(i, (None,))[0] is not ref for i, ref in refs.items())
 
 
 def test_fused_execution_refuses_experts_of_different_architectures(random_pool, x):
