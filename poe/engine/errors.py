@@ -38,15 +38,11 @@ class Unavailable(PoeError):
     code = "UNAVAILABLE"
 
 
-class PermissionDenied(PoeError):
-    """The caller is known but may not do this."""
-
+class PermissionDenied(PoeError):  # the caller is known but may not do this
     code = "PERMISSION_DENIED"
 
 
-class Unauthenticated(PoeError):
-    """The caller's credentials are missing or not valid."""
-
+class Unauthenticated(PoeError):  # the caller's credentials are missing or not valid
     code = "UNAUTHENTICATED"
 
 
