@@ -57,17 +57,21 @@ EXPORT_LOCK = threading.Lock()
 
 @contextmanager
 def _quiet_export() -> Iterator[None]:
-    """torch.onnx.export logs a warning per torchvision op it cannot register and pytree warns of a
-    deprecation in torch's own code; neither concerns the model."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    """torch.onnx.export logs a warning per torchvision op it cannot register, its IR passes log
+    INFO lines per export, and pytree warns of a deprecation in torch's own code; none concerns
+    the model."""
+    quieted = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnx_ir": logging.WARNING}
+    loggers = {name: logging.getLogger(name) for name in quieted}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    for name, lg in loggers.items():
+        lg.setLevel(quieted[name])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        registration.setLevel(level)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | list[int]):
