@@ -7,6 +7,7 @@ raise InvalidArgument naming the variable and the expected form; an empty value 
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 import re
@@ -19,6 +20,57 @@ from poe.engine.errors import InvalidArgument
 _BINARY_SUFFIXES = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 _SIZE = re.compile(r"(\d+)\s*(Ki|Mi|Gi)?B?")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
+_URL_FIELDS = ("database_url", "blob_url", "s3_endpoint")
+
+
+class Secret:
+    """A value that is never shown: repr() and str() print *** (so a Settings or an f-string in a
+    log cannot leak it); `reveal()` gives the value to the one place that needs it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = ""):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(Secret)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by *** (scheme://user:***@host/...), for messages and logs."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", url)
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    value = _raw(env, name)
+    return Path(value).expanduser() if value is not None else None
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    if value.lower() not in choices:
+        raise _bad(name, " or ".join(choices), value)
+    return value.lower()
 
 
 def _raw(env: Mapping[str, str], name: str) -> str | None:
@@ -84,7 +136,12 @@ def _default_pools_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "pools"
 
 
-@dataclass(frozen=True)
+ROLES = ("reader", "publisher", "admin", "service")
+# Who a caller without a token is: auto = reader while the server listens on loopback only, else nobody.
+ANONYMOUS_ROLES = ("auto", "none", "reader", "publisher", "admin")
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     home: Path
     data_dir: Path
@@ -93,7 +150,7 @@ class Settings:
     blob_url: str
     s3_endpoint: str
     s3_access_key: str
-    s3_secret_key: str
+    s3_secret_key: Secret
     s3_secure: bool
     registry_addr: str
     composer_addr: str
@@ -143,6 +200,40 @@ class Settings:
     # then seconds in-flight calls may take before they are cancelled.
     shutdown_drain: float | None = None
     shutdown_grace: float = 10.0
+    # Authentication: the token file the servers check bearer tokens against (hashes only; reloaded
+    # when it changes); the role of callers without a token; the token this process's clients send
+    # (default for the CLI on a loopback target: POE_HOME/admin.token, written by `poe up`); the
+    # token composer and extractor send to the registry.
+    tokens_file: Path | None = None
+    anonymous_role: str = "auto"
+    token: Secret = Secret()
+    service_token: Secret = Secret()
+    # Bytes one caller may have in uploads that are not finished yet (staged blobs), at most.
+    upload_quota_bytes: int = 2 * 1024**3
+    # TLS for servers (gRPC and /metrics): certificate chain and key (PEM); with a client CA, clients
+    # must present a certificate it signed (mutual TLS).
+    tls_server_cert: Path | None = None
+    tls_server_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # TLS for clients: the CA bundle servers are verified with (turns TLS on); the client's own
+    # certificate and key for mutual TLS; the name expected in the server's certificate (default:
+    # the target's host).
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str = ""
+    # Extractor: the only directory TorchScript oracles may be loaded from (files on the extractor,
+    # named by path; loading one runs its code). None: no TorchScript oracle at all.
+    extractor_oracle_dir: Path | None = None
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _URL_FIELDS and isinstance(value, str):
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -156,7 +247,7 @@ class Settings:
             blob_url=env.get("POE_BLOB_URL") or f"file://{home / 'blobs'}",
             s3_endpoint=env.get("POE_S3_ENDPOINT", "127.0.0.1:9000"),
             s3_access_key=env.get("POE_S3_ACCESS_KEY", ""),
-            s3_secret_key=env.get("POE_S3_SECRET_KEY", ""),
+            s3_secret_key=Secret(env.get("POE_S3_SECRET_KEY", "")),
             s3_secure=_bool(env, "POE_S3_SECURE", False),
             registry_addr=env.get("POE_REGISTRY_ADDR", "127.0.0.1:50051"),
             composer_addr=env.get("POE_COMPOSER_ADDR", "127.0.0.1:50051"),
@@ -188,6 +279,19 @@ class Settings:
             extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
             shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),
             shutdown_grace=_float(env, "POE_SHUTDOWN_GRACE", 10.0),
+            tokens_file=_path(env, "POE_TOKENS_FILE") or home / "tokens.json",
+            anonymous_role=_choice(env, "POE_ANONYMOUS_ROLE", "auto", ANONYMOUS_ROLES),
+            token=Secret(_raw(env, "POE_TOKEN") or ""),
+            service_token=Secret(_raw(env, "POE_SERVICE_TOKEN") or ""),
+            upload_quota_bytes=_bytes(env, "POE_UPLOAD_QUOTA_BYTES", 2 * 1024**3),
+            tls_server_cert=_path(env, "POE_TLS_SERVER_CERT"),
+            tls_server_key=_path(env, "POE_TLS_SERVER_KEY"),
+            tls_client_ca=_path(env, "POE_TLS_CLIENT_CA"),
+            tls_ca=_path(env, "POE_TLS_CA"),
+            tls_cert=_path(env, "POE_TLS_CERT"),
+            tls_key=_path(env, "POE_TLS_KEY"),
+            tls_server_name=_raw(env, "POE_TLS_SERVER_NAME") or "",
+            extractor_oracle_dir=_path(env, "POE_EXTRACTOR_ORACLE_DIR"),
         )
 
 

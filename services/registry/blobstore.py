@@ -802,7 +802,7 @@ def open_blob_store(url: str, settings: Settings | None = None) -> BlobStore:
 
             settings = current()
         return S3BlobStore(parsed.netloc, parsed.path, settings.s3_endpoint, settings.s3_access_key,
-                           settings.s3_secret_key, settings.s3_secure, settings.s3_region,
+                           settings.s3_secret_key.reveal(), settings.s3_secure, settings.s3_region,
                            connect_timeout=settings.s3_connect_timeout, read_timeout=settings.s3_read_timeout,
                            write_timeout=settings.s3_write_timeout)
     raise InvalidArgument(f"blob URL {url!r}: expected file://DIR or s3://BUCKET[/PREFIX] (POE_BLOB_URL)")

@@ -25,6 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from poe.engine.config import redact_url
 from poe.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,15 @@ def redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return "<invalid database URL>"
+        return redact_url(url)
 
 
 def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError:
-        raise InvalidArgument(f"database URL {url!r} is not a valid SQLAlchemy URL (POE_DATABASE_URL)") from None
+        raise InvalidArgument(f"database URL {redact_url(url)!r} is not a valid SQLAlchemy URL "
+                              "(POE_DATABASE_URL)") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
