@@ -61,7 +61,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /var/lib/poe
 USER 10001:10001
 EXPOSE 50051 9464
-# For docker/podman/compose. Kubernetes ignores HEALTHCHECK: the chart uses native gRPC probes.
+# For docker/podman/compose. Kubernetes ignores HEALTHCHECK: the chart uses native gRPC probes, or
+# this script as an exec probe when the services serve TLS (it reads POE_TLS_CA, POE_TLS_CERT/KEY).
 # A service started on another port than 50051 sets POE_HEALTH_ADDR (or POE_PORT) to match.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "/opt/poe/bin/grpc_health_probe.py"]

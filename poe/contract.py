@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from poe.engine import limits
 from poe.engine.errors import field_error
 from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
@@ -42,7 +43,10 @@ def format_name(value: int, field: str = "format") -> str:
 
 def request_refs(classes, tasks) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The class and task references of a request message (ComposeModel, DescribeComposition,
-    ResolveClasses), blank entries dropped."""
+    ResolveClasses), blank entries dropped; InvalidArgument (`classes` or `tasks`) beyond the
+    limits on their number and length."""
+    limits.check_refs("classes", classes, limits.MAX_CLASSES)
+    limits.check_refs("tasks", tasks, limits.MAX_TASKS)
     return tuple(x for x in classes if x.strip()), tuple(t for t in tasks if t.strip())
 
 
@@ -139,26 +143,30 @@ def hierarchy_from_message(msg: c.Hierarchy, field: str = "hierarchy") -> Hierar
 
     Raises InvalidArgument naming `field` when the message is inconsistent."""
     classes = tuple(msg.classes)
-    if not classes:
-        raise field_error(f"{field}.classes", "must not be empty")
-    index = {n.casefold(): i for i, n in enumerate(classes)}
+    limits.check_class_names(f"{field}.classes", classes)
+    limits.check_count(f"{field}.tasks", msg.tasks, limits.MAX_TASKS, "tasks")
+    index = {limits.class_key(n): i for i, n in enumerate(classes)}
     tasks: dict[str, tuple[int, ...]] = {}
     for t in msg.tasks:
+        limits.check_name(f"{field}.tasks", t.name, "task name")
         if t.class_ids:
             ids = tuple(t.class_ids)
             bad = [i for i in ids if not 0 <= i < len(classes)]
             if bad:
-                raise field_error(f"{field}.tasks",
-                                  f"task {t.name!r}: class ids {bad} out of range 0..{len(classes) - 1}")
+                raise field_error(f"{field}.tasks", f"task {t.name!r}: class ids {limits.listing(bad)} out of "
+                                                    f"range 0..{len(classes) - 1}")
         else:  # names only
-            unknown = [n for n in t.class_names if n.casefold() not in index]
+            unknown = [limits.quote(n) for n in t.class_names if limits.class_key(n) not in index]
             if unknown:
-                raise field_error(f"{field}.tasks", f"task {t.name!r}: unknown classes {unknown}")
-            ids = tuple(index[n.casefold()] for n in t.class_names)
+                raise field_error(f"{field}.tasks", f"task {t.name!r}: unknown classes {limits.listing(unknown)}")
+            ids = tuple(index[limits.class_key(n)] for n in t.class_names)
         if t.name in tasks:
             raise field_error(f"{field}.tasks", f"task {t.name!r} listed twice")
         tasks[t.name] = ids
     try:
         return Hierarchy(msg.dataset, msg.version or 1, classes, tasks)
-    except ValueError as err:  # InvalidArgument from the hierarchy's own validation
+    except ValueError as err:  # InvalidArgument from the hierarchy's own validation, naming its part
+        part = getattr(err, "field", None)
+        if part:
+            raise field_error(f"{field}.{part}", str(err).removeprefix(f"{part}: ")) from None
         raise field_error(field, str(err)) from None

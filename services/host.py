@@ -15,21 +15,26 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
+from dataclasses import replace
 from typing import NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from poe.engine.config import Settings
-from poe.engine.errors import Unavailable, field_error
+from poe.client.base import CLIENT_TLS_SETTINGS, read_tls_files
+from poe.engine.config import Secret, Settings
+from poe.engine.errors import InvalidArgument, Unavailable, field_error
+from poe_services.auth import AuthInterceptor, anonymous_role
 from poe_services.errors import ErrorInterceptor
 from poe_services.metrics import MetricsInterceptor, serve_metrics
+from poe_services.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +116,20 @@ class Host:
     """A built server and the runtimes it hosts (in start order). Not started yet."""
 
     def __init__(self, server: grpc.Server, port: int, runtimes: dict[str, ServiceRuntime],
-                 server_health: ServerHealth, executor: futures.ThreadPoolExecutor | None = None):
+                 server_health: ServerHealth, executor: futures.ThreadPoolExecutor | None = None,
+                 verifier: TokenVerifier | None = None):
         self.server, self.port, self.runtimes, self.health = server, port, runtimes, server_health
         self.executor = executor  # the server's RPC threads
+        self.verifier = verifier  # the bearer tokens this server accepts
         self._lock = threading.Lock()
         self._closed: threading.Event | None = None
+
+    def issue_token(self, role: str, name: str = "in-process") -> str:
+        """A token this server accepts for as long as it runs, known nowhere else: for a command
+        that starts a server only to call it itself (`poe registry import --local`, benchmarks)."""
+        if self.verifier is None:
+            raise RuntimeError("this host checks no tokens")
+        return self.verifier.add_memory_token(role, name)
 
     def start(self) -> None:
         self.server.start()
@@ -201,6 +215,104 @@ def _make_runtime(name: str, settings: Settings, registry_target: str | None, mi
     return ExtractorRuntime(settings, registry_target)
 
 
+SERVER_TLS_SETTINGS = ("POE_TLS_CLIENT_CA", "POE_TLS_SERVER_CERT", "POE_TLS_SERVER_KEY")
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS of the gRPC port: None (plaintext) without POE_TLS_SERVER_CERT and POE_TLS_SERVER_KEY;
+    with POE_TLS_CLIENT_CA too, every client must present a certificate that CA signed (mutual TLS).
+    A missing, unreadable or wrong file is an InvalidArgument naming its setting."""
+    if settings.tls_server_cert is None and settings.tls_server_key is None:
+        if settings.tls_client_ca is not None:
+            raise InvalidArgument("POE_TLS_CLIENT_CA is set but POE_TLS_SERVER_CERT and POE_TLS_SERVER_KEY are not: "
+                                  "client certificates are only checked over TLS")
+        return None
+    client_ca, cert, key = read_tls_files(settings.tls_client_ca, settings.tls_server_cert, settings.tls_server_key,
+                                          SERVER_TLS_SETTINGS)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def in_process_client_tls(settings: Settings) -> dict:
+    """The client TLS settings (Settings fields) with which the composer and extractor hosted on a
+    server reach the registry on that same server, at 127.0.0.1:PORT.
+
+    Plaintext when the port is. With TLS: the server's certificate is checked against POE_TLS_CA,
+    or, without it, against the server's own certificate file (enough for a self-signed
+    certificate, or a chain file that ends with its root); under mutual TLS they present
+    POE_TLS_CERT/POE_TLS_KEY, or else the server's own certificate (then it must be signed by
+    POE_TLS_CLIENT_CA and allowed for client authentication); the name checked is
+    POE_TLS_SERVER_NAME, or else 127.0.0.1 when the certificate lists it, else its first DNS name.
+    A TLS handshake in memory tries this out, so that a combination that could never connect is an
+    InvalidArgument at start instead of a composer that never becomes ready."""
+    if settings.tls_server_cert is None:
+        return {"tls_ca": None, "tls_cert": None, "tls_key": None, "tls_server_name": ""}
+    read_tls_files(settings.tls_ca, settings.tls_cert, settings.tls_key, CLIENT_TLS_SETTINGS)
+    ca = settings.tls_ca or settings.tls_server_cert
+    cert, key = None, None
+    if settings.tls_cert is not None:
+        cert, key = settings.tls_cert, settings.tls_key
+    elif settings.tls_client_ca is not None:
+        cert, key = settings.tls_server_cert, settings.tls_server_key
+    peer = _handshake_in_memory(settings, ca, cert, key)
+    name = settings.tls_server_name
+    if not name:
+        names = peer.get("subjectAltName", ())
+        dns = [value for kind, value in names if kind == "DNS" and "*" not in value]
+        if ("IP Address", "127.0.0.1") not in names and dns:
+            name = dns[0]
+    return {"tls_ca": ca, "tls_cert": cert, "tls_key": key, "tls_server_name": name}
+
+
+def _handshake_in_memory(settings: Settings, ca, cert, key) -> dict:
+    """A TLS handshake between this server's certificate and the in-process clients' settings,
+    through memory buffers; the server's certificate as the client verified it."""
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(settings.tls_server_cert, settings.tls_server_key)
+    if settings.tls_client_ca is not None:
+        server_side.verify_mode = ssl.CERT_REQUIRED
+        server_side.load_verify_locations(cafile=settings.tls_client_ca)
+    client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_side.check_hostname = bool(settings.tls_server_name)  # else a name is picked from the certificate
+    client_side.load_verify_locations(cafile=ca)
+    if cert is not None:
+        client_side.load_cert_chain(cert, key)
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_in, server_in = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_side.wrap_bio(client_in, to_server, server_hostname=settings.tls_server_name or None)
+    server = server_side.wrap_bio(server_in, to_client, server_side=True)
+    pending = {"client": client, "server": server}
+    for _ in range(6):  # TLS 1.3 needs two round trips
+        for side, end in list(pending.items()):
+            try:
+                end.do_handshake()
+                del pending[side]
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as e:
+                raise _in_process_tls_error(settings, side, e) from None
+        server_in.write(to_server.read())
+        client_in.write(to_client.read())
+        if not pending:
+            return client.getpeercert()
+    raise RuntimeError("the TLS handshake in memory did not finish")
+
+
+def _in_process_tls_error(settings: Settings, side: str, error: ssl.SSLError) -> InvalidArgument:
+    reason = getattr(error, "verify_message", None) or error.reason or str(error)
+    where = "the composer and extractor on this server reach its registry over TLS at 127.0.0.1"
+    if side == "client":
+        trusted = f"POE_TLS_CA ({settings.tls_ca})" if settings.tls_ca else "the certificate itself (no POE_TLS_CA)"
+        name = f" as {settings.tls_server_name} (POE_TLS_SERVER_NAME)" if settings.tls_server_name else ""
+        return InvalidArgument(f"POE_TLS_SERVER_CERT: {where}, and cannot verify its certificate{name} with {trusted}: "
+                               f"{reason}; set POE_TLS_CA to the CA that signed it"
+                               + (" and POE_TLS_SERVER_NAME to a name it holds" if name else ""))
+    shown = f"POE_TLS_CERT ({settings.tls_cert})" if settings.tls_cert else \
+        "the server's own certificate (no POE_TLS_CERT)"
+    return InvalidArgument(f"POE_TLS_CLIENT_CA: {where} presenting {shown}, which the client CA refuses: {reason}; "
+                           "set POE_TLS_CERT and POE_TLS_KEY to a client certificate that POE_TLS_CLIENT_CA signed")
+
+
 def create_server(address: str, settings: Settings, services: Iterable[str] = SERVICES, *,
                   registry_target: str | None = None, migrate: bool | None = None, warm: bool = True,
                   max_workers: int = 32) -> Host:
@@ -216,9 +328,16 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     if unknown or not services:
         raise field_error("services", f"expected some of {', '.join(SERVICES)}, got {', '.join(unknown) or 'none'}")
     services = tuple(s for s in SERVICES if s in services)  # the registry first: the others may read from it
+    credentials = server_credentials(settings)
+    in_process = registry_target is None and "registry" in services and len(services) > 1
+    in_process_tls = in_process_client_tls(settings) if in_process else {}
     executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="poe-rpc")
-    server = grpc.server(executor, interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
-    port = server.add_insecure_port(address)
+    # Metrics outside (refused calls are counted too), then authentication, then error mapping.
+    verifier = TokenVerifier(settings.tokens_file)
+    auth = AuthInterceptor(verifier, anonymous_role(settings, address))
+    server = grpc.server(executor, interceptors=[MetricsInterceptor(), auth, ErrorInterceptor()],
+                         options=SERVER_OPTIONS)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not port:
         raise Unavailable(f"cannot listen on {address}")
     servicer = health.HealthServicer()
@@ -226,6 +345,11 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     server_health = ServerHealth(servicer, (SERVICE_NAMES[s] for s in services))
     if registry_target is None and "registry" in services:
         registry_target = f"127.0.0.1:{port}"
+        if not settings.service_token and len(services) > 1:
+            # The composer and extractor hosted here call this registry as `service`: with a token
+            # that lives as long as this process and is never written anywhere.
+            settings = replace(settings, service_token=Secret(verifier.add_memory_token("service", "in-process")))
+        settings = replace(settings, **in_process_tls)
     runtimes: dict[str, ServiceRuntime] = {}
     try:
         for name in services:
@@ -240,7 +364,7 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
         raise
     reflection.enable_server_reflection(
         (*(SERVICE_NAMES[s] for s in services), health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return Host(server, port, runtimes, server_health, executor)
+    return Host(server, port, runtimes, server_health, executor, verifier)
 
 
 def run(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None, host: str = "[::]",
@@ -251,13 +375,16 @@ def run(settings: Settings, services: Iterable[str], port: int, metrics_port: in
     + CLOSE_ALLOWANCE s after the signal. What is still running then (a runtime's close, a handler
     stuck in application code) does not hold the process: it exits without waiting for it.
 
-    `metrics_port`: where /metrics listens (0: any free port; None: not at all).
+    `metrics_port`: where /metrics listens (0: any free port; None: not at all), on the same `host`
+    as gRPC and, when the server has a certificate, over HTTPS with it (client certificates
+    required under mutual TLS).
     """
     hosted = create_server(f"{host}:{port}", settings, services, migrate=migrate)
     bound_metrics = None
     if metrics_port is not None:
         try:
-            bound_metrics = serve_metrics(metrics_port)
+            bound_metrics = serve_metrics(metrics_port, host, certfile=settings.tls_server_cert,
+                                          keyfile=settings.tls_server_key, client_cafile=settings.tls_client_ca)
         except OSError as e:
             hosted.stop(0).wait()
             raise Unavailable(f"cannot serve /metrics on port {metrics_port}: {e}") from e
@@ -266,8 +393,10 @@ def run(settings: Settings, services: Iterable[str], port: int, metrics_port: in
         signal.signal(sig, lambda signum, _frame: done.set())
     hosted.start()
     names = ", ".join(SERVICE_NAMES[s] for s in hosted.runtimes)
+    tls = settings.tls_server_cert is not None
     banner(f"poe: {names} listening on {host}:{hosted.port}"
-           + (f"; metrics on :{bound_metrics}/metrics" if bound_metrics is not None else ""))
+           + (" (mutual TLS)" if tls and settings.tls_client_ca else " (TLS)" if tls else "")
+           + (f"; metrics on :{bound_metrics}/metrics{' (HTTPS)' if tls else ''}" if bound_metrics is not None else ""))
     # A short wait, not one long one: Python runs signal handlers between bytecodes of the main thread.
     while not done.wait(0.5):
         pass

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +16,28 @@ from poe.engine import hierarchy
 from poe.engine.nets import ExpertConfig, WideResNet, WRNConfig, make_expert
 from poe.engine.pool import Expert, Pool, library_state_from_student
 
+# Helper modules of the tests (testenv) are imported by name; sub-folders' conftests need them early.
+sys.path.insert(0, str(Path(__file__).parent))
+
 
 def pytest_configure(config):
     # Keep torch from oversubscribing the machine's cores when tests run beside other work.
     torch.set_num_threads(int(os.environ.get("POE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))))
+    _run_tokens()
+
+
+def _run_tokens() -> None:
+    """One token file for the run (tests/testenv.py says how servers and clients use it); a POE_HOME
+    of its own, so that no admin.token of this machine's `poe up` is picked up."""
+    from poe_services import tokens
+
+    root = Path(tempfile.mkdtemp(prefix="poe-test-run-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    path = root / "tokens.json"
+    _, admin = tokens.create(path, "admin", "tests", token_id="test-admin")
+    _, service = tokens.create(path, "service", "test services", token_id="test-service")
+    os.environ.update({"POE_HOME": str(root / "home"), "POE_TOKENS_FILE": str(path), "POE_TOKEN": admin,
+                       "POE_SERVICE_TOKEN": service})
 
 
 def randomize_bn(module: torch.nn.Module, generator: torch.Generator) -> None:

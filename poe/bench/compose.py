@@ -36,7 +36,7 @@ from poe.bench.report import hardware, hardware_line
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
 from poe.engine.compose import build, plan
-from poe.engine.config import Settings
+from poe.engine.config import Secret, Settings
 from poe.engine.export import TEMPLATED_FORMATS, quiet_jit, script
 from poe.engine.pool import load as load_pool
 
@@ -83,7 +83,8 @@ def _registry_process(env: dict[str, str], s3: bool, conn) -> None:
                "POE_S3_ACCESS_KEY": "bench", "POE_S3_SECRET_KEY": "bench-secret"}
     host = create_server("127.0.0.1:0", Settings.from_env(env), ("registry",), migrate=True)
     host.start()
-    conn.send(host.port)
+    # Tokens valid only while this registry runs: one to import the pool, one for the composer.
+    conn.send((host.port, host.issue_token("admin", "bench"), host.issue_token("service", "bench-composer")))
     conn.recv()
     host.stop(0).wait()
     if moto is not None:
@@ -104,11 +105,12 @@ def _start_stack(env: dict[str, str], record: bool, pool_dir: Path, s3: bool):
         if not registry.is_alive() or time.monotonic() > deadline:
             registry.kill()
             raise RuntimeError(f"the benchmark's registry did not start (exit code {registry.exitcode})")
-    registry_target = f"127.0.0.1:{conn.recv()}"
-    with RegistryClient(registry_target) as reg:
+    port, admin_token, service_token = conn.recv()
+    registry_target = f"127.0.0.1:{port}"
+    with RegistryClient(registry_target, token=admin_token) as reg:
         pv, _ = reg.import_pool(pool_dir)
     settings = dataclasses.replace(Settings.from_env({**env, "POE_REGISTRY_ADDR": registry_target}),
-                                   record_compositions=record)
+                                   record_compositions=record, service_token=Secret(service_token))
     host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=registry_target, warm=False)
     host.start()
 

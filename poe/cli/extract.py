@@ -9,11 +9,13 @@
 `poe up` listens), or `embedded`: a registry and an extractor started inside this command on the
 embedded storage under POE_HOME, for as long as it follows the job.
 
-`--oracle` is a registered oracle id (`42` or `registry:42`) or a file: TorchScript, or a
-safetensors state dict of a WideResNet with its config (`--oracle-config`, or the JSON that
-`poe train` writes beside it). The extractor reads files and data sets on its own filesystem;
-`--upload` sends a local safetensors oracle to the registry first instead. A local `--hierarchy`
-file is sent inline. `--follow` shows a progress bar; Ctrl-C detaches without cancelling.
+`--oracle` is a registered oracle id (`42` or `registry:42`), a local safetensors file (the
+weights of a WideResNet with its config: `--oracle-config`, or the JSON that `poe train` writes
+beside it), which is uploaded to the registry and sent by id, or a file in the extractor's oracle
+directory (POE_EXTRACTOR_ORACLE_DIR: a TorchScript module, or any path not on this machine), sent as
+a path for the extractor to open there. A local `--hierarchy` file is sent inline; data set paths
+are opened by the extractor, inside its POE_DATA_DIR or oracle directory. `--follow` shows a
+progress bar; Ctrl-C detaches without cancelling.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def extractor_client(target: str) -> Iterator:
     try:
         if not host.runtimes["extractor"].recovered.wait(60):
             raise PoeError("the embedded extractor did not come up within 60 s")
-        with ExtractorClient(f"127.0.0.1:{host.port}") as client:
+        with ExtractorClient(f"127.0.0.1:{host.port}", token=host.issue_token("admin", "embedded")) as client:
             yield client, host
     finally:
         host.runtimes["extractor"].close()  # workers and the extractor's registry channel first
@@ -144,7 +146,26 @@ def _split(values: list[str] | None) -> list[str]:
     return [p.strip() for v in values or [] for p in v.split(",") if p.strip()]
 
 
-def _oracle(args: argparse.Namespace, params: dict, target: str) -> None:
+MAX_LOCAL_ORACLE_BYTES = 1 << 30
+MAX_LOCAL_SIDE_BYTES = 1 << 20
+
+
+def _read_local(path: Path, max_bytes: int, what: str) -> bytes:
+    """A regular file of this machine, at most `max_bytes` (never a FIFO or device)."""
+    try:
+        if not path.is_file():
+            raise InvalidArgument(f"{what}: {path}: not a regular file")
+        if path.stat().st_size > max_bytes:
+            raise InvalidArgument(f"{what}: {path}: larger than {max_bytes} bytes")
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)[:max_bytes]
+    except OSError as e:
+        raise InvalidArgument(f"{what}: {path}: cannot read ({e.strerror or e})") from None
+
+
+def _oracle(args: argparse.Namespace, params: dict, registry: tuple[str, str | None]) -> None:
+    """params["oracle"]: an id as it is, a local safetensors file uploaded first, anything else as
+    a path in the extractor's oracle directory."""
     ref = args.oracle
     if ref is None:
         if args.upload:
@@ -158,46 +179,58 @@ def _oracle(args: argparse.Namespace, params: dict, target: str) -> None:
     if args.oracle_config:
         cfg_path = Path(args.oracle_config)
         config_json = cfg_path.read_text() if cfg_path.is_file() else args.oracle_config
-    if not args.upload:
+    local = path.is_file()
+    if local:
+        with open(path, "rb") as f:
+            local = not f.read(4).startswith(b"PK\x03\x04")  # TorchScript (a zip) is never uploaded
+    if args.upload and not local:
+        raise InvalidArgument(f"--upload sends local safetensors oracles only; {ref} is " +
+                              ("TorchScript, which the extractor loads only from its oracle directory (pass its path "
+                               "there without --upload)" if path.is_file() else "not a file here"))
+    if not local:
         params["oracle"] = {"path": str(path.resolve()) if path.exists() else ref}
         if config_json:
             params["oracle"]["config_json"] = config_json
         return
-    params["oracle"] = {"registry_id": _upload(path, config_json, args, target)}
+    params["oracle"] = {"registry_id": _upload(path, config_json, args, registry)}
 
 
-def _upload(path: Path, config_json: str, args: argparse.Namespace, target: str) -> int:
-    """Register a local safetensors oracle (and its hierarchy) in the registry; returns its id."""
+def _upload(path: Path, config_json: str, args: argparse.Namespace, registry: tuple[str, str | None]) -> int:
+    """Register a local safetensors oracle (and its hierarchy) in the registry (`registry`: target
+    and token); returns its id. The weights are checked here first (the registry checks them again)."""
     from poe.client.registry import RegistryClient
     from poe.engine.data import builtin_dataset
     from poe.engine.hierarchy import builtin, load
-    from poe.engine.pool import config_to_dict
+    from poe.engine.nets import count_params
     from poe_services.extractor import oracles
 
-    if not path.is_file():
-        raise InvalidArgument(f"--oracle: {path}: no such file")
-    if oracles.is_zip(path):
-        raise InvalidArgument("--upload sends safetensors oracles only; a TorchScript oracle must be a file the "
-                              "extractor can read (pass its path without --upload)")
-    cfg, model, data = oracles.read_wrn_file(path, config_json, "--oracle")
+    data = _read_local(path, MAX_LOCAL_ORACLE_BYTES, "--oracle")
+
+    def read_side(side: Path) -> bytes | None:
+        return _read_local(side, MAX_LOCAL_SIDE_BYTES, "--oracle") if side.exists() else None
+
+    oracles.check_safetensors_header(data, path.name, "--oracle")
+    config = oracles.config_for_file(path, data, config_json, "--oracle", read_side)
+    cfg = oracles.oracle_config(config, "--oracle-config")
+    model = oracles.load_weights(cfg, data, path.name, "--oracle")
     dataset = builtin_dataset(args.dataset or "")
     if args.hierarchy and Path(args.hierarchy).is_file():
         hier = load(args.hierarchy)
     elif args.hierarchy or dataset is not None:
         hier = builtin(args.hierarchy or dataset.hierarchy)
     else:
-        raise InvalidArgument("--upload needs --hierarchy (the registry files oracles under a data set)")
-    registry = args.registry or os.environ.get("POE_REGISTRY_ADDR") or target
-    with RegistryClient(registry) as reg:
+        raise InvalidArgument(f"--oracle {path.name} is uploaded to the registry, which files oracles under a data "
+                              "set: give --hierarchy")
+    target, token = registry
+    with RegistryClient(target, token=token) as reg:
         reg.register_hierarchy(hier)
-        o, created = reg.register_oracle(f"oracle {path.name}", hier.dataset, config_to_dict(cfg), data,
-                                         params=sum(p.numel() for p in model.parameters()),
-                                         metrics={"source": str(path.resolve())})
+        o, created = reg.register_oracle(f"oracle {path.name}", hier.dataset, cfg.to_dict(), data,
+                                         params=count_params(model), metrics={"source": str(path.resolve())})
     print(f"oracle {path.name} {'uploaded' if created else 'already in the registry'}: id {o.id}", file=sys.stderr)
     return o.id
 
 
-def _start_params(args: argparse.Namespace, target: str) -> dict:
+def _start_params(args: argparse.Namespace, registry: tuple[str, str | None]) -> dict:
     if not args.dataset:
         raise InvalidArgument("--dataset is required (fashion-mnist, an IDX folder, an image folder or an .npz)")
     path = Path(args.dataset).expanduser()
@@ -212,7 +245,7 @@ def _start_params(args: argparse.Namespace, target: str) -> dict:
             params["hierarchy_text"] = Path(args.hierarchy).read_text()
         else:
             params["hierarchy"] = args.hierarchy
-    _oracle(args, params, target)
+    _oracle(args, params, registry)
     for key, value in (("tasks", _split(args.tasks)), ("aliases", args.alias or []), ("base_pool", args.base_pool),
                        ("pool_name", args.name), ("pool_version", args.version), ("device", args.device)):
         if value:
@@ -226,10 +259,14 @@ def _start_params(args: argparse.Namespace, target: str) -> dict:
 
 def cmd_start(args: argparse.Namespace) -> int:
     target = args.target or _default_target()
-    if target == EMBEDDED and args.upload:
-        raise InvalidArgument("--upload needs a running registry; with --target embedded pass the file itself")
-    params = _start_params(args, target)
+    if not args.dataset:
+        raise InvalidArgument("--dataset is required (fashion-mnist, an IDX folder, an image folder or an .npz)")
     with extractor_client(target) as (client, host):
+        if host is not None:  # an uploaded oracle goes to the embedded registry
+            registry = (f"127.0.0.1:{host.port}", host.issue_token("admin", "embedded"))
+        else:
+            registry = (args.registry or os.environ.get("POE_REGISTRY_ADDR") or target, None)
+        params = _start_params(args, registry)
         job = client.start(params, job_id=args.job_id or "")
         if not (args.follow or host is not None):
             if args.json:
@@ -295,9 +332,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _target_flag(ex)
     ex.add_argument("--dataset", help="fashion-mnist, or (on the extractor) an IDX folder, image folder or .npz")
-    ex.add_argument("--oracle", help="registered oracle id, or a TorchScript / safetensors file")
+    ex.add_argument("--oracle", help="registered oracle id, a local safetensors file (uploaded to the registry), or "
+                                     "a file in the extractor's oracle directory (TorchScript)")
     ex.add_argument("--oracle-config", help="WRNConfig JSON (or a JSON file) of a safetensors oracle")
-    ex.add_argument("--upload", action="store_true", help="register the local safetensors oracle in the registry first")
+    ex.add_argument("--upload", action="store_true",
+                    help="insist that --oracle is a local safetensors file to upload (what happens to one anyway)")
     ex.add_argument("--registry", metavar="HOST:PORT",
                     help="registry for --upload (default POE_REGISTRY_ADDR, else the extractor's address)")
     ex.add_argument("--hierarchy", help="built-in hierarchy name or a YAML/JSON file (default: the data set's)")

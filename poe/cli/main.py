@@ -4,10 +4,12 @@ status names the class of failure (`poe.cli.output.EXIT_CODES`, listed by `poe -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from poe.cli.output import EXIT_CODES_HELP, EXIT_INTERRUPTED, emit, exit_code
@@ -430,12 +432,69 @@ def _add_bench_part_parsers(bsub) -> None:
                     "largest)")
 
 
+# -- client TLS ----------------------------------------------------------------------------------
+
+# Options of `poe` itself and of every command that talks to a service or serves (given before or
+# after the command). Each sets its POE_TLS_* variable while the command runs, so that every client
+# the command makes sees it, wherever in the command that client is made.
+_CLIENT_TLS_OPTIONS = (
+    ("--tls-ca", "FILE", "POE_TLS_CA", "CA bundle (PEM) that servers' certificates are checked against; turns TLS on"),
+    ("--tls-cert", "FILE", "POE_TLS_CERT", "this client's certificate (PEM) for servers that require one (mutual TLS)"),
+    ("--tls-key", "FILE", "POE_TLS_KEY", "the private key (PEM, unencrypted) of --tls-cert"),
+    ("--tls-server-name", "NAME", "POE_TLS_SERVER_NAME",
+     "the name the server's certificate must hold (default: the target's host)"),
+)
+
+
+def _add_client_tls_options(parser: argparse.ArgumentParser, default=None) -> None:
+    group = parser.add_argument_group("TLS to services (also POE_TLS_CA, POE_TLS_CERT, POE_TLS_KEY, "
+                                      "POE_TLS_SERVER_NAME)")
+    for flag, metavar, _variable, text in _CLIENT_TLS_OPTIONS:
+        group.add_argument(flag, metavar=metavar, default=default, help=text)
+
+
+def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command's own parser (the leaves under `parser`)."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield parser
+        return
+    for action in subparsers:
+        for command in dict.fromkeys(action.choices.values()):
+            yield from _commands(command)
+
+
+def _add_client_tls_to_commands(parser: argparse.ArgumentParser) -> None:
+    for command in _commands(parser):
+        if {"--target", "--port"} & set(command._option_string_actions):
+            # SUPPRESS: an option not given after the command keeps the value given before it.
+            _add_client_tls_options(command, default=argparse.SUPPRESS)
+
+
+@contextlib.contextmanager
+def _client_tls_environment(args: argparse.Namespace) -> Iterator[None]:
+    """The POE_TLS_* variables of the client TLS options given, for the duration of the block."""
+    given = {variable: getattr(args, flag[2:].replace("-", "_"), None) for flag, _, variable, _ in _CLIENT_TLS_OPTIONS}
+    given = {variable: value for variable, value in given.items() if value is not None}
+    before = {variable: os.environ.get(variable) for variable in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for variable, value in before.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poe", description="Pool of Experts: small task-specific classifiers,\n"
                                      "composed train-free from a pool of distilled experts.",
                                      epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_client_tls_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an oracle, a library and experts into a pool (offline, slow)",
@@ -535,11 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
 
-    from poe.cli import extract, registry, serve
+    from poe.cli import extract, registry, serve, token
 
     registry.add_parser(sub)  # `poe registry ...` (migrate, import, list, serve)
     serve.add_parsers(sub)  # `poe serve NAME`, `poe up`
     extract.add_parser(sub)  # `poe extract ...` (start, status, list, cancel)
+    token.add_parsers(sub)  # `poe token create|list|revoke`
+    _add_client_tls_to_commands(parser)
     return parser
 
 
@@ -547,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _client_tls_environment(args):
+            return args.func(args)
     except PoeError as e:  # also a bad POE_* setting, read by the command (settings() raises InvalidArgument)
         print(f"poe: error: {e}", file=sys.stderr)
         return exit_code(e)

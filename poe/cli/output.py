@@ -12,6 +12,7 @@ from poe.engine.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -25,7 +26,7 @@ EXIT_FSCK_PROBLEMS = 3  # `poe registry fsck` found corrupt, missing or orphan b
 EXIT_INVALID_ARGUMENT = 4
 EXIT_NOT_FOUND = 5
 EXIT_CONFLICT = 6  # already exists, or a failed precondition (e.g. the schema needs `poe registry migrate`)
-EXIT_UNAVAILABLE = 7  # a service, the database or the blob store unreachable, or a deadline exceeded: retry later
+EXIT_UNAVAILABLE = 7  # unreachable (service, database, blob store), deadline exceeded or quota: retry later
 EXIT_PERMISSION = 8  # permission denied or unauthenticated
 EXIT_DATA_LOSS = 9  # stored bytes do not match their sha256
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
@@ -37,6 +38,7 @@ EXIT_CODES: dict[type[Exception], int] = {
     AlreadyExists: EXIT_CONFLICT,
     FailedPrecondition: EXIT_CONFLICT,
     Unavailable: EXIT_UNAVAILABLE,
+    ResourceExhausted: EXIT_UNAVAILABLE,
     PermissionDenied: EXIT_PERMISSION,
     Unauthenticated: EXIT_PERMISSION,
     DataLoss: EXIT_DATA_LOSS,
@@ -51,7 +53,7 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_INVALID_ARGUMENT}    invalid argument (bad classes, a bad file, a bad POE_* setting)
   {EXIT_NOT_FOUND}    not found (pool, version, alias, job, pool directory)
   {EXIT_CONFLICT}    already exists, or a failed precondition (e.g. the schema needs migrating)
-  {EXIT_UNAVAILABLE}    unavailable or deadline exceeded (service, database, blob store): retry later
+  {EXIT_UNAVAILABLE}    unavailable, deadline exceeded or over a quota (service, database, blob store): retry later
   {EXIT_PERMISSION}    permission denied or unauthenticated
   {EXIT_DATA_LOSS}    data loss: stored bytes do not match their sha256
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""

@@ -3,6 +3,12 @@
     poe registry migrate [--status]                 bring the database schema to head (Alembic)
     poe registry import POOL_DIR [--target T]       register and publish a pool directory
     poe registry list [--target T] [--class NAME]   published pool versions
+    poe registry describe POOL[@VERSION]            one version: hierarchy, library, experts, oracle, sizes
+    poe registry lineage POOL[@VERSION]             where it came from: library, oracle, data set, experts, job
+    poe registry export POOL[@VERSION] DIR          write it back as a pool directory (sha256 verified)
+    poe registry alias set POOL ALIAS VERSION       point an alias at a version
+    poe registry alias delete POOL ALIAS            remove an alias
+    poe registry version delete POOL VERSION --yes  delete a version (its cached models go with it)
     poe registry gc [--apply] [--older-than 1h]     remove what crashes left (dry run without --apply)
     poe registry fsck                               verify every blob's sha256; rows vs stored bytes
     poe registry serve [--port P]                   run the registry service (same as `poe serve registry`)
@@ -12,6 +18,7 @@ process on a loopback port, on the configured database and blob store (POE_DATAB
 POE_BLOB_URL; by default SQLite and files under POE_HOME) and reached over gRPC like any other.
 The embedded registry migrates a SQLite database by itself; any other database must be migrated
 with `poe registry migrate` first. Default target: POE_REGISTRY_ADDR when set, else embedded.
+Every command that talks to a registry prints text for people, or one JSON document with --json.
 
 `migrate`, `gc` and `fsck` work on the database and the blob store directly (POE_DATABASE_URL,
 POE_BLOB_URL), not through a registry; gc and fsck are safe while registries serve.
@@ -21,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from poe.cli.output import EXIT_FSCK_PROBLEMS, EXIT_UNAVAILABLE, emit, table
+from poe.cli.output import EXIT_FAILURE, EXIT_FSCK_PROBLEMS, EXIT_UNAVAILABLE, EXIT_USAGE, emit, table
+from poe.engine.errors import NotFound
 
 EMBEDDED = "embedded"
 
@@ -57,7 +66,7 @@ def registry_client(target: str, args: argparse.Namespace) -> Iterator:
     host = create_server("127.0.0.1:0", cfg, ("registry",), migrate=cfg.database_url.startswith("sqlite"))
     host.start()
     try:
-        with RegistryClient(f"127.0.0.1:{host.port}") as client:
+        with RegistryClient(f"127.0.0.1:{host.port}", token=host.issue_token("admin", "embedded")) as client:
             yield client
     finally:
         host.stop(None).wait(30)
@@ -154,6 +163,189 @@ def cmd_list(args: argparse.Namespace) -> int:
                                   f"{row['params']:>10,}  {', '.join(row['aliases'])}")
 
 
+def _time(ts) -> str | None:
+    """A protobuf Timestamp as ISO 8601 UTC, None when unset."""
+    return ts.ToDatetime().isoformat(timespec="seconds") + "Z" if ts.seconds or ts.nanos else None
+
+
+def _loads(text: str) -> dict:
+    return json.loads(text) if text else {}
+
+
+def _size(n: int) -> str:
+    from poe_services.registry.maintenance import human_bytes
+
+    return human_bytes(n)
+
+
+def _blob(ref) -> dict:
+    return {"sha256": ref.sha256, "bytes": ref.size}
+
+
+def _describe(pv, oracle) -> dict:
+    """A pool version as the stable JSON document of `describe`."""
+    classes = list(pv.hierarchy.classes)
+    experts = [{"id": x.id, "task": x.task, "class_ids": list(x.class_ids), "classes": list(x.class_names),
+                "params": x.params, "val_accuracy": x.val_accuracy if x.HasField("val_accuracy") else None,
+                "metrics": _loads(x.metrics_json), "loss": _loads(x.loss_json), **_blob(x.blob)}
+               for x in pv.experts]
+    lib = pv.library
+    library = {"id": lib.id, "name": lib.name, "params": lib.params, "config": _loads(lib.config_json),
+               "metrics": _loads(lib.metrics_json), "loss": _loads(lib.loss_json), "oracle_id": lib.oracle_id or None,
+               **_blob(lib.blob)}
+    oracle_doc = None if oracle is None else {
+        "id": oracle.id, "name": oracle.name, "params": oracle.params, "config": _loads(oracle.config_json),
+        "metrics": _loads(oracle.metrics_json), **_blob(oracle.blob)}
+    return {"pool": f"{pv.name}@{pv.version}", "name": pv.name, "version": pv.version, "aliases": list(pv.aliases),
+            "dataset": pv.dataset, "description": pv.description, "published": _time(pv.publish_time),
+            "hierarchy": {"version": pv.hierarchy.version, "classes": classes,
+                          "tasks": {t.name: list(t.class_names) for t in pv.hierarchy.tasks}},
+            "library": library, "experts": experts, "oracle": oracle_doc, "info": _loads(pv.info_json),
+            "params": pv.params,
+            # What a composer downloads (library and experts), and what `export` writes (plus the oracle).
+            "bytes": lib.blob.size + sum(x.blob.size for x in pv.experts),
+            "export_bytes": lib.blob.size + sum(x.blob.size for x in pv.experts) + (oracle.blob.size if oracle else 0)}
+
+
+def _describe_text(d: dict) -> str:
+    lib, oracle = d["library"], d["oracle"]
+    h = d["hierarchy"]
+    lines = [f"pool         {d['pool']}",
+             f"aliases      {', '.join(d['aliases']) or '-'}",
+             f"dataset      {d['dataset']} (hierarchy v{h['version']}: {len(h['classes'])} classes, "
+             f"{len(h['tasks'])} tasks)",
+             f"published    {d['published'] or '-'}",
+             f"description  {d['description'] or '-'}",
+             f"library      #{lib['id']} {lib['name']}: {lib['params']:,} params, {_size(lib['bytes'])}, "
+             f"sha256 {lib['sha256'][:12]}"]
+    if oracle:
+        metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in sorted(oracle["metrics"].items()))
+        lines.append(f"oracle       #{oracle['id']} {oracle['name']}: {oracle['params']:,} params, "
+                     f"{_size(oracle['bytes'])}, sha256 {oracle['sha256'][:12]}" + (f" ({metrics})" if metrics else ""))
+    else:
+        lines.append("oracle       - (none recorded)")
+    lines.append(f"total        {d['params']:,} params in library + {len(d['experts'])} experts, "
+                 f"{_size(d['bytes'])} ({_size(d['export_bytes'])} with the oracle)")
+    lines.append("")
+    lines.append(f"{'TASK':<24} {'CLASSES':<32} {'PARAMS':>8} {'VAL_ACC':>8} {'SIZE':>9}  SHA256")
+    for x in d["experts"]:
+        acc = "-" if x["val_accuracy"] is None else f"{x['val_accuracy']:.4f}"
+        lines.append(f"{x['task']:<24} {', '.join(x['classes']):<32} {x['params']:>8,} {acc:>8} "
+                     f"{_size(x['bytes']):>9}  {x['sha256'][:12]}")
+    covered = {c for x in d["experts"] for c in x["classes"]}
+    missing = [c for c in h["classes"] if c not in covered]
+    if missing:
+        lines.append(f"no expert for: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    with registry_client(args.target or _default_target(), args) as client:
+        pv = client.get_pool(args.pool)
+        oracle = client.get_oracle(pv.library.oracle_id) if pv.library.oracle_id else None
+    doc = _describe(pv, oracle)
+    return emit(doc, args.json, lambda: _describe_text(doc))
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from poe.contract import state_name
+
+    with registry_client(args.target or _default_target(), args) as client:
+        pv = client.get_pool(args.pool)  # resolve an alias once, so that every answer is about one version
+        ref = f"{pv.name}@{pv.version}"
+        nodes = client.lineage("pool", ref)
+        jobs = [j for j in client.list_jobs() if j.pool == ref]
+    doc = {"pool": ref,
+           "nodes": [{"kind": n.kind, "id": n.id, "name": n.name,
+                      **(_blob(n.blob) if n.HasField("blob") else {"sha256": None, "bytes": None})} for n in nodes],
+           "experts": [{"id": x.id, "task": x.task, "library_id": x.library_id, **_blob(x.blob)} for x in pv.experts],
+           "jobs": [{"id": j.id, "state": state_name(j.state), "created": _time(j.create_time),
+                     "updated": _time(j.update_time)} for j in jobs],
+           "description": pv.description}
+
+    def text() -> str:
+        lines = []
+        for n in doc["nodes"]:
+            blob = f"  sha256 {n['sha256'][:12]} ({_size(n['bytes'])})" if n["sha256"] else ""
+            ident = n["id"] if n["kind"] in ("pool", "dataset") else f"#{n['id']} {n['name']}"
+            lines.append(f"{n['kind']:<9} {ident}{blob}")
+        for x in doc["experts"]:
+            lines.append(f"{'expert':<9} #{x['id']} {x['task']} (library #{x['library_id']})  "
+                         f"sha256 {x['sha256'][:12]} ({_size(x['bytes'])})")
+        for j in doc["jobs"]:
+            lines.append(f"{'job':<9} {j['id']} ({j['state']}, created {j['created']})")
+        if not doc["jobs"]:
+            lines.append(f"{'job':<9} - ({doc['description'] or 'no extraction job recorded'})")
+        return "\n".join(lines)
+
+    return emit(doc, args.json, text)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from poe.engine.errors import AlreadyExists
+
+    out = Path(args.dir)
+    if not args.force and out.is_dir() and any(out.iterdir()):
+        raise AlreadyExists(f"{out}: not empty; pass --force to replace the pool's files in it")
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    with registry_client(args.target or _default_target(), args) as client:
+        pv, manifest = client.export_pool(args.pool, out, overwrite=args.force, progress=progress)
+    files = [manifest["library"], *manifest["experts"], *([manifest["oracle"]] if "oracle" in manifest else [])]
+    doc = {"pool": f"{pv.name}@{pv.version}", "dir": str(out),
+           "files": [{"file": f["file"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in files],
+           "bytes": sum(f["bytes"] for f in files)}
+    return emit(doc, args.json, lambda: f"exported {doc['pool']} to {out}: {len(files)} files, {_size(doc['bytes'])}, "
+                                        f"sha256 verified (`poe registry import {out}` reads it)")
+
+
+def cmd_alias_set(args: argparse.Namespace) -> int:
+    with registry_client(args.target or _default_target(), args) as client:
+        pv = client.set_alias(args.name, args.alias, args.version)
+    doc = {"pool": pv.name, "alias": args.alias, "version": pv.version, "aliases": list(pv.aliases)}
+    return emit(doc, args.json, lambda: f"{pv.name}@{args.alias} -> {pv.version} "
+                                        f"(aliases of {pv.version}: {', '.join(pv.aliases)})")
+
+
+def cmd_alias_delete(args: argparse.Namespace) -> int:
+    with registry_client(args.target or _default_target(), args) as client:
+        client.delete_alias(args.name, args.alias)
+    doc = {"pool": args.name, "alias": args.alias, "deleted": True}
+    return emit(doc, args.json, lambda: f"deleted alias {args.name}@{args.alias}")
+
+
+def _confirmed(question: str) -> bool | None:
+    """The answer to a yes/no question on the terminal; None when stdin is not one."""
+    if not sys.stdin or not sys.stdin.isatty():
+        return None
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def cmd_version_delete(args: argparse.Namespace) -> int:
+    ref = f"{args.name}@{args.version}"
+    if not args.yes:
+        answer = _confirmed(f"delete pool version {ref}? Its cached models go with it; experts and blobs stay.")
+        if answer is None:
+            print(f"poe: error: refusing to delete {ref} without --yes (stdin is not a terminal)", file=sys.stderr)
+            return EXIT_USAGE
+        if not answer:
+            print(f"poe: {ref} not deleted", file=sys.stderr)
+            return EXIT_FAILURE
+    with registry_client(args.target or _default_target(), args) as client:
+        dropped = client.delete_pool_version(args.name, args.version)
+        try:
+            latest = client.get_pool(args.name).version
+        except NotFound:  # that was its last version: the pool is gone
+            latest = None
+    doc = {"pool": ref, "deleted": True, "deleted_cache_entries": dropped, "latest": latest}
+    return emit(doc, args.json, lambda: f"deleted {ref} ({dropped} cached model(s) dropped); " + (
+        f"{args.name}@latest -> {latest}" if latest else f"{args.name} has no versions left"))
+
+
 def _runs_dir(args: argparse.Namespace, cfg) -> Path | None:
     """--runs, else POE_HOME/extractions when the extractor shares this machine's home: the embedded
     set-up (`poe up`: the SQLite database under POE_HOME)."""
@@ -225,7 +417,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `registry` command group to the `poe` parser's subparsers."""
-    reg = subparsers.add_parser("registry", help="the model registry: migrate, import pools, list, gc, fsck",
+    reg = subparsers.add_parser("registry", help="the model registry: import, list, describe, export pools; "
+                                                 "aliases; migrate, gc, fsck",
                                 description=__doc__.split("\n\n")[1] if __doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = reg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
@@ -253,6 +446,63 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     _add_storage_flags(ls)
     ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("describe", help="one pool version: hierarchy, library, experts, oracle, aliases, sizes")
+    d.add_argument("pool", metavar="POOL[@VERSION]", help="name, name@version or name@alias (name: latest)")
+    _add_target_flag(d)
+    d.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_flags(d)
+    d.set_defaults(func=cmd_describe)
+
+    lin = sub.add_parser("lineage", help="where a pool version came from: library, oracle, data set, experts, job")
+    lin.add_argument("pool", metavar="POOL[@VERSION]", help="name, name@version or name@alias (name: latest)")
+    _add_target_flag(lin)
+    lin.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_flags(lin)
+    lin.set_defaults(func=cmd_lineage)
+
+    x = sub.add_parser("export", help="write a pool version to a directory that `poe registry import` reads",
+                       description="Download a pool version's library, experts and oracle (each checked against "
+                                   "its sha256) and write them with pool.json and hierarchy.yaml: the format "
+                                   "`poe registry import DIR` and `poe compose --local DIR` read. Files are moved "
+                                   "into place only once all of them are verified.")
+    x.add_argument("pool", metavar="POOL[@VERSION]", help="name, name@version or name@alias (name: latest)")
+    x.add_argument("dir", metavar="DIR", help="directory to write (created; must be empty unless --force)")
+    x.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR, replacing the pool's files (other files stay)")
+    _add_target_flag(x)
+    x.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_storage_flags(x)
+    x.set_defaults(func=cmd_export)
+
+    al = sub.add_parser("alias", help="point an alias at a pool version, or remove one")
+    al_sub = al.add_subparsers(dest="alias_command", required=True, metavar="ACTION")
+    als = al_sub.add_parser("set", help="point ALIAS of POOL at VERSION (moves it when it exists)")
+    als.add_argument("name", metavar="POOL")
+    als.add_argument("alias", metavar="ALIAS", help="not `latest`, which the registry moves by itself")
+    als.add_argument("version", metavar="VERSION")
+    als.set_defaults(func=cmd_alias_set)
+    ald = al_sub.add_parser("delete", help="remove ALIAS of POOL (the version stays)")
+    ald.add_argument("name", metavar="POOL")
+    ald.add_argument("alias", metavar="ALIAS")
+    ald.set_defaults(func=cmd_alias_delete)
+
+    ver = sub.add_parser("version", help="delete a pool version")
+    ver_sub = ver.add_subparsers(dest="version_command", required=True, metavar="ACTION")
+    vd = ver_sub.add_parser("delete", help="delete VERSION of POOL; refused while an alias other than latest "
+                                           "points at it",
+                            description="Delete a pool version and its composed-model cache entries; its "
+                                        "experts, library and oracle stay registered, with their blobs. "
+                                        "`latest` moves to the newest remaining version. Asks for confirmation "
+                                        "on a terminal; elsewhere --yes is required.")
+    vd.add_argument("name", metavar="POOL")
+    vd.add_argument("version", metavar="VERSION")
+    vd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    vd.set_defaults(func=cmd_version_delete)
+    for p in (als, ald, vd):
+        _add_target_flag(p)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        _add_storage_flags(p)
 
     g = sub.add_parser("gc", help="remove what crashed uploads and finished extraction jobs left (dry run by default)",
                        description="Remove staging leftovers and incomplete S3 uploads, blobs no row refers to "

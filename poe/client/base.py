@@ -9,17 +9,128 @@ exceptions instead of grpc.RpcError.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from poe.client.errors import translate_rpc_errors
-from poe.engine.errors import Unavailable
+from poe.engine.config import Secret, Settings, is_loopback, settings, split_host
+from poe.engine.errors import InvalidArgument, Unavailable
 
 MAX_MESSAGE_BYTES = 8 << 20  # models and blobs are streamed in 1 MiB chunks; this leaves headroom
 MAX_ATTEMPTS = 5  # gRPC treats a retryPolicy's maxAttempts above 5 as 5
+
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def resolve_token(token: str | Secret | None, target: str) -> str:
+    """The bearer token a client sends: `token`, else POE_TOKEN, else (to a loopback target only)
+    the admin token `poe up` wrote into POE_HOME; "" for none. The local admin token never goes to
+    another machine: it is only valid for this machine's server anyway."""
+    if isinstance(token, Secret):
+        token = token.reveal()
+    if token:
+        return token.strip()
+    cfg = settings()
+    if cfg.token:
+        return cfg.token.reveal().strip()
+    if is_loopback(split_host(target)):
+        try:
+            return (cfg.home / ADMIN_TOKEN_FILE).read_text().strip()
+        except OSError:
+            return ""
+    return ""
+
+
+def read_tls_files(ca: Path | None, cert: Path | None, key: Path | None,
+                   names: tuple[str, str, str]) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """The PEM bytes of a CA bundle and of a certificate chain with its private key, each optional.
+
+    Checked here with Python's ssl (OpenSSL), so that a wrong file is refused when a client or
+    server is built, with the name of its setting (`names`: the CA's, the certificate's, the key's),
+    instead of failing every handshake later. An encrypted key is refused: nobody would type its
+    password into a service."""
+    ca_name, cert_name, key_name = names
+    if (cert is None) != (key is None):
+        given, missing = (cert_name, key_name) if cert is not None else (key_name, cert_name)
+        raise InvalidArgument(f"{given} is set but {missing} is not: set both or neither")
+    ca_pem, cert_pem, key_pem = (_read_file(path, name) for path, name in
+                                 ((ca, ca_name), (cert, cert_name), (key, key_name)))
+    if ca is not None:
+        _check_certificates(ca, f"{ca_name}: {ca} holds no PEM certificate")
+    if cert is not None:
+        _check_certificates(cert, f"{cert_name}: {cert} holds no PEM certificate")
+
+        def encrypted() -> bytes:
+            raise InvalidArgument(f"{key_name}: {key} is encrypted; give the key unencrypted (keep the file private)")
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=encrypted)
+        except ssl.SSLError:
+            raise InvalidArgument(f"{key_name}: {key} is not a PEM private key of the certificate in {cert} "
+                                  f"({cert_name})") from None
+    return ca_pem, cert_pem, key_pem
+
+
+def _read_file(path: Path | None, name: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(f"{name}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_certificates(path: Path, message: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise InvalidArgument(message) from None
+
+
+CLIENT_TLS_SETTINGS = ("POE_TLS_CA", "POE_TLS_CERT", "POE_TLS_KEY")
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS of a client's channel: the CA bundle the server's certificate is checked against (None:
+    the system's roots), the client's own certificate and key for mutual TLS, and the name the
+    server's certificate must hold (empty: the target's host)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = ""
+
+    @classmethod
+    def from_settings(cls, cfg: Settings) -> ClientTLS | None:
+        """TLS as POE_TLS_CA, POE_TLS_CERT, POE_TLS_KEY and POE_TLS_SERVER_NAME set it; None
+        (plaintext) without POE_TLS_CA."""
+        if cfg.tls_ca is None:
+            if cfg.tls_cert is not None or cfg.tls_key is not None:
+                # Sending a client certificate but not checking the server would be a false sense of safety.
+                raise InvalidArgument("POE_TLS_CERT and POE_TLS_KEY need POE_TLS_CA: the CA bundle that the "
+                                      "server's certificate is checked against")
+            return None
+        return cls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = read_tls_files(self.ca, self.cert, self.key, CLIENT_TLS_SETTINGS)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def is_local_target(target: str) -> bool:
+    """A target on this machine: a loopback address, localhost or a Unix socket."""
+    return target.startswith(("unix:", "unix-abstract:")) or is_loopback(split_host(target))
 
 
 class GrpcClient:
@@ -40,6 +151,13 @@ class GrpcClient:
     would have to be buffered to be replayed. Callers that want a write retried decide it
     themselves. With `channel=`, the given channel is used as it is (its own options and service
     config apply) and `close` leaves it open.
+
+    TLS: on when POE_TLS_CA is set (in `config`, else in the environment): the server's certificate
+    is checked against that CA bundle and must name the target's host, or POE_TLS_SERVER_NAME;
+    POE_TLS_CERT and POE_TLS_KEY add the client's certificate for servers that require one (mutual
+    TLS). `tls=` decides instead: a ClientTLS, True (the configured CA, else the system's roots) or
+    False (plaintext). `self.tls` says whether the channel is encrypted (with `channel=`: what `tls`
+    says about it).
     """
 
     SERVICE: ClassVar[ServiceDescriptor]
@@ -55,17 +173,37 @@ class GrpcClient:
             raise TypeError(f"{cls.__name__}.RETRYABLE: {cls.SERVICE.full_name} has no method {', '.join(unknown)}")
 
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
-                 timeout: float | None = None, retries: int = MAX_ATTEMPTS - 1):
+                 timeout: float | None = None, retries: int = MAX_ATTEMPTS - 1, token: str | Secret | None = None,
+                 tls: ClientTLS | bool | None = None, config: Settings | None = None):
         if target is None and channel is None:
-            from poe.engine.config import settings
-
-            target = getattr(settings(), self.ADDRESS_SETTING)
+            target = getattr(config or settings(), self.ADDRESS_SETTING)
         self.target = target or "<channel>"
+        token = resolve_token(token, self.target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = self.DEFAULT_TIMEOUT if timeout is None else timeout
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(target, options=self.channel_options(retries))
+        if channel is None:
+            tls_config = self._tls_config(tls, config)
+            options = self.channel_options(retries)
+            if tls_config is None:
+                channel = grpc.insecure_channel(target, options=options)
+            else:
+                channel = grpc.secure_channel(target, tls_config.credentials(),
+                                              options=options + tls_config.channel_options())
+            tls = tls_config is not None
+        self.tls = bool(tls)  # with channel=: whether the caller says that channel is secure
+        self.channel = channel
         self.stub = self.STUB(self.channel)
         self._what = f"{self.SERVICE.name.lower()} at {self.target}"
+
+    @staticmethod
+    def _tls_config(tls: ClientTLS | bool | None, config: Settings | None) -> ClientTLS | None:
+        if isinstance(tls, ClientTLS) or tls is False:
+            return tls or None
+        configured = ClientTLS.from_settings(config or settings())
+        if tls and configured is None:
+            return ClientTLS()  # TLS without a configured CA: the system's roots
+        return configured
 
     @classmethod
     def channel_options(cls, retries: int = MAX_ATTEMPTS - 1) -> list[tuple[str, int | str]]:
@@ -122,13 +260,13 @@ class GrpcClient:
     def _call(self, method: Callable, request, timeout: float | None = None):
         """A unary or client-streaming call (`request` an iterator of messages for the latter)."""
         with translate_rpc_errors(self._what):
-            return method(request, timeout=self._deadline(timeout))
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def _stream(self, method: Callable, request, timeout: float | None = None, *,
                 unbounded: bool = False) -> Iterator:
         """The messages of a server-streaming call; stopping early cancels the call on the server
         too. `unbounded`: no deadline when `timeout` is None (a watch that may last for hours)."""
-        call = method(request, timeout=timeout if unbounded else self._deadline(timeout))
+        call = method(request, timeout=timeout if unbounded else self._deadline(timeout), metadata=self._metadata)
         try:
             with translate_rpc_errors(self._what):
                 yield from call

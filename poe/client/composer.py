@@ -9,7 +9,12 @@
 
 Every result is verified: the streamed bytes must match the header's size and sha256 (DataLoss
 otherwise). Calls carry a deadline and are retried with backoff while the server is UNAVAILABLE
-(see `poe.client.base.GrpcClient`).
+(see `poe.client.base.GrpcClient`, also for TLS).
+
+Loading a model runs code that came with it (TorchScript and pt2 programs, ONNX graphs), so `load`
+checks the bytes against the header's sha256 again and only loads what came over TLS or from this
+machine (a loopback target or a Unix socket); a model that crossed a network in plaintext could have
+been replaced on the way, header included. `load(allow_insecure=True)` loads it anyway.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from poe.client.base import GrpcClient
+from poe.client.base import GrpcClient, is_local_target
 from poe.contract import EXECUTIONS, FORMATS, ComposeHeader
-from poe.engine.errors import DataLoss, field_error
+from poe.engine.errors import DataLoss, FailedPrecondition, field_error
 from poe.v1 import composer_pb2 as pb
 from poe.v1 import composer_pb2_grpc
 
@@ -33,11 +38,24 @@ class ComposeResult:
     header: ComposeHeader
     data: bytes
     seconds: float  # end to end, as the client saw it
+    source: str = ""  # the composer's target
+    tls: bool = False  # whether it arrived over TLS
 
-    def load(self):
-        """(model, poe.json) for a TorchScript, pt2 or ONNX result (ONNX runs on onnxruntime)."""
+    def load(self, *, allow_insecure: bool = False):
+        """(model, poe.json) for a TorchScript, pt2 or ONNX result (ONNX runs on onnxruntime).
+
+        Refuses (DataLoss) bytes that do not match the header's sha256, and (FailedPrecondition) a
+        model that came in plaintext from another machine unless `allow_insecure`."""
         from poe.engine.export import load_model
 
+        if hashlib.sha256(self.data).hexdigest() != self.header.sha256:
+            raise DataLoss(f"composed model {self.header.model_id}: the bytes do not match the header's sha256; "
+                           "not loading them")
+        if not (self.tls or is_local_target(self.source) or allow_insecure):
+            raise FailedPrecondition(
+                f"composed model {self.header.model_id} came from {self.source or 'a channel'} without TLS, so "
+                "anyone on the network could have replaced it, and loading a model runs its code: connect with "
+                "TLS (POE_TLS_CA, or Composer(..., tls=...)), or pass allow_insecure=True if you trust the network")
         return load_model(self.data)[:2]
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -81,7 +99,7 @@ class Composer(GrpcClient):
         if len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
             raise DataLoss(f"composed model {header.model_id}: received {len(data)} bytes that do not match "
                            f"the header's size {header.size} and sha256")
-        return ComposeResult(header, data, time.perf_counter() - t0)
+        return ComposeResult(header, data, time.perf_counter() - t0, self.target, self.tls)
 
     def describe(self, classes: Iterable[str | int] = (), *, tasks: Iterable[str] = (), pool: str = "",
                  execution: str = "fused", format: str = "torchscript",

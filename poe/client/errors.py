@@ -18,6 +18,7 @@ from poe.engine.errors import (
     NotFound,
     PermissionDenied,
     PoeError,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -28,7 +29,7 @@ FIELD_METADATA_KEY = "poe-field"
 _FROM_CODE: dict[grpc.StatusCode, type[PoeError]] = {
     grpc.StatusCode[cls.code]: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable, DataLoss, Cancelled,
-                PermissionDenied, Unauthenticated)
+                PermissionDenied, Unauthenticated, ResourceExhausted)
 }
 _FROM_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument
 _FROM_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from poe.client.base import GrpcClient
-from poe.contract import hierarchy_message, state_value
-from poe.engine.errors import DataLoss, InvalidArgument, NotFound
-from poe.engine.manifest import read_manifest
+from poe.contract import hierarchy_from_message, hierarchy_message, state_value
+from poe.engine.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from poe.engine.manifest import FORMAT, MANIFEST, read_manifest
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
 from poe.v1 import registry_pb2_grpc
@@ -155,6 +158,25 @@ class RegistryClient(GrpcClient):
             raise DataLoss(f"blob {sha256[:12]}...: downloaded bytes do not match their sha256")
         return data
 
+    def download_file(self, sha256: str, path: str | Path, *, size: int | None = None) -> int:
+        """Stream a blob into `path` while hashing it; returns its size. The file is removed again and
+        DataLoss raised when the bytes do not match `sha256` (or `size`, when given)."""
+        path = Path(path)
+        digest, written = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as f:
+                for msg in self._stream(self.stub.Download, r.DownloadRequest(sha256=sha256)):
+                    digest.update(msg.data)
+                    f.write(msg.data)
+                    written += len(msg.data)
+            if digest.hexdigest() != sha256 or (size is not None and written != size):
+                raise DataLoss(f"blob {sha256[:12]}...: downloaded {written} bytes that do not match "
+                               f"their sha256" + ("" if size is None else f" and size {size}"))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return written
+
     def download_tensors(self, sha256: str) -> dict[str, torch.Tensor]:
         """A safetensors blob as a state dict (never unpickled)."""
         from poe.engine.pool import tensors_from_bytes
@@ -249,14 +271,16 @@ class RegistryClient(GrpcClient):
         if "oracle" in m:
             o = m["oracle"]
             oracle, _ = self.register_oracle(f"{name}@{version}/oracle", hier.dataset, o["config"], read(o),
-                                             params=int(o.get("params", 0)), metrics=_metrics(info.get("oracle")))
+                                             params=int(o.get("params", 0)),
+                                             metrics=o.get("metrics") or _metrics(info.get("oracle")))
             oracle_id = oracle.id
             tick(f"oracle {oracle.id} ({oracle.params:,} params)")
         lib_entry = m["library"]
         library, _ = self.register_library(f"{name}@{version}/library", hier.dataset, lib_entry["student_config"],
                                            read(lib_entry), oracle_id=oracle_id,
                                            params=int(lib_entry.get("params", 0)),
-                                           metrics=_metrics(info.get("student")))
+                                           metrics=lib_entry.get("metrics") or _metrics(info.get("student")),
+                                           loss=lib_entry.get("loss") or {})
         tick(f"library {library.id} ({library.params:,} params)")
         expert_ids = []
         for x in m["experts"]:
@@ -273,6 +297,103 @@ class RegistryClient(GrpcClient):
         tick(f"published {pv.name}@{pv.version}" + ("" if created else " (already published)"))
         return pv, created
 
+    # -- pools to disk -----------------------------------------------------------------------------
 
-def _metrics(d: dict | None) -> dict:
-    return {k: v for k, v in (d or {}).items() if v is not None and k != "params"}
+    def export_pool(self, ref: str, directory: str | Path, *, overwrite: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[r.PoolVersion, dict]:
+        """Write a published pool version ("name", "name@version", "name@alias") to a directory in
+        the format `import_pool` and `poe.engine.pool.load` read; returns the version and pool.json.
+
+        Every blob is streamed to disk and checked against its sha256 and size (DataLoss
+        otherwise). Files land in a staging folder inside `directory` first and are moved into
+        place once all of them are verified, pool.json last: a failed export leaves the directory
+        as it was. A non-empty `directory` is refused (AlreadyExists) unless `overwrite`, which
+        replaces the pool's files and leaves any other file there alone.
+        """
+        root = Path(directory)
+        try:
+            if root.exists() and not root.is_dir():
+                raise AlreadyExists(f"{root}: exists and is not a directory")
+            if not overwrite and root.is_dir() and any(root.iterdir()):
+                raise AlreadyExists(f"{root}: not empty; refusing to overwrite it")
+            pv = self.get_pool(ref)
+            oracle = self.get_oracle(pv.library.oracle_id) if pv.library.oracle_id else None
+            manifest, blobs = _manifest(pv, oracle)
+            created = not root.exists()
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                self._write_pool(root, pv, manifest, blobs, progress or (lambda _msg: None))
+            except BaseException:
+                if created:  # only what this call made
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
+        except PermissionError as e:
+            raise PermissionDenied(f"{root}: cannot write ({e.strerror})") from None
+        except OSError as e:
+            raise FailedPrecondition(f"{root}: cannot write ({e.strerror or e})") from None
+        return pv, manifest
+
+    def _write_pool(self, root: Path, pv: r.PoolVersion, manifest: dict, blobs: dict[str, c.BlobRef],
+                    say: Callable[[str], None]) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+        try:
+            (staging / "experts").mkdir()
+            for step, (rel, blob) in enumerate(blobs.items(), 1):
+                self.download_file(blob.sha256, staging / rel, size=blob.size)
+                say(f"[{step}/{len(blobs)}] {rel} ({blob.size:,} bytes, sha256 verified)")
+            (staging / manifest["hierarchy"]).write_text(hierarchy_from_message(pv.hierarchy).dump())
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (root / "experts").mkdir(exist_ok=True)
+            for rel in (*blobs, manifest["hierarchy"], MANIFEST):  # the manifest last
+                os.replace(staging / rel, root / rel)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _manifest(pv: r.PoolVersion, oracle: r.Oracle | None) -> tuple[dict, dict[str, c.BlobRef]]:
+    """pool.json of a pool version (as `poe.engine.pool.save` writes it) and the blob of each file."""
+    hierarchy = hierarchy_from_message(pv.hierarchy)
+    stray = [x.task for x in pv.experts if x.task not in hierarchy.tasks]
+    if stray:  # task names become file names: only the hierarchy's (validated) names are written
+        raise FailedPrecondition(f"pool {pv.name}@{pv.version}: experts for tasks not in its hierarchy: "
+                                 f"{', '.join(map(repr, stray))}")
+    info = _loads(pv.info_json)
+    blobs: dict[str, c.BlobRef] = {}
+
+    def file(rel: str, blob: c.BlobRef) -> dict:
+        blobs[rel] = blob
+        return {"file": rel, "sha256": blob.sha256, "bytes": blob.size}
+
+    lib = pv.library
+    library = {**file("library.safetensors", lib.blob), "student_config": _loads(lib.config_json),
+               "params": lib.params}
+    # Metrics import would not rebuild from info, and the distillation settings, travel in the entry.
+    if _loads(lib.metrics_json) != _metrics(info.get("student")):
+        library["metrics"] = _loads(lib.metrics_json)
+    if lib.loss_json:
+        library["loss"] = _loads(lib.loss_json)
+    experts = []
+    for x in pv.experts:
+        metrics = _loads(x.metrics_json)
+        if "val_acc" not in metrics and x.HasField("val_accuracy"):
+            metrics["val_acc"] = x.val_accuracy
+        experts.append({"task": x.task, "class_ids": list(x.class_ids), "config": _loads(x.config_json),
+                        "params": x.params, "metrics": metrics, "loss": _loads(x.loss_json),
+                        **file(f"experts/{x.task}.safetensors", x.blob)})
+    manifest = {"format": FORMAT, "name": pv.name, "version": pv.version, "hierarchy": "hierarchy.yaml",
+                "info": info, "library": library, "experts": experts}
+    if oracle is not None:
+        manifest["oracle"] = {**file("oracle.safetensors", oracle.blob), "config": _loads(oracle.config_json),
+                              "params": oracle.params}
+        if _loads(oracle.metrics_json) != _metrics(info.get("oracle")):
+            manifest["oracle"]["metrics"] = _loads(oracle.metrics_json)
+    return manifest, blobs
+
+
+def _loads(text: str) -> dict:
+    return json.loads(text) if text else {}
+
+
+def _metrics(d) -> dict:
+    """The metrics of an artifact as `info` records them for the oracle or the student."""
+    return {k: v for k, v in d.items() if v is not None and k != "params"} if isinstance(d, dict) else {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poe.engine.errors import InvalidArgument, NotFound, field_error
+from poe.engine.limits import ascii_id
 from poe.engine.nets import Head, Library
 from poe.engine.pool import Pool
 
@@ -55,7 +56,7 @@ def plan(pool: Pool, classes: list[str | int] | None = None, tasks: list[str] | 
 
     The one resolution of a request: ComposeModel, the registry's ResolveClasses and `poe compose`
     all answer through it. Only `pool.ref`, `pool.hierarchy` and the experts' `class_ids` are read."""
-    classes = [int(c) if isinstance(c, str) and c.strip().isdigit() else c for c in classes or []]
+    classes = [int(c) if isinstance(c, str) and ascii_id(c) is not None else c for c in classes or []]
     tasks = list(tasks or [])
     check_request(classes, tasks)
     h = pool.hierarchy

@@ -8,6 +8,7 @@ raise InvalidArgument naming the variable and the expected form; an empty value 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 import os
 import re
@@ -57,6 +58,26 @@ class Secret:
 def redact_url(url: str) -> str:
     """`url` with any password replaced by *** (scheme://user:***@host/...), for messages and logs."""
     return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", url)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: a listener or a target only this machine reaches."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(address: str) -> str:
+    """The host part of host:port ([v6]:port and a dns:/// or ipv4: scheme included)."""
+    for scheme in ("dns:///", "ipv4:", "ipv6:"):
+        address = address.removeprefix(scheme)
+    if address.startswith("["):
+        return address[1:address.index("]")] if "]" in address else address
+    return address.rsplit(":", 1)[0] if ":" in address else address
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

@@ -46,6 +46,10 @@ class Unauthenticated(PoeError):  # the caller's credentials are missing or not 
     code = "UNAUTHENTICATED"
 
 
+class ResourceExhausted(PoeError):  # a quota or a capacity limit: retry later, or with less
+    code = "RESOURCE_EXHAUSTED"
+
+
 class DataLoss(PoeError):
     """Stored bytes do not match their recorded sha256."""
 

@@ -14,14 +14,17 @@ class ids (ints or digit strings).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from poe.engine.errors import InvalidArgument, NotFound
+from poe.engine import limits
+from poe.engine.errors import InvalidArgument, NotFound, field_error
 from poe.engine.names import NAME
 
 FORMAT = "poe.hierarchy/v1"
@@ -37,17 +40,30 @@ class Hierarchy:
     def __post_init__(self) -> None:
         validate(self)
 
+    # -- indexes, built once per hierarchy (a frozen dataclass may still cache in __dict__) --------
+    @cached_property
+    def _class_index(self) -> dict[str, int]:
+        return {limits.class_key(c): i for i, c in enumerate(self.classes)}
+
+    @cached_property
+    def _task_index(self) -> dict[str, str]:
+        return {t.casefold(): t for t in self.tasks}
+
+    @cached_property
+    def _task_of_class(self) -> dict[int, str]:
+        return {i: name for name, ids in self.tasks.items() for i in ids}
+
     # -- look-ups ------------------------------------------------------------------------------
     def class_id(self, ref: str | int) -> int:
         ids = self.resolve_classes([ref])
         return ids[0]
 
     def resolve_classes(self, refs: Iterable[str | int]) -> list[int]:
-        """Class ids for names (case-insensitive) or ids, sorted and without duplicates.
+        """Class ids for names (case-insensitive, any Unicode normalization) or ids, sorted and
+        without duplicates.
 
-        Raises InvalidArgument naming every reference that matches no class.
+        Raises InvalidArgument naming the references that match no class (the first few of them).
         """
-        by_name = {c.casefold(): i for i, c in enumerate(self.classes)}
         ids, unknown = set(), []
         for ref in refs:
             if isinstance(ref, bool):
@@ -55,33 +71,32 @@ class Hierarchy:
             elif isinstance(ref, int):
                 (ids.add(ref) if 0 <= ref < len(self.classes) else unknown.append(str(ref)))
             else:
-                key = str(ref).strip()
-                if key.casefold() in by_name:
-                    ids.add(by_name[key.casefold()])
-                elif key.isdigit() and int(key) < len(self.classes):
-                    ids.add(int(key))
-                else:
-                    unknown.append(repr(key))
+                key = str(ref)
+                found = self._class_index.get(limits.class_key(key))
+                if found is None:
+                    number = limits.ascii_id(key)
+                    found = number if number is not None and number < len(self.classes) else None
+                (ids.add(found) if found is not None else unknown.append(limits.quote(key.strip())))
         if unknown:
-            raise InvalidArgument(f"unknown classes for {self.dataset}: {', '.join(unknown)} "
-                                  f"(known: {', '.join(self.classes)})")
+            raise InvalidArgument(f"unknown classes for {self.dataset}: {limits.listing(unknown)} "
+                                  f"(known: {limits.listing(self.classes)})")
         return sorted(ids)
 
     def resolve_tasks(self, names: Iterable[str]) -> list[str]:
-        by_name = {t.casefold(): t for t in self.tasks}
-        found, unknown = [], []
+        found, unknown = set(), []
         for n in names:
-            t = by_name.get(str(n).strip().casefold())
-            (found.append(t) if t else unknown.append(repr(n)))
+            t = self._task_index.get(str(n).strip().casefold())
+            (found.add(t) if t else unknown.append(limits.quote(n)))
         if unknown:
-            raise InvalidArgument(f"unknown primitive tasks: {', '.join(unknown)} (known: {', '.join(self.tasks)})")
+            raise InvalidArgument(f"unknown primitive tasks: {limits.listing(unknown)} "
+                                  f"(known: {limits.listing(self.tasks)})")
         return [t for t in self.tasks if t in found]
 
     def task_of(self, class_id: int) -> str:
-        for name, ids in self.tasks.items():
-            if class_id in ids:
-                return name
-        raise NotFound(f"class {class_id} is in no task")
+        task = self._task_of_class.get(class_id)
+        if task is None:
+            raise NotFound(f"class {class_id} is in no task")
+        return task
 
     def covering_tasks(self, class_ids: Iterable[int]) -> list[str]:
         """The tasks that hold the given classes, in hierarchy order."""
@@ -98,30 +113,39 @@ class Hierarchy:
 
 
 def validate(h: Hierarchy) -> None:
-    if not h.classes:
-        raise InvalidArgument("hierarchy: no classes")
-    folded = [c.casefold() for c in h.classes]
-    dupes = sorted({c for c in h.classes if folded.count(c.casefold()) > 1})
-    if dupes:
-        raise InvalidArgument(f"hierarchy: duplicate class names: {', '.join(dupes)}")
+    """Check a hierarchy in time linear in its size (class names, tasks, every class in one task).
+
+    Errors name the part at fault (`classes`, `version` or `tasks`) as their field."""
+    limits.check_class_names("classes", h.classes)
+    counts = Counter(c.casefold() for c in h.classes)
+    if len(counts) != len(h.classes):
+        dupes = sorted({c for c in h.classes if counts[c.casefold()] > 1})
+        raise field_error("classes", f"duplicate class names (ignoring case): {limits.listing(dupes)}")
+    if not isinstance(h.version, int) or isinstance(h.version, bool) or not 1 <= h.version <= limits.MAX_INT32:
+        raise field_error("version", f"must be an integer in [1, {limits.MAX_INT32}], got {limits.quote(h.version)}")
     if not h.tasks:
-        raise InvalidArgument("hierarchy: no tasks")
+        raise field_error("tasks", "no tasks")
+    limits.check_count("tasks", h.tasks, limits.MAX_TASKS, "tasks")
+    n = len(h.classes)
     seen: dict[int, str] = {}
     twice = []
     for task, ids in h.tasks.items():
-        if not NAME.match(task):
-            raise InvalidArgument(f"hierarchy: task name {task!r} must be lower-case letters, digits, '.', '_' or '-'")
+        if not isinstance(task, str) or not NAME.match(task):
+            raise field_error("tasks", f"task name {limits.quote(task)} must be 1-63 lower-case letters, digits, "
+                                       "'.', '_' or '-'")
         if not ids:
-            raise InvalidArgument(f"hierarchy: task {task!r} has no classes")
+            raise field_error("tasks", f"task {task!r} has no classes")
         for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
+                raise field_error("tasks", f"task {task!r} names class id {limits.quote(i)}, not in 0..{n - 1}")
             if i in seen:
                 twice.append(f"{h.classes[i]} ({seen[i]}, {task})")
             seen[i] = task
     if twice:
-        raise InvalidArgument(f"hierarchy: classes in more than one task: {'; '.join(twice)}")
-    missing = [c for i, c in enumerate(h.classes) if i not in seen]
-    if missing:
-        raise InvalidArgument(f"hierarchy: classes in no task: {', '.join(missing)}")
+        raise field_error("tasks", f"classes in more than one task: {limits.listing(twice, sep='; ')}")
+    if len(seen) != n:
+        missing = [c for i, c in enumerate(h.classes) if i not in seen]
+        raise field_error("tasks", f"classes in no task: {limits.listing(missing)}")
 
 
 def from_dict(d: dict) -> Hierarchy:
@@ -137,18 +161,25 @@ def from_dict(d: dict) -> Hierarchy:
         raise InvalidArgument("hierarchy: 'classes' must be a list of non-empty names")
     if not isinstance(d["tasks"], dict):
         raise InvalidArgument("hierarchy: 'tasks' must map task names to lists of class names")
-    index = {c.casefold(): i for i, c in enumerate(classes)}
-    tasks, unknown = {}, []
+    if len(classes) > limits.MAX_CLASSES or len(d["tasks"]) > limits.MAX_TASKS:
+        raise InvalidArgument(f"hierarchy: {len(classes)} classes and {len(d['tasks'])} tasks; at most "
+                              f"{limits.MAX_CLASSES} classes and {limits.MAX_TASKS} tasks")
     for task, names in d["tasks"].items():
         if not isinstance(names, list):
-            raise InvalidArgument(f"hierarchy: task {task!r} must list class names")
+            raise InvalidArgument(f"hierarchy: task {limits.quote(task)} must list class names")
+    listed = sum(len(names) for names in d["tasks"].values())  # YAML aliases can repeat one long list
+    if listed > limits.MAX_CLASSES:
+        raise InvalidArgument(f"hierarchy: the tasks list {listed} classes; at most {limits.MAX_CLASSES}")
+    index = {limits.class_key(c): i for i, c in enumerate(classes)}
+    tasks, unknown = {}, []
+    for task, names in d["tasks"].items():
         ids = []
         for n in names:
-            i = index.get(str(n).casefold())
-            (unknown.append(f"{n} (task {task})") if i is None else ids.append(i))
+            i = index.get(limits.class_key(str(n)))
+            (unknown.append(f"{str(n)[:limits.MAX_QUOTED_CHARS]} (task {task})") if i is None else ids.append(i))
         tasks[str(task)] = tuple(ids)
     if unknown:
-        raise InvalidArgument(f"hierarchy: tasks name classes not in 'classes': {', '.join(unknown)}")
+        raise InvalidArgument(f"hierarchy: tasks name classes not in 'classes': {limits.listing(unknown)}")
     try:
         version = int(d.get("version", 1))
     except (TypeError, ValueError):
@@ -158,9 +189,17 @@ def from_dict(d: dict) -> Hierarchy:
 
 def loads(text: str, source: str = "hierarchy") -> Hierarchy:
     try:
-        d = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise InvalidArgument(f"{source}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+        if text.lstrip().startswith("{"):
+            if limits.json_too_deep(text, limits.MAX_JSON_DEPTH):
+                raise ValueError(f"nested deeper than {limits.MAX_JSON_DEPTH} levels")
+            d = json.loads(text)
+        else:  # PyYAML recurses per level of flow nesting (and is slow getting there)
+            if limits.brackets_too_deep(text, limits.MAX_JSON_DEPTH):
+                raise ValueError(f"brackets nested deeper than {limits.MAX_JSON_DEPTH} levels")
+            d = yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InvalidArgument(f"{source}: not valid YAML or JSON ({reason})") from None
     try:
         return from_dict(d)
     except InvalidArgument as e:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poe.engine import limits
+
 
 @dataclass(frozen=True)
 class WRNConfig:
@@ -31,6 +33,9 @@ class WRNConfig:
     std: tuple[float, ...] = (0.3530,)
 
     def __post_init__(self) -> None:
+        # The caps first: a config from a request or the registry is refused before any module exists.
+        limits.check_network_config("config", {"depth": self.depth, "width": self.width,
+                                               "in_channels": self.in_channels, "num_classes": self.num_classes})
         if self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
         if self.width < 1:
@@ -149,8 +154,8 @@ class ExpertConfig:
     num_classes: int = 2
 
     def __post_init__(self) -> None:
-        if min(self.in_channels, self.width, self.blocks, self.num_classes) < 1:
-            raise ValueError(f"invalid expert config {self}")
+        limits.check_expert_config("config", {"in_channels": self.in_channels, "width": self.width,
+                                              "blocks": self.blocks, "num_classes": self.num_classes})
 
 
 def make_expert(cfg: ExpertConfig) -> Head:

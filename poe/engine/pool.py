@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -58,15 +58,33 @@ def tensors_from_bytes(data: bytes, expected_sha256: str | None = None, what: st
         raise DataLoss(f"{what}: not a valid safetensors file ({e})") from None
 
 
-def wrn_config_from_dict(d: dict) -> WRNConfig:
+def _config_from_dict(cls, d: dict, what: str, tuples: tuple[str, ...] = ()):
+    """A config dataclass from a JSON object: unknown keys, wrong types and sizes beyond the caps of
+    `poe.engine.limits` are InvalidArgument, raised before any module is built."""
+    if not isinstance(d, dict):
+        raise InvalidArgument(f"bad {what} config: expected a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in d if k not in known)
+    if unknown:
+        raise InvalidArgument(f"bad {what} config: unknown keys {', '.join(unknown[:10])}")
     d = dict(d)
-    for k in ("mean", "std"):
+    for k in tuples:
         if k in d:
+            if not isinstance(d[k], list | tuple) or not all(isinstance(v, int | float) for v in d[k]):
+                raise InvalidArgument(f"bad {what} config: {k} must be a list of numbers")
             d[k] = tuple(d[k])
     try:
-        return WRNConfig(**d)
-    except TypeError as e:
-        raise InvalidArgument(f"bad network config: {e}") from None
+        return cls(**d)
+    except (TypeError, ValueError) as e:  # InvalidArgument (the caps) is a ValueError too
+        raise InvalidArgument(f"bad {what} config: {e}") from None
+
+
+def wrn_config_from_dict(d: dict) -> WRNConfig:
+    return _config_from_dict(WRNConfig, d, "network", ("mean", "std"))
+
+
+def expert_config_from_dict(d: dict) -> ExpertConfig:
+    return _config_from_dict(ExpertConfig, d, "expert")
 
 
 def config_to_dict(cfg) -> dict:
@@ -198,7 +216,7 @@ def load(directory: str | Path, with_oracle: bool = True) -> Pool:
     hier = hierarchy_mod.load(directory / m["hierarchy"])
     experts = {}
     for e in m["experts"]:
-        experts[e["task"]] = Expert(e["task"], tuple(e["class_ids"]), ExpertConfig(**e["config"]), read(e),
+        experts[e["task"]] = Expert(e["task"], tuple(e["class_ids"]), expert_config_from_dict(e["config"]), read(e),
                                     e.get("metrics", {}), e.get("loss", {}))
     unknown = [t for t in experts if t not in hier.tasks]
     if unknown:

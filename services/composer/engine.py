@@ -33,12 +33,13 @@ import torch
 
 from poe.client.registry import RegistryClient
 from poe.contract import ComposeHeader, hierarchy_from_message
+from poe.engine import limits
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
-from poe.engine.errors import DataLoss, InvalidArgument, NotFound
+from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from poe.engine.export import FORMATS, ScriptCache, architecture_key, serialize
-from poe.engine.nets import ExpertConfig, Library, count_flops, make_expert
-from poe.engine.pool import Expert, Pool, sha256_hex, wrn_config_from_dict
+from poe.engine.nets import Library, count_flops, make_expert
+from poe.engine.pool import Expert, Pool, expert_config_from_dict, sha256_hex, wrn_config_from_dict
 from poe_services import metrics
 from poe_services.composer.caches import ByteLRU, SingleFlight
 from poe_services.composer.recorder import Recorder
@@ -57,6 +58,8 @@ class ComposeRequest:
     format: str = "torchscript"
 
     def __post_init__(self) -> None:
+        if self.pool:  # "" asks for the default pool
+            limits.parse_pool_ref("pool", self.pool)
         if self.execution not in EXECUTIONS:
             raise InvalidArgument(f"execution: expected one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         if self.format not in FORMATS:
@@ -86,6 +89,17 @@ class PoolView:
 
 
 LIBRARY = ""  # the library's key among a pool version's broken blobs (expert blobs are keyed by task)
+
+
+def _stored_config(pv, what: str, parse: Callable[[dict], object], text: str):
+    """A network config of a published version, parsed (and checked against the caps of
+    `poe.engine.limits`) before any module is built from it. The registry refuses configs beyond
+    the caps; one stored before it did is the pool's fault, not the request's: FailedPrecondition."""
+    try:
+        return parse(limits.parse_json("config_json", text or "{}"))
+    except InvalidArgument as err:
+        raise FailedPrecondition(f"pool {pv.name}@{pv.version}: {what} has a config this composer refuses "
+                                 f"({err})") from None
 
 
 class StageTimer:
@@ -167,12 +181,12 @@ class ComposerEngine:
         info = json.loads(pv.info_json or "{}")
         experts, shas, ids = {}, {}, {}
         for e in pv.experts:
-            cfg = ExpertConfig(**json.loads(e.config_json))
+            cfg = _stored_config(pv, f"the expert of task {e.task!r}", expert_config_from_dict, e.config_json)
             metrics_ = {"val_acc": e.val_accuracy} if e.HasField("val_accuracy") else {}
             experts[e.task] = Expert(e.task, tuple(e.class_ids), cfg, {}, metrics_, json.loads(e.loss_json or "{}"))
             shas[e.task] = e.blob.sha256
             ids[e.task] = e.id
-        lib_cfg = wrn_config_from_dict(json.loads(pv.library.config_json))
+        lib_cfg = _stored_config(pv, "the library", wrn_config_from_dict, pv.library.config_json)
         pool = Pool(pv.name, pv.version, hier, lib_cfg, {}, {t: experts[t] for t in hier.tasks if t in experts},
                     info=info)
         view = PoolView(pool.ref, pool, pv.library.blob.sha256, shas, ids, pv.library.params,

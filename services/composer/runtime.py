@@ -62,7 +62,8 @@ class ComposerRuntime:
             # several threads, their spin-waits compete with the gRPC threads (measured with
             # `poe bench compose`: about 10% more compositions/s, and steadier, with one).
             torch.set_num_threads(settings.composer_threads)
-        self.registry = RegistryClient(registry_target or settings.registry_addr, timeout=30.0)
+        self.registry = RegistryClient(registry_target or settings.registry_addr, timeout=30.0,
+                                       token=settings.service_token, config=settings)
         self.engine = ComposerEngine(self.registry, settings)
         # warm=False (tests, benchmarks): no warm-up at all; SERVING once the registry is reachable.
         self._warm = warm

@@ -19,6 +19,7 @@ CHUNK_BYTES = 1 << 20
 
 
 def to_request(msg: pb.ComposeModelRequest | pb.DescribeCompositionRequest) -> ComposeRequest:
+    """The request's fields, each checked against `poe.engine.limits` (InvalidArgument naming it)."""
     classes, tasks = request_refs(msg.classes, msg.tasks)
     return ComposeRequest(pool=msg.pool, classes=classes, tasks=tasks, execution=execution_name(msg.execution),
                           format=format_name(msg.format))
@@ -54,10 +55,8 @@ class ComposerServicer(composer_pb2_grpc.ComposerServicer):
             raise
         finally:
             metrics.COMPOSE_IN_FLIGHT.dec()
-            metrics.COMPOSE_REQUESTS.labels(code).inc()
-            if code == "OK" and comp is not None:
-                metrics.COMPOSE_DURATION.labels("hit" if comp.header.cache_hit else "miss", fmt).observe(
-                    time.perf_counter() - t0)
+            cache = "none" if comp is None else "hit" if comp.header.cache_hit else "miss"
+            metrics.record_compose(code, cache, fmt, time.perf_counter() - t0)  # failures are timed too
 
     def _stream(self, comp: Composition, timer: StageTimer) -> Iterator[pb.ComposeModelResponse]:
         with timer.stage("stream"):

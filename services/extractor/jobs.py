@@ -13,7 +13,7 @@ import multiprocessing as mp
 import shutil
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +80,6 @@ class JobBoard:
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
         self._running: set[str] = set()
-        self._counts: Counter[str] = Counter()
 
     # -- the queue ---------------------------------------------------------------------------------
 
@@ -126,7 +125,7 @@ class JobBoard:
             if self._jobs.get(job.id) is job:
                 del self._jobs[job.id]
             if outcome:
-                self._counts[outcome] += 1
+                metrics.EXTRACTION_JOBS_FINISHED.labels(outcome).inc()
             job.finished = True
             self.changed.notify_all()
         self.schedule()
@@ -163,7 +162,7 @@ class JobBoard:
             if job_id in self._queue:  # never started: nothing else will clean up after it
                 self._queue.remove(job_id)
                 self._jobs.pop(job_id, None)
-                self._counts["cancelled"] += 1
+                metrics.EXTRACTION_JOBS_FINISHED.labels("cancelled").inc()
                 queued = True
             self.changed.notify_all()
             self.update_gauges()
@@ -250,6 +249,4 @@ class JobBoard:
             running = [self._jobs[j] for j in self._running if j in self._jobs]
             metrics.EXTRACTION_JOBS.labels("queued").set(len(self._queue))
             metrics.EXTRACTION_JOBS.labels("running").set(len(running))
-            for state in ("succeeded", "failed", "cancelled"):
-                metrics.EXTRACTION_JOBS.labels(state).set(self._counts[state])
             metrics.EXTRACTION_PROGRESS.set(sum(j.fraction for j in running) / len(running) if running else 0.0)

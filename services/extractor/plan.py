@@ -7,14 +7,19 @@ experts it lends, every hyperparameter with its default filled in, and the pool 
 
 The checks load the data set and the oracle, so that an oracle, data set and hierarchy that do not
 fit together are refused with INVALID_ARGUMENT before any job exists. Side effects (registering
-the hierarchy and a file-based safetensors oracle) happen only after every check passed.
+the hierarchy and a file-based safetensors oracle) happen only after every check passed. Files a
+request names are opened under the rules of `files.InputFiles` (allowed directories, regular files,
+size caps); a TorchScript oracle only from the oracle directory.
+
+`check_spec` applies the same bounds to a spec read back from the registry before the job is
+resumed: a stored spec is input too, and one that does not pass is never run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import math
 import zlib
 from pathlib import Path
 
@@ -23,16 +28,17 @@ from google.protobuf.json_format import MessageToDict
 from poe.client.registry import RegistryClient
 from poe.contract import hierarchy_from_message
 from poe.engine import hierarchy as hierarchy_mod
+from poe.engine import limits
 from poe.engine.config import Settings, resolve_device
 from poe.engine.data import Dataset, builtin_dataset, dataset_choices, default_hierarchy, has_test_split, load_dataset
 from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError, field_error
 from poe.engine.hierarchy import Hierarchy
 from poe.engine.names import ALIAS, JOB_ID, NAME, VERSION
 from poe.engine.nets import WRNConfig, count_params
-from poe.engine.pool import config_to_dict
 from poe.engine.train import CKDSettings, Schedule
 from poe.v1 import extractor_pb2 as pb
 from poe_services.extractor import oracles
+from poe_services.extractor.files import MAX_HIERARCHY_BYTES, MAX_TORCHSCRIPT_BYTES, InputFiles
 from poe_services.extractor.spec import (
     BaseSpec,
     ExpertShape,
@@ -87,14 +93,15 @@ def task_seed(seed: int, task: str) -> int:
 
 # -- hyperparameters -----------------------------------------------------------------------------
 
+# Integer bounds of a request's hyperparameters (and of a stored spec's).
+RANGES = {"library_epochs": (1, 100_000), "expert_epochs": (1, 100_000), "batch_size": (1, 1 << 16),
+          "views": (1, 32), "student_width": (1, limits.MAX_WRN_WIDTH), "expert_width": (1, limits.MAX_EXPERT_WIDTH),
+          "subset": (0, 1 << 31), "seed": (0, 1 << 31)}
+
+
 def _numbers(p: pb.ExtractionParams) -> dict:
     out = {k: (getattr(p, k) if p.HasField(k) else v) for k, v in DEFAULTS.items()}
-    checks = [
-        ("library_epochs", 1, 100_000), ("expert_epochs", 1, 100_000), ("batch_size", 1, 1 << 16),
-        ("views", 1, 32), ("student_width", 1, 64), ("expert_width", 1, 4096), ("subset", 0, 1 << 31),
-        ("seed", 0, 1 << 31),
-    ]
-    for name, lo, hi in checks:
+    for name, (lo, hi) in RANGES.items():
         if not lo <= out[name] <= hi:
             raise field_error(f"params.{name}", f"must be in [{lo}, {hi}], got {out[name]}")
     if out["stem_stride"] not in (1, 2):
@@ -112,16 +119,23 @@ def _numbers(p: pb.ExtractionParams) -> dict:
 
 # -- hierarchy -----------------------------------------------------------------------------------
 
-def _hierarchy(p: pb.ExtractionParams, base) -> Hierarchy:
+def _hierarchy(p: pb.ExtractionParams, base, files: InputFiles) -> Hierarchy:
     try:
         if p.hierarchy_text:
             return hierarchy_mod.loads(p.hierarchy_text, "hierarchy_text")
         if p.hierarchy:
             ref = p.hierarchy
             if Path(ref).suffix in (".yaml", ".yml", ".json") or "/" in ref:
-                return hierarchy_mod.load(ref)
+                path, data = files.read_data(ref, "params.hierarchy", MAX_HIERARCHY_BYTES, "hierarchy files")
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    raise field_error("params.hierarchy", f"{path.name}: not UTF-8 text") from None
+                return hierarchy_mod.loads(text, path.name)
             return hierarchy_mod.builtin(ref)
     except PoeError as e:
+        if str(getattr(e, "field", "")).startswith("params."):  # already about the request's field
+            raise
         field = "params.hierarchy_text" if p.hierarchy_text else "params.hierarchy"
         raise field_error(field, str(e)) from None
     if base is not None:
@@ -142,6 +156,7 @@ class Planner:
     def __init__(self, settings: Settings, registry: RegistryClient):
         self.settings = settings
         self.registry = registry
+        self.files = InputFiles(settings.extractor_oracle_dir, settings.data_dir)
 
     def plan(self, p: pb.ExtractionParams, staging: Path, busy: dict[str, str]) -> JobSpec:
         """The job spec; `staging` receives files the job needs (a TorchScript oracle); `busy` maps
@@ -164,14 +179,14 @@ class Planner:
                 if p.HasField(name):
                     raise field_error(f"params.{name}", f"not allowed with a base pool: its library "
                                                         f"(WRN config of library {base.library.id}) is reused")
-        hier = _hierarchy(p, base)
+        hier = _hierarchy(p, base, self.files)
 
         # The data set, and what it means for the hierarchy and the schedule.
+        dataset = self._dataset_spec(p.dataset)
         try:
-            train, _ = load_data(self._dataset_spec(p.dataset), n["subset"], n["seed"], with_test=False)
+            train, _ = load_data(dataset, n["subset"], n["seed"], with_test=False)
         except PoeError as e:
             raise field_error("params.dataset", str(e)) from None
-        dataset = self._dataset_spec(p.dataset)
         if len(hier.classes) != len(train.classes):
             raise field_error("params.hierarchy", f"class count mismatch: hierarchy {hier.dataset} v{hier.version} "
                                                   f"has {len(hier.classes)} classes but the data set {p.dataset} has "
@@ -237,9 +252,9 @@ class Planner:
             raise InvalidArgument(f"params.hierarchy: registered as version {registered.version}")
         if register is not None:
             cfg, data, source, params = register
-            o, _ = self.registry.register_oracle(f"oracle {Path(source).name}", hier.dataset, config_to_dict(cfg),
+            o, _ = self.registry.register_oracle(f"oracle {Path(source).name}", hier.dataset, cfg.to_dict(),
                                                  data, params=params, metrics={"source": source})
-            oracle = RegistryOracle(o.id, config_to_dict(cfg))
+            oracle = RegistryOracle(o.id, cfg.to_dict())
 
         lib_schedule = Schedule(n["library_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
         exp_schedule = Schedule(n["expert_epochs"], n["batch_size"], n["lr"], seed=n["seed"])
@@ -253,14 +268,15 @@ class Planner:
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _dataset_spec(spec: str) -> str:
-        """A built-in data set's name; paths become absolute, so that a job resumed by another
-        process reads the same files."""
+    def _dataset_spec(self, spec: str) -> str:
+        """A built-in data set's name, or the real path of a data set inside the extractor's data
+        directories (absolute, so that a job resumed by another process reads the same files)."""
+        if not spec:
+            raise field_error("params.dataset", f"required: {dataset_choices()}")
         builtin = builtin_dataset(spec)
         if builtin is not None:
             return builtin.name
-        return str(Path(spec).expanduser().resolve())
+        return str(self.files.data_path(spec, "params.dataset"))
 
     def _next_version(self, name: str, busy: dict[str, str]) -> str:
         versions = [pv.version for pv in self.registry.list_pools(name=name)]
@@ -320,22 +336,180 @@ class Planner:
             if o.dataset != hier.dataset:
                 raise field_error("params.oracle", f"oracle {o.id} was registered for data set {o.dataset!r}, the "
                                                    f"hierarchy is for {hier.dataset!r}")
-            cfg = oracles.wrn_config(json.loads(o.config_json or "{}"), "params.oracle")
-            oracles.check_wrn_fits(cfg, train, dataset, "params.oracle")
-            return RegistryOracle(o.id, config_to_dict(cfg)), None
-        path = Path(p.oracle.path).expanduser()
-        if not path.is_absolute():
-            path = path.resolve()
+            try:
+                stored = json.loads(o.config_json or "{}")
+            except ValueError:
+                stored = None
+            cfg = oracles.oracle_config(stored, "params.oracle")
+            oracles.check_fits(cfg, train, dataset, "params.oracle")
+            return RegistryOracle(o.id, cfg.to_dict()), None
+        # A file in the oracle directory: the bytes are read once, checked, and only those bytes
+        # are used (a TorchScript oracle's copy in the run directory is exactly what was checked).
         field = "params.oracle.path"
-        if not path.is_file():
-            raise field_error(field, f"{path}: no such file on the extractor")
-        if oracles.is_zip(path):
-            model = oracles.load_torchscript(path, field)
+        path, data = self.files.read_oracle(p.oracle.path, field, MAX_TORCHSCRIPT_BYTES)
+        if data.startswith(oracles.ZIP_MAGIC):
+            model = oracles.load_torchscript(data, path.name, field)
             k = oracles.check_module_fits(model, train, dataset, field)
             staging.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, staging / TORCHSCRIPT_FILE)
-            sha = hashlib.sha256((staging / TORCHSCRIPT_FILE).read_bytes()).hexdigest()
-            return TorchScriptOracle(TORCHSCRIPT_FILE, str(path), sha, k), None
-        cfg, model, data = oracles.read_wrn_file(path, p.oracle.config_json, field)
-        oracles.check_wrn_fits(cfg, train, dataset, field)
+            (staging / TORCHSCRIPT_FILE).write_bytes(data)
+            return TorchScriptOracle(TORCHSCRIPT_FILE, str(path), hashlib.sha256(data).hexdigest(), k), None
+        oracles.check_safetensors_header(data, path.name, field)
+        config = oracles.config_for_file(path, data, p.oracle.config_json, field,
+                                         oracles.side_reader(self.files, field))
+        cfg = oracles.oracle_config(config, f"{field}.config_json")
+        model = oracles.load_weights(cfg, data, path.name, field)
+        oracles.check_fits(cfg, train, dataset, field)
         return None, (cfg, data, str(path), count_params(model))
+
+
+# -- a stored spec, before it is resumed -------------------------------------------------------------
+
+def _float_in(field: str, value: object, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not (lo < value if lo_open else lo <= value) or value > hi:
+        bound = f"({lo}" if lo_open else f"[{lo}"
+        raise field_error(field, f"must be a finite number in {bound}, {hi}], got {limits.quote(value)}")
+    return float(value)
+
+
+def _schedule(field: str, s: Schedule, epochs_key: str) -> None:
+    limits.check_int_range(f"{field}.epochs", s.epochs, *RANGES[epochs_key])
+    limits.check_int_range(f"{field}.batch_size", s.batch_size, *RANGES["batch_size"])
+    limits.check_int_range(f"{field}.seed", s.seed, 0, limits.MAX_INT64)
+    _float_in(f"{field}.lr", s.lr, 0.0, lo_open=True)
+    _float_in(f"{field}.momentum", s.momentum, 0.0, 1.0)
+    _float_in(f"{field}.weight_decay", s.weight_decay, 0.0)
+    _float_in(f"{field}.warmup_epochs", s.warmup_epochs, 0.0, float(s.epochs))
+
+
+def check_spec(spec: JobSpec, files: InputFiles) -> None:
+    """A spec read back from the registry: every value within the bounds StartExtraction enforces,
+    every path inside the directories this extractor allows, and a TorchScript oracle only while
+    this extractor has an oracle directory and the file it was copied from lies in it.
+    InvalidArgument naming the spec's field otherwise."""
+    import torch
+
+    # The data set: a built-in one, or (still) inside the data directories.
+    if not isinstance(spec.dataset, str) or not spec.dataset:
+        raise field_error("dataset", f"expected a data set name or path, got {limits.quote(spec.dataset)}")
+    if builtin_dataset(spec.dataset) is None:
+        real = files.data_path(spec.dataset, "dataset")
+        if str(real) != spec.dataset:
+            raise field_error("dataset", f"{limits.quote(spec.dataset)} is not the real path of a data set")
+    for name in ("subset", "seed", "views"):
+        limits.check_int_range(name, getattr(spec, name), *RANGES[name])
+    if not isinstance(spec.input_shape, list) or len(spec.input_shape) != 3:
+        raise field_error("input_shape", f"expected [C, H, W], got {limits.quote(spec.input_shape)}")
+    limits.check_int_range("input_shape", spec.input_shape[0], 1, limits.MAX_IN_CHANNELS)
+    for side in spec.input_shape[1:]:
+        limits.check_int_range("input_shape", side, 1, 1 << 16)
+    limits.check_int_range("num_classes", spec.num_classes, 1, limits.MAX_CLASSES)
+    limits.check_int_range("train_images", spec.train_images, 1, limits.MAX_INT64)
+
+    # The hierarchy and the tasks to train.
+    try:
+        hier = hierarchy_mod.from_dict(spec.hierarchy)
+        hierarchy_mod.validate(hier)
+    except InvalidArgument as e:
+        raise field_error("hierarchy", str(e)) from None
+    if len(hier.classes) != spec.num_classes:
+        raise field_error("hierarchy", f"{len(hier.classes)} classes, the spec says {spec.num_classes}")
+    if not isinstance(spec.tasks, list) or not spec.tasks or len(set(map(str, spec.tasks))) != len(spec.tasks):
+        raise field_error("tasks", "expected a non-empty list of distinct task names")
+    unknown = [t for t in spec.tasks if not isinstance(t, str) or t not in hier.tasks]
+    if unknown:
+        raise field_error("tasks", f"not tasks of the hierarchy: {limits.listing(map(limits.quote, unknown))}")
+
+    # The oracle.
+    o = spec.oracle
+    if isinstance(o, RegistryOracle):
+        limits.check_id("oracle.id", o.id)
+        oracles.check_fits(oracles.oracle_config(o.config, "oracle.config"),
+                           _Shape(spec.input_shape, spec.num_classes), "of the job", "oracle.config")
+    else:
+        if o.file != TORCHSCRIPT_FILE:
+            raise field_error("oracle.file", f"expected {TORCHSCRIPT_FILE!r}, got {limits.quote(o.file)}")
+        limits.check_sha256("oracle.sha256", o.sha256)
+        if o.num_classes != spec.num_classes:
+            raise field_error("oracle.num_classes", f"{limits.quote(o.num_classes)}, the data set has "
+                                                    f"{spec.num_classes} classes")
+        files.oracle_path(o.source, "oracle.source")  # TorchScript runs code: only from the oracle directory
+
+    # The networks, schedules and distillation settings.
+    base = spec.base
+    if base is None:
+        if spec.student is None or spec.library_schedule is None:
+            raise field_error("student", "required without a base pool")
+        limits.check_int_range("student.width", spec.student.width, *RANGES["student_width"])
+        limits.check_int_range("student.depth", spec.student.depth, 10, limits.MAX_WRN_DEPTH)
+        try:
+            WRNConfig(spec.student.depth, spec.student.width, spec.input_shape[0], spec.num_classes,
+                      spec.student.stem_stride, mean=(0.0,) * spec.input_shape[0], std=(1.0,) * spec.input_shape[0])
+        except (ValueError, TypeError) as e:
+            raise field_error("student", str(e)) from None
+        _schedule("library_schedule", spec.library_schedule, "library_epochs")
+    else:
+        _check_base(base, spec)
+        if spec.student is not None or spec.library_schedule is not None:
+            raise field_error("student", "not allowed with a base pool (its library is reused)")
+    limits.check_int_range("expert.width", spec.expert.width, *RANGES["expert_width"])
+    limits.check_int_range("expert.blocks", spec.expert.blocks, 1, limits.MAX_EXPERT_BLOCKS)
+    _schedule("expert_schedule", spec.expert_schedule, "expert_epochs")
+    _float_in("ckd.temperature", spec.ckd.temperature, 0.0, lo_open=True)
+    soft = _float_in("ckd.soft_weight", spec.ckd.soft_weight, 0.0)
+    scale = _float_in("ckd.scale_weight", spec.ckd.scale_weight, 0.0)
+    if soft == 0 and scale == 0:
+        raise field_error("ckd.soft_weight", "soft_weight and scale_weight cannot both be 0")
+    if not isinstance(spec.device, str) or not spec.device:
+        raise field_error("device", f"expected a device name, got {limits.quote(spec.device)}")
+    if spec.device != "auto":
+        try:
+            torch.device(spec.device)
+        except (RuntimeError, ValueError):
+            raise field_error("device", f"not a device: {limits.quote(spec.device)}") from None
+
+    # The pool version to publish.
+    limits.check_name("pool.name", spec.pool.name, "pool name")
+    limits.check_version("pool.version", spec.pool.version)
+    if not isinstance(spec.pool.aliases, list):
+        raise field_error("pool.aliases", "expected a list")
+    limits.check_count("pool.aliases", spec.pool.aliases, limits.MAX_ALIASES, "aliases")
+    for a in spec.pool.aliases:
+        if limits.check_alias("pool.aliases", a) == "latest":
+            raise field_error("pool.aliases", "'latest' always moves to the new version; it is not an extra alias")
+
+
+class _Shape:
+    """What `oracles.check_fits` reads of a data set, from a stored spec."""
+
+    def __init__(self, input_shape: list[int], num_classes: int):
+        self.input_shape = tuple(input_shape)
+        self.classes = range(num_classes)
+
+
+def _check_base(base: BaseSpec, spec: JobSpec) -> None:
+    limits.parse_pool_ref("base.pool", base.pool)
+    limits.check_id("base.library_id", base.library_id)
+    limits.check_sha256("base.library_sha256", base.library_sha256)
+    limits.check_network_config("base.library_config", base.library_config)
+    oracles.wrn_config(base.library_config, "base.library_config")
+    if base.library_oracle_id:
+        limits.check_id("base.library_oracle_id", base.library_oracle_id)
+    limits.check_int_range("base.hierarchy_version", base.hierarchy_version, 1, limits.MAX_INT32)
+    if not isinstance(base.dropped, list) or not all(isinstance(t, str) for t in base.dropped):
+        raise field_error("base.dropped", "expected a list of task names")
+    for task, x in base.reuse.items():
+        where = f"base.reuse.{limits.quote(task)}"
+        limits.check_id(f"{where}.id", x.id)
+        limits.check_sha256(f"{where}.sha256", x.sha256)
+        limits.check_expert_config(f"{where}.config", x.config)
+        if not isinstance(x.class_ids, list) or not x.class_ids:
+            raise field_error(f"{where}.class_ids", "expected a non-empty list of class ids")
+        for i in x.class_ids:
+            limits.check_int_range(f"{where}.class_ids", i, 0, spec.num_classes - 1)
+        limits.check_int_range(f"{where}.hierarchy_version", x.hierarchy_version, 1, limits.MAX_INT32)
+        limits.check_int_range(f"{where}.params", x.params, 0, limits.MAX_INT64)
+        if x.val_accuracy is not None:
+            _float_in(f"{where}.val_accuracy", x.val_accuracy, 0.0, 1.0)
+        for name in ("metrics", "loss"):
+            limits.check_json_object(f"{where}.{name}", getattr(x, name))

@@ -19,6 +19,12 @@ Life of a job (docs/EXTRACTOR.md):
 
 One extractor per registry: the jobs a registry lists as RUNNING are taken to be this extractor's
 to resume. A lock file in each run directory keeps two processes off the same job.
+
+A stored job is input like a request: before it is resumed its spec is read strictly and checked
+with `plan.check_spec` (bounds, allowed paths, TorchScript only from the oracle directory), and its
+run directory, derived from the job id alone, must be a direct child of the runs root. A job that
+fails any of this is marked FAILED ("cannot resume: ...") and counted, never run; it never keeps
+the extractor NOT_SERVING nor stops the other jobs from resuming.
 """
 
 from __future__ import annotations
@@ -30,19 +36,24 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from poe.client.registry import RegistryClient
+from poe.engine import limits
 from poe.engine.config import Settings
-from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError, Unavailable
+from poe.engine.errors import AlreadyExists, InvalidArgument, NotFound, PoeError, Unavailable, field_error
+from poe.engine.names import JOB_ID
 from poe.v1 import common_pb2 as c
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import registry_pb2 as r
+from poe_services import metrics
+from poe_services.auth import OWNER_KEY
 from poe_services.extractor.jobs import Job, JobBoard
-from poe_services.extractor.plan import Planner, check_job_id, request_dict
+from poe_services.extractor.plan import Planner, check_job_id, check_spec, request_dict
 from poe_services.extractor.recording import Recorder
 from poe_services.extractor.spec import FORMAT, JobSpec
 from poe_services.extractor.supervision import Supervisor
@@ -66,7 +77,8 @@ class ExtractorRuntime:
         if isinstance(registry, RegistryClient):
             self.registry, self._own_registry = registry, False
         else:
-            self.registry, self._own_registry = RegistryClient(registry or settings.registry_addr, timeout=30.0), True
+            self.registry, self._own_registry = RegistryClient(registry or settings.registry_addr, timeout=30.0,
+                                                               token=settings.service_token, config=settings), True
         self.runs_dir = settings.home / "extractions"
         self.planner = Planner(settings, self.registry)
         self._stop = threading.Event()  # begin_shutdown: no new jobs, NOT_SERVING
@@ -78,6 +90,7 @@ class ExtractorRuntime:
         self._start_lock = threading.Lock()  # one start at a time: idempotent job ids, staging directories
         self._wake = threading.Event()
         self.recovered = threading.Event()
+        self._recover_again = False  # the last listing of unfinished jobs failed with the registry up
         self.health: HealthReporter | None = None
         self._monitor: threading.Thread | None = None
         self._status = None
@@ -152,14 +165,21 @@ class ExtractorRuntime:
         delay = 0.1
         while not self._stop.is_set():
             ok = self._probe()
-            if ok and not self.recovered.is_set():
+            if ok and (not self.recovered.is_set() or self._recover_again):
                 try:
                     self._recover()
+                    self._recover_again = False
                     self.recovered.set()
+                except Unavailable as e:  # the registry went away meanwhile: try again
+                    log.warning("extractor: cannot resume unfinished jobs yet: %s", e)
+                    ok = self.recovered.is_set()
                 except Exception as e:  # the loop must survive anything: health depends on it
-                    log.warning("extractor: cannot resume unfinished jobs yet: %s", e,
-                                exc_info=not isinstance(e, PoeError))
-                    ok = False
+                    # The registry answers but cannot list its jobs: new jobs are served all the
+                    # same, and the listing is tried again at every probe.
+                    log.error("extractor: cannot list the unfinished jobs to resume (%s); serving new jobs and "
+                              "trying again", e, exc_info=not isinstance(e, PoeError))
+                    self._recover_again = True
+                    self.recovered.set()
             self._set_health(ok and self.recovered.is_set())
             interval = self.settings.extractor_health_interval
             if not ok:
@@ -168,41 +188,80 @@ class ExtractorRuntime:
             self._wake.clear()
 
     def _recover(self) -> None:
-        """Queue the registry's RUNNING jobs (first) and PENDING jobs (oldest first)."""
-        with self._start_lock:  # staging directories left by a start that died half-way
-            for stale in self.runs_dir.glob(".staging-*"):
+        """Queue the registry's RUNNING jobs (first) and PENDING jobs (oldest first); fail those
+        whose stored spec cannot be read or does not pass the checks."""
+        with self._start_lock:  # no start in between: a new job is on the board before it is listed
+            for stale in self.runs_dir.glob(".staging-*"):  # left by a start that died half-way
                 shutil.rmtree(stale, ignore_errors=True)
-        found = [j for state in ("running", "pending") for j in reversed(list(self.registry.list_jobs(state)))]
-        resumed = 0
-        for rec in found:
-            try:
-                stored = json.loads(rec.params_json or "{}")
-            except ValueError:
-                stored = {}
-            if not isinstance(stored, dict) or stored.get("format") != FORMAT:
-                log.info("extractor: job %s has no %s parameters; left alone", rec.id, FORMAT)
-                continue
-            if self.jobs.get(rec.id) is not None:
-                continue
-            try:
-                spec = JobSpec.from_dict(stored)
-            except InvalidArgument as e:  # it could never run: say so instead of leaving it unfinished
-                log.warning("extractor: job %s cannot be resumed: %s", rec.id, e)
-                self.registry.update_job(rec.id, state="failed", error=f"cannot resume: {e}",
-                                         message=f"failed: cannot resume: {str(e)[:280]}")
-                continue
-            job = Job(rec.id, spec, self.runs_dir / rec.id, rec)
-            if rec.state == c.EXTRACTION_STATE_RUNNING:
-                job.message = "queued: resuming after an extractor restart"
-            if self.jobs.enqueue(job):
-                resumed += 1
+            found = [j for state in ("running", "pending") for j in reversed(list(self.registry.list_jobs(state)))]
+            resumed = 0
+            for rec in found:
+                if self.jobs.get(rec.id) is not None:
+                    continue
+                try:
+                    job = self._resumable(rec)
+                except InvalidArgument as e:  # it could never run: say so instead of leaving it unfinished
+                    self._refuse(rec, str(e))
+                    continue
+                except Exception as e:  # a spec malformed in a way the checks did not foresee
+                    log.exception("extractor: job %s: unexpected error while checking its stored spec",
+                                  limits.quote(rec.id))
+                    self._refuse(rec, f"job spec: cannot be checked ({type(e).__name__})")
+                    continue
+                if job is None:
+                    continue
+                if rec.state == c.EXTRACTION_STATE_RUNNING:
+                    job.message = "queued: resuming after an extractor restart"
+                if self.jobs.enqueue(job):
+                    resumed += 1
         if resumed:
             log.info("extractor: resuming %d unfinished job(s)", resumed)
         self.jobs.schedule()
 
+    def _resumable(self, rec: c.ExtractionJob) -> Job | None:
+        """The job to resume from a registry record; None for a job of another format (left alone)."""
+        try:
+            stored = json.loads(rec.params_json or "{}")
+        except (ValueError, RecursionError):
+            raise InvalidArgument("job spec: not valid JSON") from None
+        if not isinstance(stored, dict):
+            raise InvalidArgument(f"job spec: expected an object, got {type(stored).__name__}")
+        if stored.get("format") != FORMAT:
+            log.info("extractor: job %s has no %s parameters; left alone", limits.quote(rec.id), FORMAT)
+            return None
+        spec = JobSpec.from_dict({k: v for k, v in stored.items() if k != OWNER_KEY})
+        try:
+            check_spec(spec, self.planner.files)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"job spec: {e}") from None
+        return Job(rec.id, spec, self.run_dir(rec.id), rec)
+
+    def _refuse(self, rec: c.ExtractionJob, reason: str) -> None:
+        """Mark a stored job that cannot run FAILED (counted); an unreachable registry is retried."""
+        error = f"cannot resume: {reason}"[:limits.MAX_JOB_ERROR_CHARS]
+        log.warning("extractor: job %s cannot be resumed: %s", limits.quote(rec.id), reason)
+        try:
+            self.registry.update_job(rec.id, state="failed", error=error, message=f"failed: {error[:280]}")
+        except Unavailable:
+            raise
+        except PoeError as e:
+            log.error("extractor: job %s: could not mark it failed: %s", limits.quote(rec.id), e)
+        metrics.EXTRACTION_JOBS_FINISHED.labels("failed").inc()
+
+    def run_dir(self, job_id: str) -> Path:
+        """A job's run directory: derived from its id alone, and a direct child of the runs root."""
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            raise field_error("job_id", f"{limits.quote(job_id)} is not a job id (1-64 letters, digits, '.', '_' "
+                                        "or '-', starting with a letter or digit)")
+        root = Path(os.path.realpath(self.runs_dir))
+        run = self.runs_dir / job_id
+        if Path(os.path.realpath(run)).parent != root:  # e.g. a symlink left in the runs root
+            raise field_error("job_id", f"the run directory of job {job_id} is not inside {root}")
+        return run
+
     # -- starting ----------------------------------------------------------------------------------
 
-    def start_job(self, params: pb.ExtractionParams, job_id: str = "") -> c.ExtractionJob:
+    def start_job(self, params: pb.ExtractionParams, job_id: str = "", owner: str = "") -> c.ExtractionJob:
         if self._stop.is_set():
             raise Unavailable("the extractor is shutting down")
         check_job_id(job_id)
@@ -216,14 +275,15 @@ class ExtractorRuntime:
             try:
                 spec = self.planner.plan(params, staging, self.jobs.targets())
                 try:
-                    rec = self.registry.create_job(spec.to_dict(), oracle_id=spec.registered_oracle_id,
-                                                   job_id=job_id)
+                    # Who started it, beside the spec: CancelExtraction lets only them (or an admin) stop it.
+                    rec = self.registry.create_job({**spec.to_dict(), OWNER_KEY: owner},
+                                                   oracle_id=spec.registered_oracle_id, job_id=job_id)
                 except AlreadyExists:
                     existing = self._same_job(job_id, params)
                     if existing is None:
                         raise
                     return existing
-                run = self.runs_dir / job_id
+                run = self.run_dir(job_id)
                 if run.exists():
                     shutil.rmtree(run)  # left over by an earlier job of that id
                 if staging.exists():

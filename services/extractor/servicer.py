@@ -5,6 +5,7 @@ No status codes here: domain errors propagate to `poe_services.errors.ErrorInter
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import grpc
 from poe.engine.errors import field_error
 from poe.v1 import extractor_pb2 as pb
 from poe.v1 import extractor_pb2_grpc
+from poe_services import auth
 
 if TYPE_CHECKING:
     from poe_services.extractor.runtime import ExtractorRuntime
@@ -24,6 +26,15 @@ def _job_id(request) -> str:
     return request.job_id
 
 
+def job_owner(params_json: str) -> str:
+    """Who started a job ("" for jobs from before owners were recorded: only an admin may cancel those)."""
+    try:
+        owner = json.loads(params_json or "{}").get(auth.OWNER_KEY)
+    except (ValueError, AttributeError):
+        return ""
+    return owner if isinstance(owner, str) else ""
+
+
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     def __init__(self, runtime: ExtractorRuntime):
         self.runtime = runtime
@@ -31,7 +42,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     def StartExtraction(self, request, context) -> pb.StartExtractionResponse:
         if not request.HasField("params"):
             raise field_error("params", "required")
-        return pb.StartExtractionResponse(job=self.runtime.start_job(request.params, request.job_id))
+        owner = auth.owner_id(auth.current_principal())
+        return pb.StartExtractionResponse(job=self.runtime.start_job(request.params, request.job_id, owner))
 
     def WatchExtraction(self, request, context) -> Iterator[pb.WatchExtractionResponse]:
         job_id = _job_id(request)
@@ -48,7 +60,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         return pb.ListExtractionsResponse(jobs=jobs, next_page_token=token)
 
     def CancelExtraction(self, request, context) -> pb.CancelExtractionResponse:
-        return pb.CancelExtractionResponse(job=self.runtime.cancel(_job_id(request)))
+        job_id = _job_id(request)
+        job, _ = self.runtime.snapshot(job_id)
+        auth.require_owner(job_owner(job.params_json))
+        return pb.CancelExtractionResponse(job=self.runtime.cancel(job_id))
 
 
 def add_to_server(runtime: ExtractorRuntime, server: grpc.Server) -> None:

@@ -5,7 +5,8 @@ directory, trains, writes results into the run directory and reports to the extr
 (JSON messages, never pickles). The extractor does every registry call. Run directory::
 
     oracle.safetensors + oracle.json   a registered oracle, downloaded by the extractor
-    oracle.torchscript                 or a TorchScript oracle, copied when the job started
+    oracle.torchscript                 or a TorchScript oracle from the oracle directory, copied when
+                                       the job started (loaded only when its sha256 is the spec's)
     base_library.safetensors + .json   incremental jobs: the base pool's library
     teacher_views.safetensors          fixed views of the training set and the oracle's logits
     library.ckpt, student.*            the student (KD), its checkpoint; library.safetensors
@@ -69,16 +70,24 @@ class Extraction:
     # -- helpers -------------------------------------------------------------------------------
 
     def _oracle(self):
-        from poe.engine.pool import tensors_from_bytes
+        """(module, whether it is weights of a known architecture, which train in bf16)."""
+        import hashlib
+
+        from poe.engine.errors import DataLoss
         from poe_services.extractor import oracles
+        from poe_services.extractor.files import MAX_TORCHSCRIPT_BYTES, read_regular
         from poe_services.extractor.spec import TorchScriptOracle
 
         o = self.spec.oracle
         if isinstance(o, TorchScriptOracle):
-            return oracles.load_torchscript(self.run / o.file, "oracle", self.device), False
-        cfg = oracles.wrn_config(json.loads((self.run / "oracle.json").read_text())["config"], "oracle")
-        state = tensors_from_bytes((self.run / "oracle.safetensors").read_bytes(), what="oracle")
-        return oracles.load_wrn(cfg, state, "the registered oracle", "oracle"), True
+            data = read_regular(self.run / o.file, "oracle", MAX_TORCHSCRIPT_BYTES)
+            if hashlib.sha256(data).hexdigest() != o.sha256:
+                raise DataLoss(f"the TorchScript oracle in {self.run} is not the file checked when the job started "
+                               "(sha256 differs); not loaded")
+            return oracles.load_torchscript(data, o.file, "oracle", self.device), False
+        cfg = oracles.oracle_config(o.config, "oracle")
+        data = (self.run / "oracle.safetensors").read_bytes()
+        return oracles.load_weights(cfg, data, "the registered oracle", "oracle"), True
 
     def _progress_fn(self, phase: str, base_units: int, expert: int = 0, experts: int = 0, task: str = ""):
         def cb(p: dict) -> None:
@@ -136,9 +145,10 @@ class Extraction:
         else:
             s = spec.student
             c = train.input_shape[0]
-            if isinstance(spec.oracle, RegistryOracle):
-                ocfg = oracles.wrn_config(spec.oracle.config, "oracle")
-                mean, std = ocfg.mean, ocfg.std
+            settings = oracles.oracle_config(spec.oracle.config, "oracle").settings \
+                if isinstance(spec.oracle, RegistryOracle) else {}
+            if "mean" in settings and "std" in settings:  # the oracle's own normalisation
+                mean, std = tuple(settings["mean"]), tuple(settings["std"])
             else:
                 x = train.images.float().div(255)
                 mean = tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from poe.engine.architectures import check_oracle_upload
 from poe.engine.errors import DataLoss, NotFound, Unavailable, field_error
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
@@ -64,6 +65,8 @@ class Registry:
             e.ComposedModelSpec: (v.check_composed_spec, self.store.add_composed_model),
         }[type(spec)]
         check(spec)  # before a byte of the upload is read
+        if isinstance(spec, e.OracleSpec):  # weights of a known architecture, never a program
+            chunks = check_oracle_upload(spec.config, chunks)
         media_type = media_type_for(spec.format) if isinstance(spec, e.ComposedModelSpec) else e.SAFETENSORS
         return self._upload(lambda blob, hook: add(spec, blob, hook), sha256, size, chunks, media_type)
 

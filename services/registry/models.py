@@ -174,10 +174,10 @@ class ExpertRow(Base):
 
     def to_entity(self) -> e.Expert:
         h = self.task.hierarchy
-        names = {c.label: c.name for c in h.dataset.classes}
+        classes = h.dataset.classes  # in label order, labels 0..n-1: indexing costs nothing per class
         ids = tuple(int(i) for i in self.class_ids)
         return e.Expert(self.id, self.library_id, h.dataset.name, h.version, self.task.name, ids,
-                        tuple(names[i] for i in ids), dict(self.config), self.params, self.val_accuracy,
+                        tuple(classes[i].name for i in ids), dict(self.config), self.params, self.val_accuracy,
                         dict(self.metrics), dict(self.loss), self.blob.to_entity(), aware(self.created_at))
 
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from poe.engine.config import Settings
 from poe.engine.errors import FailedPrecondition, Unavailable
 from poe.v1 import registry_pb2_grpc
+from poe_services.auth import UploadQuota
 from poe_services.registry import db
 from poe_services.registry.blobstore import UploadSweeper, open_blob_store
 from poe_services.registry.core import Registry
@@ -102,7 +103,8 @@ class RegistryRuntime:
 
     def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
         """Add the Registry servicer to `server`; report "poe.v1.Registry" through `health`."""
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            RegistryServicer(self.registry, UploadQuota(self.settings.upload_quota_bytes)), server)
         self.health = health
         self.check_health()
 

@@ -1,11 +1,12 @@
 """The gRPC surface of `poe.v1.Registry`: convert messages, call `core.Registry`, convert back.
 
-No status codes here: domain errors propagate to `poe_services.errors.ErrorInterceptor`.
+No status codes here: domain errors propagate to `poe_services.errors.ErrorInterceptor`. Every
+request field is checked against `poe.engine.limits` on its way in (here or in the store), and
+List pages are cut by their records' size as served, so every answer fits a message.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,11 +15,13 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from poe.contract import STATES, hierarchy_from_message, hierarchy_message, request_refs, state_name, state_value
+from poe.engine import limits
 from poe.engine.errors import field_error
 from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
 from poe.v1 import registry_pb2_grpc
+from poe_services.auth import UploadQuota
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
 from poe_services.registry.blobstore import CHUNK_SIZE
@@ -36,8 +39,7 @@ def _ts(dt: datetime | None) -> Timestamp | None:
     return t
 
 
-def _json(d: dict) -> str:
-    return json.dumps(d, sort_keys=True) if d else ""
+_json = limits.served_json  # the form the JSON limits measure
 
 
 def blob_pb(b: e.Blob | None) -> c.BlobRef | None:
@@ -83,6 +85,13 @@ def job_pb(j: e.ExtractionJob) -> c.ExtractionJob:
 
 
 # -- message -> domain ---------------------------------------------------------------------------
+
+def _check_fits(field: str, message, what: str) -> None:
+    """InvalidArgument unless `message` (a record about to be stored) can be served back whole."""
+    size = message.ByteSize()
+    if size > limits.MAX_RECORD_BYTES:
+        raise field_error(field, f"{what} would take {size} bytes as served; at most {limits.MAX_RECORD_BYTES}")
+
 
 def _job_state(value: int, field: str = "state") -> e.JobState:
     """The JobState of an ExtractionState enum value; InvalidArgument for UNSPECIFIED or unknown."""
@@ -140,7 +149,7 @@ def expert_spec(m: r.ExpertMetadata) -> e.ExpertSpec:
 
 def composed_spec(m: r.ComposedModelMetadata) -> e.ComposedModelSpec:
     return e.ComposedModelSpec(m.pool, tuple(m.class_ids), m.format,
-                               v.parse_json_object(m.metadata_json, "metadata_json"))
+                               v.parse_json_object(m.metadata_json, "metadata_json", limits.MAX_LARGE_JSON_BYTES))
 
 
 def _opt(value):
@@ -148,9 +157,10 @@ def _opt(value):
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, upload_quota: UploadQuota):
         self.registry = registry
         self.store = registry.store
+        self.upload_quota = upload_quota
 
     # -- hierarchies -------------------------------------------------------------------------------
 
@@ -170,7 +180,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def _register(self, request_iterator, kind: str, spec_of: Callable[[Any], e.ArtifactSpec]):
         """Register the artifact of an upload: (record, created)."""
         m, chunks = _upload(request_iterator, kind)
-        return self.registry.register(spec_of(m), m.sha256, m.size, chunks)
+        with self.upload_quota.reserve(m.size):
+            return self.registry.register(spec_of(m), m.sha256, m.size, chunks)
 
     def RegisterOracle(self, request_iterator, context):
         oracle, created = self._register(request_iterator, "oracle", oracle_spec)
@@ -196,7 +207,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def ListExperts(self, request, context):
         flt = e.ExpertFilter(_opt(request.dataset), _opt(request.class_name), _opt(request.task),
                              _opt(request.library_id), _opt(request.pool))
-        page = self.store.list_experts(flt, request.page_size, request.page_token)
+        page = self.store.list_experts(flt, request.page_size, request.page_token,
+                                       item_bytes=lambda x: expert_pb(x).ByteSize())
         return r.ListExpertsResponse(experts=[expert_pb(x) for x in page.items], next_page_token=page.next_page_token)
 
     # -- pools -------------------------------------------------------------------------------------
@@ -205,7 +217,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         spec = e.PoolSpec(request.name, request.version, request.library_id, tuple(request.expert_ids),
                           v.parse_json_object(request.info_json, "info_json"), request.description,
                           tuple(request.aliases))
-        pool, created = self.store.publish_pool(spec)
+        pool, created = self.store.publish_pool(spec, check=lambda p: _check_fits(
+            "expert_ids", pool_pb(p), f"pool {p.ref} with its hierarchy, library and {len(p.experts)} experts"))
         return r.PublishPoolResponse(pool=pool_pb(pool), created=created)
 
     def GetPool(self, request, context):
@@ -213,7 +226,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     def ListPools(self, request, context):
         flt = e.PoolFilter(_opt(request.name), _opt(request.dataset), _opt(request.class_name), _opt(request.alias))
-        page = self.store.list_pools(flt, request.page_size, request.page_token)
+        page = self.store.list_pools(flt, request.page_size, request.page_token,
+                                     item_bytes=lambda p: pool_pb(p).ByteSize())
         return r.ListPoolsResponse(pools=[pool_pb(p) for p in page.items], next_page_token=page.next_page_token)
 
     def SetPoolAlias(self, request, context):
@@ -266,7 +280,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     # -- extraction jobs ---------------------------------------------------------------------------
 
     def CreateExtractionJob(self, request, context):
-        job = self.store.create_job(v.parse_json_object(request.params_json, "params_json"),
+        job = self.store.create_job(v.parse_json_object(request.params_json, "params_json",
+                                                        limits.MAX_LARGE_JSON_BYTES),
                                     request.oracle_id or None, request.job_id or None)
         return r.CreateExtractionJobResponse(job=job_pb(job))
 
@@ -286,7 +301,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     def ListExtractionJobs(self, request, context):
         state = _job_state(request.state) if request.state != c.EXTRACTION_STATE_UNSPECIFIED else None
-        page = self.store.list_jobs(state, request.page_size, request.page_token)
+        page = self.store.list_jobs(state, request.page_size, request.page_token,
+                                    item_bytes=lambda j: job_pb(j).ByteSize())
         return r.ListExtractionJobsResponse(jobs=[job_pb(j) for j in page.items], next_page_token=page.next_page_token)
 
     # -- lineage -----------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, false, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from poe.engine import limits
 from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
 from poe.engine.hierarchy import Hierarchy
-from poe.engine.names import JOB_ID
 from poe_services.registry import db
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")  # an ORM row class
 
+# Row ids are INTEGER columns: 32-bit on PostgreSQL. A larger id (valid on the wire, which allows
+# int64) names no row, on either database, and never reaches the database as a parameter.
+MAX_ROW_ID = (1 << 31) - 1
+PAGE_BATCH = 32  # rows converted at a time while a page is filled (pages stop early by bytes)
+
 
 def class_set_key(class_ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(str(i) for i in sorted(class_ids)).encode()).hexdigest()
@@ -59,11 +64,27 @@ def _where_equal(q: Select, *filters: tuple[ColumnElement, object]) -> Select:
 
 
 def _task_has_class(task_id: ColumnElement, class_name: str, *also: ColumnElement) -> Exists:
-    """The task `task_id` has a class named `class_name` (case-insensitive), and the `also` conditions hold."""
+    """The task `task_id` has a class named `class_name` (as the composer looks names up), and the
+    `also` conditions hold."""
     return exists().where(*also, TaskClassRow.task_id == task_id,
                           DatasetClassRow.dataset_id == HierarchyRow.dataset_id,
                           DatasetClassRow.label == TaskClassRow.label,
-                          DatasetClassRow.name_key == class_name.strip().casefold())
+                          DatasetClassRow.name_key == limits.class_key(class_name))
+
+
+def _check_filter(flt: e.ExpertFilter | e.PoolFilter) -> None:
+    """Filters are checked like the fields they match: a malformed one is InvalidArgument, not an
+    empty page (and never a query parameter the database refuses)."""
+    for field, check in (("name", lambda f, x: v.name(x, f, "pool name")),
+                         ("dataset", lambda f, x: v.name(x, f, "data set name")),
+                         ("task", lambda f, x: v.name(x, f, "task name")),
+                         ("class_name", limits.check_ref),
+                         ("alias", lambda f, x: v.alias(x, f)),
+                         ("library_id", lambda f, x: v.positive_id(x, f)),
+                         ("pool", lambda f, x: v.pool_ref(x, f))):
+        value = getattr(flt, field, None)
+        if value:
+            check(field, value)
 
 
 class SqlRegistryStore(RegistryStore):
@@ -107,6 +128,8 @@ class SqlRegistryStore(RegistryStore):
     @staticmethod
     def _row(s: Session, row_class: type[R], key: int | str, field: str, what: str) -> R:
         """The row with this primary key; NotFound naming the field otherwise."""
+        if isinstance(key, int) and not 0 < key <= MAX_ROW_ID:
+            raise NotFound(f"{field}: no {what} {key!r}")
         row = s.get(row_class, key)
         if row is None:
             raise NotFound(f"{field}: no {what} {key!r}")  # repr: numeric ids bare, job ids quoted
@@ -118,15 +141,35 @@ class SqlRegistryStore(RegistryStore):
             return self._row(s, row_class, key, field, what).to_entity()
 
     def _page(self, query: Callable[[Session], Select], filters: object, page_size: int,
-              page_token: str) -> e.Page:
-        """A page of the entities of `query`'s rows (in its order); the page token is bound to `filters`."""
+              page_token: str, item_bytes: Callable[[Any], int] | None = None) -> e.Page:
+        """A page of the entities of `query`'s rows (in its order); the page token is bound to `filters`.
+
+        With `item_bytes` (an entity's size as served) the page also stops before its records
+        would pass `limits.MAX_PAGE_BYTES`, so that any page fits a message; it always holds at
+        least one record. Rows are read a batch at a time, never the whole page size at once."""
         size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         offset = v.decode_page_token(page_token, filters)
+        items: list = []
+        total, more = 0, False
         with self._session() as s:
-            rows = s.scalars(query(s).offset(offset).limit(size + 1)).unique().all()
-            items = tuple(r.to_entity() for r in rows[:size])
-        token = v.encode_page_token(offset + size, filters) if len(rows) > size else ""
-        return e.Page(items, token)
+            while len(items) < size:
+                batch = min(PAGE_BATCH, size - len(items))
+                rows = s.scalars(query(s).offset(offset + len(items)).limit(batch + 1)).unique().all()
+                full = False
+                for row in rows[:batch]:
+                    entity = row.to_entity()
+                    if item_bytes is not None:
+                        n = item_bytes(entity)
+                        if items and total + n > limits.MAX_PAGE_BYTES:
+                            full = True
+                            break
+                        total += n
+                    items.append(entity)
+                more = full or len(rows) > batch
+                if full or len(rows) <= batch:
+                    break
+        token = v.encode_page_token(offset + len(items), filters) if more else ""
+        return e.Page(tuple(items), token)
 
     @staticmethod
     def _dataset(s: Session, name: str, field: str = "dataset") -> DatasetRow:
@@ -171,8 +214,17 @@ class SqlRegistryStore(RegistryStore):
             versions = s.scalars(select(PoolVersionRow.version).where(PoolVersionRow.pool_id == pool.id)).all()
             aliases = s.scalars(select(PoolAliasRow.alias).where(PoolAliasRow.pool_id == pool.id)).all()
             raise NotFound(f"{field}: pool {name!r} has no version or alias {alias_name!r} "
-                           f"(versions: {', '.join(versions) or 'none'}; aliases: {', '.join(aliases) or 'none'})")
+                           f"(versions: {limits.listing(versions) or 'none'}; "
+                           f"aliases: {limits.listing(aliases) or 'none'})")
         return row
+
+    @staticmethod
+    def _check_alias_count(s: Session, pool_id: int, field: str = "aliases") -> None:
+        """At most `limits.MAX_ALIASES` aliases per pool (each is listed in its version's record)."""
+        n = s.scalar(select(func.count()).select_from(PoolAliasRow).where(PoolAliasRow.pool_id == pool_id))
+        if n > limits.MAX_ALIASES:
+            raise field_error(field, f"the pool would have {n} aliases; at most {limits.MAX_ALIASES} "
+                                     "(delete some first)")
 
     @staticmethod
     def _set_alias_row(s: Session, pool_id: int, alias: str, version_id: int) -> None:
@@ -186,8 +238,8 @@ class SqlRegistryStore(RegistryStore):
 
     def add_hierarchy(self, hierarchy: Hierarchy) -> tuple[Hierarchy, bool]:
         v.name(hierarchy.dataset, "hierarchy.dataset", "data set name")
-        if hierarchy.version < 1:
-            raise field_error("hierarchy.version", f"must be >= 1, got {hierarchy.version}")
+        limits.check_int_range("hierarchy.version", hierarchy.version, 1, limits.MAX_INT32)
+        limits.check_class_names("hierarchy.classes", hierarchy.classes)  # Hierarchy checked them too
 
         def find(s: Session) -> Hierarchy | None:
             ds = s.scalar(select(DatasetRow).where(DatasetRow.name == hierarchy.dataset))
@@ -196,7 +248,8 @@ class SqlRegistryStore(RegistryStore):
             registered = tuple(c.name for c in ds.classes)
             if registered != tuple(hierarchy.classes):
                 raise FailedPrecondition(f"hierarchy.classes: data set {hierarchy.dataset!r} is registered with "
-                                         f"classes {list(registered)}, not {list(hierarchy.classes)}")
+                                         f"{len(registered)} classes ({limits.listing(registered)}), not "
+                                         f"these {len(hierarchy.classes)} ({limits.listing(hierarchy.classes)})")
             row = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == ds.id,
                                                       HierarchyRow.version == hierarchy.version))
             if row is None:
@@ -214,7 +267,7 @@ class SqlRegistryStore(RegistryStore):
                 s.add(ds)
                 s.flush()
                 for label, cname in enumerate(hierarchy.classes):
-                    s.add(DatasetClassRow(dataset_id=ds.id, label=label, name=cname, name_key=cname.casefold()))
+                    s.add(DatasetClassRow(dataset_id=ds.id, label=label, name=cname, name_key=limits.class_key(cname)))
             row = HierarchyRow(dataset_id=ds.id, version=hierarchy.version)
             s.add(row)
             s.flush()
@@ -231,6 +284,9 @@ class SqlRegistryStore(RegistryStore):
         return self._create_or_get(find, create)
 
     def get_hierarchy(self, dataset: str, version: int | None = None) -> Hierarchy:
+        v.name(dataset, "dataset", "data set name")
+        if version is not None:
+            limits.check_int_range("version", version, 0, limits.MAX_INT32)
         with self._session() as s:
             ds = self._dataset(s, dataset)
             q = select(HierarchyRow).where(HierarchyRow.dataset_id == ds.id)
@@ -344,10 +400,11 @@ class SqlRegistryStore(RegistryStore):
         task = next((t for t in h.tasks if t.name == spec.task), None)
         if task is None:
             raise field_error("task", f"hierarchy {lib.dataset.name} v{h.version} has no task {spec.task!r} "
-                                      f"(tasks: {', '.join(t.name for t in h.tasks)})")
+                                      f"(tasks: {limits.listing(t.name for t in h.tasks)})")
         expected = sorted(c.label for c in task.classes)
         if sorted(spec.class_ids) != expected:
-            raise field_error("class_ids", f"task {spec.task!r} has classes {expected}, got {list(spec.class_ids)}")
+            raise field_error("class_ids", f"task {spec.task!r} has classes [{limits.listing(expected, 20)}], "
+                                           f"got [{limits.listing(spec.class_ids, 20)}]")
         return lib, task
 
     def add_expert(self, spec: e.ExpertSpec, blob: e.Blob,
@@ -375,13 +432,19 @@ class SqlRegistryStore(RegistryStore):
     def get_expert(self, expert_id: int) -> e.Expert:
         return self._get(ExpertRow, expert_id, "expert")
 
-    def list_experts(self, flt: e.ExpertFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.Expert]:
+    def list_experts(self, flt: e.ExpertFilter, page_size: int = 0, page_token: str = "",
+                     item_bytes: Callable[[e.Expert], int] | None = None) -> e.Page[e.Expert]:
+        _check_filter(flt)
+
         def query(s: Session) -> Select:
             q = (select(ExpertRow).join(TaskRow, ExpertRow.task_id == TaskRow.id)
                  .join(HierarchyRow, TaskRow.hierarchy_id == HierarchyRow.id)
                  .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
+            library_id = flt.library_id if flt.library_id and flt.library_id <= MAX_ROW_ID else None
             q = _where_equal(q, (DatasetRow.name, flt.dataset), (TaskRow.name, flt.task),
-                             (ExpertRow.library_id, flt.library_id))
+                             (ExpertRow.library_id, library_id))
+            if flt.library_id and library_id is None:  # an id no row can have: an empty page
+                q = q.where(false())
             if flt.class_name:
                 q = q.where(_task_has_class(ExpertRow.task_id, flt.class_name))
             if flt.pool:
@@ -390,25 +453,16 @@ class SqlRegistryStore(RegistryStore):
                                              .where(PoolVersionExpertRow.pool_version_id == pv.id)))
             return q.order_by(ExpertRow.id)
 
-        return self._page(query, flt, page_size, page_token)
+        return self._page(query, flt, page_size, page_token, item_bytes)
 
     # -- pools ---------------------------------------------------------------------------------
 
-    def publish_pool(self, spec: e.PoolSpec) -> tuple[e.PoolVersion, bool]:
-        v.name(spec.name, "name", "pool name")
-        v.version(spec.version)
-        v.positive_id(spec.library_id, "library_id")
-        if not spec.expert_ids:
-            raise field_error("expert_ids", "a pool needs at least one expert")
-        for i in spec.expert_ids:
-            v.positive_id(i, "expert_ids")
-        if len(set(spec.expert_ids)) != len(spec.expert_ids):
-            raise field_error("expert_ids", f"duplicate expert ids in {list(spec.expert_ids)}")
+    def publish_pool(self, spec: e.PoolSpec,
+                     check: Callable[[e.PoolVersion], None] | None = None) -> tuple[e.PoolVersion, bool]:
+        v.check_pool_spec(spec)
         for a in spec.aliases:
-            v.alias(a, "aliases")
             if a == LATEST:
                 raise field_error("aliases", "'latest' always moves to the newest version; do not list it")
-        v.mapping(spec.info, "info_json")
 
         def find(s: Session) -> e.PoolVersion | None:
             row = s.scalar(select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
@@ -424,10 +478,11 @@ class SqlRegistryStore(RegistryStore):
 
         def create(s: Session) -> e.PoolVersion:
             lib = self._row(s, LibraryRow, spec.library_id, "library_id", "library")
-            experts = s.scalars(select(ExpertRow).where(ExpertRow.id.in_(spec.expert_ids))).unique().all()
+            storable = [i for i in spec.expert_ids if i <= MAX_ROW_ID]
+            experts = s.scalars(select(ExpertRow).where(ExpertRow.id.in_(storable))).unique().all()
             missing = sorted(set(spec.expert_ids) - {x.id for x in experts})
             if missing:
-                raise NotFound(f"expert_ids: no expert(s) {', '.join(map(str, missing))}")
+                raise NotFound(f"expert_ids: no expert(s) {limits.listing(missing)}")
             by_task: dict[int, ExpertRow] = {}
             for x in experts:
                 if x.library_id != lib.id:
@@ -452,8 +507,12 @@ class SqlRegistryStore(RegistryStore):
             for a in (LATEST, *spec.aliases):
                 self._set_alias_row(s, pool.id, a, row.id)
             s.flush()
+            self._check_alias_count(s, pool.id)
             s.expire(row)
-            return s.get(PoolVersionRow, row.id).to_entity()
+            published = s.get(PoolVersionRow, row.id).to_entity()
+            if check is not None:  # e.g. that the record fits a message; raising rolls the publication back
+                check(published)
+            return published
 
         return self._create_or_get(find, create)
 
@@ -461,7 +520,10 @@ class SqlRegistryStore(RegistryStore):
         with self._session() as s:
             return self._pool_version(s, ref).to_entity()
 
-    def list_pools(self, flt: e.PoolFilter, page_size: int = 0, page_token: str = "") -> e.Page[e.PoolVersion]:
+    def list_pools(self, flt: e.PoolFilter, page_size: int = 0, page_token: str = "",
+                   item_bytes: Callable[[e.PoolVersion], int] | None = None) -> e.Page[e.PoolVersion]:
+        _check_filter(flt)
+
         def query(s: Session) -> Select:
             q = (select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
                  .join(HierarchyRow, PoolVersionRow.hierarchy_id == HierarchyRow.id)
@@ -475,7 +537,7 @@ class SqlRegistryStore(RegistryStore):
                                             PoolVersionExpertRow.pool_version_id == PoolVersionRow.id))
             return q.order_by(PoolRow.name, PoolVersionRow.id)
 
-        return self._page(query, flt, page_size, page_token)
+        return self._page(query, flt, page_size, page_token, item_bytes)
 
     def set_alias(self, name: str, alias: str, version: str) -> e.PoolVersion:
         v.name(name, "name", "pool name")
@@ -489,6 +551,7 @@ class SqlRegistryStore(RegistryStore):
                 raise NotFound(f"version: pool {name!r} has no version {version!r}")
             self._set_alias_row(s, row.pool_id, alias, row.id)
             s.flush()
+            self._check_alias_count(s, row.pool_id, "alias")
             s.expire(row)
             return s.get(PoolVersionRow, row.id).to_entity()
 
@@ -560,14 +623,15 @@ class SqlRegistryStore(RegistryStore):
     def get_composed_model(self, ref: str, class_ids: Sequence[int], fmt: str,
                            count_hit: bool = True) -> e.ComposedModel:
         ids = tuple(sorted(v.class_ids(class_ids)))
+        limits.check_format("format", fmt)
         with self._session(write=count_hit) as s:
             pv = self._pool_version(s, ref)
             row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
                                                           ComposedModelRow.class_set == class_set_key(ids),
                                                           ComposedModelRow.format == fmt))
             if row is None:
-                raise NotFound(f"no composed model cached for {pv.pool.name}@{pv.version} classes {list(ids)} "
-                               f"format {fmt!r}")
+                raise NotFound(f"no composed model cached for {pv.pool.name}@{pv.version} classes "
+                               f"[{limits.listing(ids, 20)}] format {fmt!r}")
             if count_hit:
                 s.execute(update(ComposedModelRow).where(ComposedModelRow.id == row.id)
                           .values(hits=ComposedModelRow.hits + 1, last_hit_at=utcnow()))
@@ -577,10 +641,9 @@ class SqlRegistryStore(RegistryStore):
     # -- extraction jobs -----------------------------------------------------------------------
 
     def create_job(self, params: dict, oracle_id: int | None = None, job_id: str | None = None) -> e.ExtractionJob:
-        v.mapping(params, "params_json")
+        v.mapping(params, "params_json", limits.MAX_LARGE_JSON_BYTES)
         if job_id:
-            if not JOB_ID.match(job_id):
-                raise field_error("job_id", f"{job_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            limits.check_job_id("job_id", job_id)
         else:
             job_id = uuid.uuid4().hex
         if oracle_id is not None:
@@ -601,7 +664,8 @@ class SqlRegistryStore(RegistryStore):
             raise AlreadyExists(f"job_id: job {job_id!r} already exists") from None
 
     def update_job(self, job_id: str, update_: e.JobUpdate) -> e.ExtractionJob:
-        v.fraction(update_.progress, "progress")
+        limits.check_job_id("job_id", job_id)
+        v.check_job_update(update_)
         with self._session(write=True) as s:
             row = self._row(s, ExtractionJobRow, job_id, "job_id", "job")
             current = e.JobState(row.state)
@@ -624,17 +688,18 @@ class SqlRegistryStore(RegistryStore):
             return s.get(ExtractionJobRow, job_id).to_entity()
 
     def get_job(self, job_id: str) -> e.ExtractionJob:
+        limits.check_job_id("job_id", job_id)
         return self._get(ExtractionJobRow, job_id, "job", "job_id")
 
-    def list_jobs(self, state: e.JobState | None = None, page_size: int = 0,
-                  page_token: str = "") -> e.Page[e.ExtractionJob]:
+    def list_jobs(self, state: e.JobState | None = None, page_size: int = 0, page_token: str = "",
+                  item_bytes: Callable[[e.ExtractionJob], int] | None = None) -> e.Page[e.ExtractionJob]:
         def query(s: Session) -> Select:
             q = select(ExtractionJobRow)
             if state is not None:
                 q = q.where(ExtractionJobRow.state == e.JobState(state).value)
             return q.order_by(ExtractionJobRow.created_at.desc(), ExtractionJobRow.id)
 
-        return self._page(query, ("jobs", state), page_size, page_token)
+        return self._page(query, ("jobs", state), page_size, page_token, item_bytes)
 
     # -- lineage -------------------------------------------------------------------------------
 
@@ -642,12 +707,9 @@ class SqlRegistryStore(RegistryStore):
 
     def lineage(self, kind: str, ident: str) -> list[e.LineageNode]:
         if kind not in self.LINEAGE_KINDS:
-            raise field_error("kind", f"expected one of {', '.join(self.LINEAGE_KINDS)}, got {kind!r}")
+            raise field_error("kind", f"expected one of {', '.join(self.LINEAGE_KINDS)}, got {limits.quote(kind)}")
         if kind in ("expert", "library", "oracle"):
-            try:
-                num = int(ident)
-            except (TypeError, ValueError):
-                raise field_error("id", f"{kind} ids are numbers, got {ident!r}") from None
+            num = limits.parse_id("id", ident)
         nodes: list[e.LineageNode] = []
         with self._session() as s:
             library: LibraryRow | None = None

@@ -118,19 +118,23 @@ class RegistryStore(ABC):
         """The expert with this id; NotFound."""
 
     @abstractmethod
-    def list_experts(self, flt: ExpertFilter, page_size: int = 0, page_token: str = "") -> Page[Expert]:
-        """Experts matching every set filter field, by id; paginated (page_size 0: default)."""
+    def list_experts(self, flt: ExpertFilter, page_size: int = 0, page_token: str = "",
+                     item_bytes: Callable[[Expert], int] | None = None) -> Page[Expert]:
+        """Experts matching every set filter field, by id; paginated (page_size 0: default). With
+        `item_bytes` (a record's size as served) a page also stops at `poe.engine.limits.MAX_PAGE_BYTES`."""
 
     # -- pools ---------------------------------------------------------------------------------
 
     @abstractmethod
-    def publish_pool(self, spec: PoolSpec) -> tuple[PoolVersion, bool]:
+    def publish_pool(self, spec: PoolSpec,
+                     check: Callable[[PoolVersion], None] | None = None) -> tuple[PoolVersion, bool]:
         """Publish a pool version atomically (created with all its experts, or not at all).
 
         One expert per task, all on `library_id` and from one hierarchy. `latest` moves to the new
         version, as do `spec.aliases`. Publishing the same name and version again with the same
         library and experts is idempotent; anything else under an existing version is
-        AlreadyExists (published versions are immutable).
+        AlreadyExists (published versions are immutable). `check` sees the new version before it is
+        committed; whatever it raises undoes the publication.
         """
 
     @abstractmethod
@@ -138,8 +142,10 @@ class RegistryStore(ABC):
         """The version for "name", "name@version" or "name@alias" (version first); NotFound."""
 
     @abstractmethod
-    def list_pools(self, flt: PoolFilter, page_size: int = 0, page_token: str = "") -> Page[PoolVersion]:
-        """Pool versions matching every set filter field, by name then publication; paginated."""
+    def list_pools(self, flt: PoolFilter, page_size: int = 0, page_token: str = "",
+                   item_bytes: Callable[[PoolVersion], int] | None = None) -> Page[PoolVersion]:
+        """Pool versions matching every set filter field, by name then publication; paginated (and
+        cut by bytes, as list_experts)."""
 
     @abstractmethod
     def set_alias(self, name: str, alias: str, version: str) -> PoolVersion:
@@ -185,8 +191,9 @@ class RegistryStore(ABC):
         """The job; NotFound."""
 
     @abstractmethod
-    def list_jobs(self, state: JobState | None = None, page_size: int = 0, page_token: str = "") -> Page[ExtractionJob]:
-        """Jobs, newest first, optionally in one state; paginated."""
+    def list_jobs(self, state: JobState | None = None, page_size: int = 0, page_token: str = "",
+                  item_bytes: Callable[[ExtractionJob], int] | None = None) -> Page[ExtractionJob]:
+        """Jobs, newest first, optionally in one state; paginated (and cut by bytes, as list_experts)."""
 
     # -- lineage -------------------------------------------------------------------------------
 

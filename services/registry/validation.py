@@ -1,115 +1,82 @@
-"""Input checks shared by the store and the servicer; every error names its field."""
+"""Input checks shared by the store and the servicer; every error names its field.
+
+The limits themselves and the generic checks live in `poe.engine.limits`; this module applies
+them to the registry's specs and keeps the (value, field) signatures the store uses.
+"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
 
+from poe.engine import limits
 from poe.engine.errors import field_error
-from poe.engine.names import ALIAS, FORMAT, NAME, SHA256, VERSION
 
 
 def name(value: str, field: str, what: str = "name") -> str:
-    if not isinstance(value, str) or not NAME.match(value):
-        raise field_error(field, f"{what} {value!r} must be 1-63 lower-case letters, digits, '.', '_' or '-'")
-    return value
+    return limits.check_name(field, value, what)
 
 
 def version(value: str, field: str = "version") -> str:
-    if not isinstance(value, str) or not VERSION.match(value):
-        raise field_error(field, f"version {value!r} must be 1-64 letters, digits, '.', '_', '+' or '-'")
-    return value
+    return limits.check_version(field, value)
 
 
 def alias(value: str, field: str = "alias") -> str:
-    if not isinstance(value, str) or not ALIAS.match(value):
-        raise field_error(field, f"alias {value!r} must start with a lower-case letter, then letters, digits, "
-                                 "'.', '_' or '-'")
-    return value
+    return limits.check_alias(field, value)
 
 
 def label(value: str, field: str = "name") -> str:
     """A free-form display name (artifacts)."""
-    if not isinstance(value, str) or not value.strip() or len(value) > 256 or not value.isprintable():
-        raise field_error(field, "must be 1-256 printable characters")
-    return value
+    return limits.check_label(field, value)
 
 
 def sha256(value: str, field: str = "sha256") -> str:
-    if not isinstance(value, str) or not SHA256.match(value):
-        raise field_error(field, f"expected 64 lower-case hex digits, got {str(value)[:80]!r}")
-    return value
+    return limits.check_sha256(field, value)
 
 
 def positive_id(value: int, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise field_error(field, f"expected a positive id, got {value!r}")
-    return value
+    return limits.check_id(field, value)
 
 
 def non_negative(value: int, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise field_error(field, f"must be >= 0, got {value!r}")
-    return value
+    return limits.check_int_range(field, value, 0, limits.MAX_INT64)
 
 
 def fraction(value: float | None, field: str) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise field_error(field, f"must be in [0, 1], got {value!r}")
+    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) \
+            or not 0.0 <= value <= 1.0:
+        raise field_error(field, f"must be in [0, 1], got {limits.quote(value)}")
     return float(value)
 
 
-def mapping(value: object, field: str) -> dict:
-    if not isinstance(value, dict):
-        raise field_error(field, f"expected a JSON object, got {type(value).__name__}")
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise field_error(field, f"not JSON-serialisable ({e})") from None
-    return value
+def mapping(value: object, field: str, max_bytes: int = limits.MAX_JSON_BYTES) -> dict:
+    """A JSON object within the size and depth limits (as it will be served)."""
+    return limits.check_json_object(field, value, max_bytes=max_bytes)
 
 
-def parse_json_object(text: str, field: str) -> dict:
+def parse_json_object(text: str, field: str, max_bytes: int = limits.MAX_JSON_BYTES) -> dict:
     """A request's `*_json` field: empty means {}, anything else must be a JSON object."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise field_error(field, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(value, dict):
-        raise field_error(field, f"expected a JSON object, got {type(value).__name__}")
-    return value
+    return limits.parse_json(field, text, max_bytes=max_bytes)
 
 
 def class_ids(values, field: str = "class_ids", *, allow_empty: bool = False) -> tuple[int, ...]:
     ids = tuple(values)
     if not ids and not allow_empty:
         raise field_error(field, "must not be empty")
-    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    limits.check_count(field, ids, limits.MAX_CLASSES, "class ids")
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < limits.MAX_CLASSES]
     if bad:
-        raise field_error(field, f"class ids must be integers >= 0, got {bad[:5]}")
+        raise field_error(field, f"class ids must be integers in [0, {limits.MAX_CLASSES - 1}], "
+                                 f"got {limits.listing(bad, 5)}")
     if len(set(ids)) != len(ids):
-        raise field_error(field, f"duplicate class ids in {list(ids)}")
+        raise field_error(field, f"duplicate class ids in {limits.listing(ids, 20)}")
     return ids
 
 
 def pool_ref(ref: str, field: str = "pool") -> tuple[str, str | None]:
     """"name", "name@version" or "name@alias" -> (name, tag or None)."""
-    if not isinstance(ref, str) or not ref:
-        raise field_error(field, "expected NAME, NAME@VERSION or NAME@ALIAS")
-    pool_name, sep, tag = ref.partition("@")
-    name(pool_name, field, "pool name")
-    if sep:
-        if not tag:
-            raise field_error(field, f"{ref!r}: nothing after '@' (expected NAME@VERSION or NAME@ALIAS)")
-        version(tag, field)
-        return pool_name, tag
-    return pool_name, None
+    return limits.parse_pool_ref(field, ref)
 
 
 # -- specs (checked before an upload's bytes are read, and again by the store) ------------------
@@ -127,23 +94,25 @@ def check_oracle_spec(spec) -> None:
     label(spec.name)
     name(spec.dataset, "dataset", "data set name")
     _check_artifact_spec(spec, with_loss=False)
+    limits.check_network_config("config_json", spec.config)
 
 
 def check_library_spec(spec) -> None:
     label(spec.name)
     name(spec.dataset, "dataset", "data set name")
     _check_artifact_spec(spec, with_loss=True)
+    limits.check_network_config("config_json", spec.config)
     if spec.oracle_id is not None:
         positive_id(spec.oracle_id, "oracle_id")
 
 
 def check_expert_spec(spec) -> None:
     positive_id(spec.library_id, "library_id")
-    if not isinstance(spec.hierarchy_version, int) or spec.hierarchy_version < 1:
-        raise field_error("hierarchy_version", f"must be >= 1, got {spec.hierarchy_version!r}")
+    limits.check_int_range("hierarchy_version", spec.hierarchy_version, 1, limits.MAX_INT32)
     name(spec.task, "task", "task name")
     ids = class_ids(spec.class_ids)
     _check_artifact_spec(spec, with_loss=True)
+    limits.check_expert_config("config_json", spec.config)
     fraction(spec.val_accuracy, "val_accuracy")
     n = spec.config.get("num_classes")
     if n is not None and n != len(ids):
@@ -152,41 +121,51 @@ def check_expert_spec(spec) -> None:
 
 def check_composed_spec(spec) -> None:
     class_ids(spec.class_ids)
-    if not isinstance(spec.format, str) or not FORMAT.match(spec.format):
-        raise field_error("format", f"{spec.format!r} must be 1-32 lower-case letters, digits, '.', '_', '-'")
-    mapping(spec.metadata, "metadata_json")
+    limits.check_format("format", spec.format)
+    mapping(spec.metadata, "metadata_json", limits.MAX_LARGE_JSON_BYTES)
     pool_ref(spec.pool)
+
+
+def check_pool_spec(spec) -> None:
+    name(spec.name, "name", "pool name")
+    version(spec.version)
+    positive_id(spec.library_id, "library_id")
+    if not spec.expert_ids:
+        raise field_error("expert_ids", "a pool needs at least one expert")
+    limits.check_count("expert_ids", spec.expert_ids, limits.MAX_TASKS, "experts")
+    for i in spec.expert_ids:
+        positive_id(i, "expert_ids")
+    if len(set(spec.expert_ids)) != len(spec.expert_ids):
+        raise field_error("expert_ids", f"duplicate expert ids in {limits.listing(spec.expert_ids, 20)}")
+    limits.check_count("aliases", spec.aliases, limits.MAX_ALIASES, "aliases")
+    for a in spec.aliases:
+        alias(a, "aliases")
+    mapping(spec.info, "info_json")
+    limits.check_text("description", spec.description, limits.MAX_DESCRIPTION_CHARS, multiline=True)
+
+
+def check_job_update(update) -> None:
+    fraction(update.progress, "progress")
+    if update.stage is not None:
+        limits.check_text("stage", update.stage, limits.MAX_JOB_STAGE_CHARS)
+    if update.message is not None:
+        limits.check_text("message", update.message, limits.MAX_JOB_MESSAGE_CHARS, multiline=True)
+    if update.error is not None:
+        limits.check_text("error", update.error, limits.MAX_JOB_ERROR_CHARS, multiline=True)
+    if update.oracle_id is not None:
+        positive_id(update.oracle_id, "oracle_id")
+    if update.pool is not None:
+        pool_ref(update.pool)
 
 
 # -- pagination ----------------------------------------------------------------------------------
 
 def page_size(value: int, default: int, maximum: int) -> int:
-    if value < 0:
-        raise field_error("page_size", f"must be >= 0, got {value}")
-    return default if value == 0 else min(value, maximum)
+    return limits.check_page_size(value, default, maximum)
 
 
-def _fingerprint(query: object) -> str:
-    return hashlib.sha256(repr(query).encode()).hexdigest()[:16]
-
-
-def encode_page_token(offset: int, query: object) -> str:
-    raw = json.dumps({"o": offset, "q": _fingerprint(query)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+encode_page_token = limits.encode_page_token
 
 
 def decode_page_token(token: str, query: object) -> int:
-    if not token:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        offset, fp = int(data["o"]), str(data["q"])
-    except (ValueError, KeyError, TypeError):
-        raise field_error("page_token", "not a token from a previous response") from None
-    if offset < 0:
-        raise field_error("page_token", "not a token from a previous response")
-    if fp != _fingerprint(query):
-        raise field_error("page_token", "was issued for a request with different filters")
-    return offset
-
+    return limits.decode_page_token(token, query)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from testenv import auth_env
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
@@ -12,7 +13,7 @@ from poe.engine.pool import save as save_pool
 
 
 def make_settings(tmp_path, **overrides) -> Settings:
-    base = Settings.from_env({"POE_HOME": str(tmp_path / "home")})
+    base = Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")})
     return dataclasses.replace(base, **overrides)
 
 

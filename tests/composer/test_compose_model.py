@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from testenv import auth_env
 
 from poe.client.composer import Composer
 from poe.engine.compose import compose
@@ -209,7 +210,7 @@ def test_registry_down_is_unavailable(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    settings = Settings.from_env({"POE_HOME": str(tmp_path)})
+    settings = Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path)})
     host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=f"127.0.0.1:{dead}", warm=False)
     host.runtimes["composer"].registry.timeout = 2.0
     host.start()
@@ -252,18 +253,19 @@ def test_metrics_are_exported(stack):
         with pytest.raises(InvalidArgument):
             c.compose(["Unicorn"])
     after = scrape()
-    miss = 'poe_compose_duration_seconds_count{cache="miss",format="torchscript"}'
-    hit = 'poe_compose_duration_seconds_count{cache="hit",format="torchscript"}'
+    miss = 'poe_compose_duration_seconds_count{cache="miss",format="torchscript",grpc_code="OK"}'
+    hit = 'poe_compose_duration_seconds_count{cache="hit",format="torchscript",grpc_code="OK"}'
     assert value(after, miss) - value(before, miss) == 1
     assert value(after, hit) - value(before, hit) == 1
-    bad = 'poe_compose_requests_total{code="INVALID_ARGUMENT"}'
+    bad = 'poe_compose_requests_total{grpc_code="INVALID_ARGUMENT"}'
     assert value(after, bad) - value(before, bad) == 1
     streamed = "poe_compose_streamed_bytes_total"
     assert value(after, streamed) - value(before, streamed) == 2 * r.header.size
     for stage in ("resolve", "fetch", "consolidate", "serialize", "stream"):
         assert f'poe_compose_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert value(after, "poe_compose_in_flight_requests") == 0
-    rpc = 'poe_grpc_server_handled_total{code="OK",method="ComposeModel",service="poe.v1.Composer"}'
+    rpc = ('grpc_server_handled_total{grpc_code="OK",grpc_method="ComposeModel",grpc_service="poe.v1.Composer",'
+           'grpc_type="server_stream"}')
     assert value(after, rpc) - value(before, rpc) == 2
 
 

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from testenv import auth_env
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
@@ -22,7 +23,7 @@ def cold_stack(tmp_path_factory, pool_dir):
     from poe_services.host import create_server
 
     home = tmp_path_factory.mktemp("formats") / "home"
-    settings = dataclasses.replace(Settings.from_env({"POE_HOME": str(home)}), default_pool="test-pool",
+    settings = dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(home)}), default_pool="test-pool",
                                    record_compositions=False)
     host = create_server("127.0.0.1:0", settings, ("registry", "composer"), migrate=True, warm=False)
     host.start()

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
+from testenv import auth_env
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
@@ -48,7 +49,7 @@ def sample(name: str, **labels: str) -> float:
 
 
 def make_settings(tmp_path, **overrides) -> Settings:
-    return dataclasses.replace(Settings.from_env({"POE_HOME": str(tmp_path / "home")}), **overrides)
+    return dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}), **overrides)
 
 
 @pytest.fixture(scope="module")

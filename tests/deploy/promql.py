@@ -10,7 +10,11 @@ on / ignoring / group_left / group_right, label matchers (`{code!="OK"}`, includ
 `{__name__="x"}`), range and subquery brackets (`[5m]`, `[1h:5m]`), `offset` / `@`, numbers
 (`1e3`, `0x1f`, `Inf`, `NaN`), durations, string literals, and Grafana's template variables
 (`$__rate_interval`, `$namespace`, `${datasource}`, `[[var]]`). Syntax errors are not its job:
-`promtool check rules` judges syntax (tests/deploy runs it on the rules and on every dashboard query).
+`promtool check rules` judges syntax (tests/deploy runs it on the rules and on every dashboard query,
+and test_real_prometheus.py evaluates them all in a real Prometheus).
+
+`label_names_in(expr)` returns the label names an expression matches on or groups by, and
+`fill_dashboard_variables(expr)` puts values in for the dashboard's Grafana variables.
 """
 
 from __future__ import annotations
@@ -154,3 +158,33 @@ def exposed_metric_names(exposition: str) -> set[str]:
             names.add(m.group(1))
     created = {n for n in names if n.endswith("_created") and ({n[:-8], n[:-8] + "_total"} & names)}
     return names - created
+
+
+def label_names_in(expr: str) -> set[str]:
+    """Label names used in matchers (`{job="x"}`) and label lists (`by (a, b)`, `on (c)`)."""
+    toks = _tokens(expr)
+    names: set[str] = set()
+    in_braces = False
+    for i, (kind, text) in enumerate(toks):
+        nxt = toks[i + 1] if i + 1 < len(toks) else ("", "")
+        if kind in ("lbrace", "rbrace"):
+            in_braces = kind == "lbrace"
+        elif kind == "ident" and in_braces and nxt[1] in ("=", "!=", "=~", "!~"):
+            names.add(text)
+        elif kind == "ident" and text.lower() in _LABEL_LIST_KEYWORDS and nxt[0] == "lparen":
+            j = i + 2
+            while j < len(toks) and toks[j][0] != "rparen":
+                if toks[j][0] == "ident":
+                    names.add(toks[j][1])
+                j += 1
+    return names - {"__name__"}
+
+
+def fill_dashboard_variables(expr: str, namespace: str = ".*", pod: str = ".*", rate_interval: str = "5m") -> str:
+    """`expr` with the dashboard's variables replaced as Grafana does; the defaults are the "All"
+    values (regexes) of `$namespace` and `$pod`."""
+    filled = (expr.replace("$__rate_interval", rate_interval).replace("$namespace", namespace)
+              .replace("$pod", pod))
+    if re.search(r"\$\w|\$\{|\[\[", filled.replace('"$1"', "")):
+        raise ValueError(f"a variable is left in {filled!r}")
+    return filled

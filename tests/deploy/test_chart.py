@@ -4,7 +4,9 @@ Go SDK, no helm binary and no cluster), every object validated against the Kuber
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,12 +16,15 @@ import pytest
 import yaml
 from deploy_paths import CHART, PROMETHEUS
 from k8s_checks import (
+    HEALTH_PROBE,
+    auth_problems,
     custom_resource_problems,
     load_docs,
     probe_problems,
     reference_problems,
     schema_problems,
     security_problems,
+    tls_problems,
     validate_strict,
 )
 
@@ -29,7 +34,7 @@ RELEASE, NAMESPACE = "poe", "poe-test"
 
 
 def test_ci_values_cover_the_features():
-    assert {"default", "dev", "prod", "in-cluster-deps", "monitoring", "maintenance"} <= set(CASES)
+    assert {"default", "dev", "prod", "in-cluster-deps", "monitoring", "maintenance", "tls", "extensions"} <= set(CASES)
 
 
 @functools.cache
@@ -59,13 +64,24 @@ def merged(case: str) -> dict:
     return _chart().merge_values(values_of(case))
 
 
+# What the extension points of ci/extensions-values.yaml refer to (the operator's objects).
+EXTENSION_REFERENCES = {"external_secrets": ["egress-proxy"], "external_claims": ["poe-oracles"],
+                        "external_configmaps": ["poe-oracle-index"]}
+
+
 def externals(case: str) -> dict:
     """Names the operator supplies, by the case's values."""
     v = merged(case)
-    secrets = [s for s in (v["database"]["auth"]["existingSecret"], v["objectStore"]["auth"]["existingSecret"]) if s]
+    secrets = [s for s in (v["database"]["auth"]["existingSecret"], v["objectStore"]["auth"]["existingSecret"],
+                           v["auth"]["existingSecret"], v["tls"]["existingSecret"]) if s]
     claims = [v["extractor"]["persistence"]["existingClaim"]] if v["extractor"]["persistence"]["existingClaim"] else []
     accounts = [] if v["serviceAccount"]["create"] else [v["serviceAccount"]["name"] or "default"]
-    return {"external_secrets": secrets, "external_claims": claims, "external_accounts": accounts}
+    found = {"external_secrets": secrets, "external_claims": claims, "external_accounts": accounts,
+             "external_configmaps": []}
+    if case == "extensions":
+        for key, names in EXTENSION_REFERENCES.items():
+            found[key] = found[key] + names
+    return found
 
 
 def by_name(objs: list[dict], kind: str) -> dict[str, dict]:
@@ -115,6 +131,23 @@ def test_references_resolve(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_tokens_are_required_and_reach_every_service(case):
+    assert auth_problems(objects(case), anonymous_role=merged(case)["auth"]["anonymousRole"]) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tls_is_wired_when_enabled(case):
+    v = merged(case)
+    objs = objects(case)
+    if v["tls"]["enabled"]:
+        assert tls_problems(objs, client_auth=v["tls"]["clientAuth"]) == []
+    else:
+        assert tls_problems(objs, client_auth=False) != []  # the check sees that TLS is off
+        assert not any(e["name"].startswith("POE_TLS_") for o in objs if o["kind"] == "Deployment"
+                       for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []))
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_names_are_namespaced_and_labelled(case):
     for obj in objects(case):
         meta = obj["metadata"]
@@ -150,8 +183,11 @@ def test_default_is_production_shaped():
     objs = objects("default")
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
-                            "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount"])
-    assert not by_name(objs, "Secret")  # credentials only by reference
+                            "PersistentVolumeClaim", "PodDisruptionBudget", "Pod", "Secret", "Service",
+                            "ServiceAccount"])
+    # Storage credentials only by reference; the one Secret is the generated service token.
+    assert set(by_name(objs, "Secret")) == {"poe-auth"}
+    assert set(by_name(objs, "Pod")) == {"poe-test"}  # the `helm test` hook
     deployments = by_name(objs, "Deployment")
     assert set(deployments) == {"poe-registry", "poe-composer", "poe-extractor"}
     assert "replicas" not in deployments["poe-composer"]["spec"]  # the HPA owns it
@@ -221,6 +257,8 @@ def test_in_cluster_dependencies_for_a_trial():
     reg = env_of(container(by_name(objs, "Deployment")["poe-registry"], "registry"))
     assert "@poe-postgresql:5432/poe" in reg["POE_DATABASE_URL"]["value"]
     secrets = by_name(objs, "Secret")
+    # The token Secret is an ordinary object: nothing that runs as a hook needs it.
+    assert "annotations" not in secrets.pop("poe-auth")["metadata"]
     assert set(secrets) == {"poe-database", "poe-object-store"}
     assert secrets["poe-database"]["stringData"] == {"username": "poe", "password": "trial-password"}
     # The database exists only after the install: the migration runs post-install there, and the
@@ -358,14 +396,17 @@ def _checksums(values: dict) -> dict[str, dict[str, str]]:
 
 
 def test_checksum_annotations_restart_pods_on_config_or_secret_change():
-    base = _checksums({})
-    assert base == _checksums({})  # stable
-    assert set(base["poe-composer"]) == {"checksum/config", "checksum/secret", "checksum/secret-ref"}
-    debug = _checksums({"config": {"logLevel": "DEBUG"}})
+    own_tokens = {"auth": {"existingSecret": "poe-tokens"}}
+    base = _checksums(own_tokens)
+    assert base == _checksums(own_tokens)  # stable
+    assert set(base["poe-composer"]) == {"checksum/config", "checksum/secret", "checksum/secret-ref", "checksum/auth"}
+    other_tokens = _checksums({"auth": {"existingSecret": "other-tokens"}})
+    assert all(other_tokens[n]["checksum/auth"] != base[n]["checksum/auth"] for n in base)
+    debug = _checksums({**own_tokens, "config": {"logLevel": "DEBUG"}})
     for name in base:
         assert debug[name]["checksum/config"] != base[name]["checksum/config"]
         assert debug[name]["checksum/secret"] == base[name]["checksum/secret"]
-    moved = _checksums({"database": {"auth": {"existingSecret": "other-secret"}}})
+    moved = _checksums({**own_tokens, "database": {"auth": {"existingSecret": "other-secret"}}})
     assert all(moved[n]["checksum/secret-ref"] != base[n]["checksum/secret-ref"] for n in base)
     trial = {"database": {"auth": {"existingSecret": "", "password": "a"}}}
     rotated = {"database": {"auth": {"existingSecret": "", "password": "b"}}}
@@ -378,6 +419,12 @@ def test_checksum_annotations_restart_pods_on_config_or_secret_change():
     ({"objectStore": {"auth": {"existingSecret": ""}}}, "objectStore.auth"),
     ({"database": {"host": ""}}, "database.host is required"),
     ({"composer": {"resources": {"requests": {"cpu": None}}}}, "composer.resources.requests.cpu"),
+    ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret"),
+    ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+     "tls.certManager.enabled needs tls.enabled"),
+    ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "tls.certManager.issuerRef.name is required"),
+    ({"tls": {"enabled": True, "existingSecret": "a", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+     "exclude each other"),
 ])
 def test_incomplete_values_fail_with_a_reason(values, message):
     with pytest.raises(helm_python.HelmError, match=re.escape(message)):
@@ -392,6 +439,14 @@ def test_incomplete_values_fail_with_a_reason(values, message):
     {"objectStore": {"bucket": "Not_A_Bucket"}},
     {"minio": {"staleUploads": {"expiry": "a day", "cleanupInterval": "6h"}}},
     {"ports": {"grpc": 70000}},
+    {"auth": {"anonymousRole": "admin"}},  # nobody gets write access without a token
+    {"auth": {"existingSecret": "Not_A_Name"}},
+    {"tls": {"enabled": "yes"}},
+    {"tls": {"certManager": {"enabled": False, "issuerRef": {"name": "ca"}, "duration": "90 days"}}},
+    {"global": {"imageRegistry": "mirror example"}},
+    {"composer": {"sidecars": [{"name": "no-image"}]}},
+    {"registry": {"env": [{"value": "no name"}]}},
+    {"extractor": {"extraVolumeMounts": [{"name": "data"}]}},
 ])
 def test_schema_rejects_bad_values(values):
     with pytest.raises(helm_python.HelmValuesError):
@@ -445,3 +500,169 @@ def test_chart_metadata():
     pyproject = (Path(CHART).parents[2] / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
     assert meta["appVersion"] == version  # the default image tag is the package version
+
+
+# -- authentication, TLS, `helm test`, extension points ----------------------------------------------
+
+def _decoded(secret: dict) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_the_generated_service_token_is_known_to_the_token_file_only_by_hash():
+    objs = objects("default")
+    data = _decoded(by_name(objs, "Secret")["poe-auth"])
+    token = data["service-token"]
+    assert re.fullmatch(r"poe_service_[A-Za-z0-9]{40}", token)
+    (entry,) = json.loads(data["tokens.json"])["tokens"]
+    assert entry["sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert (entry["id"], entry["role"], entry["expires"], entry["revoked"]) == ("service", "service", None, None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["created"])
+    assert token not in data["tokens.json"]
+    # One token per render, the same in the Secret and in every pod's checksum (the pods roll when the
+    # Secret is replaced). Offline there is nothing to look up, so each render makes a new one.
+    checksum = hashlib.sha256(by_name(objs, "Secret")["poe-auth"]["data"]["tokens.json"].encode()).hexdigest()
+    for deploy in by_name(objs, "Deployment").values():
+        assert deploy["spec"]["template"]["metadata"]["annotations"]["checksum/auth"] == checksum
+    again = _decoded(by_name(load_docs(t for p, t in render({}).items() if p.endswith(".yaml")), "Secret")["poe-auth"])
+    assert again["service-token"] != token
+    # The operator's Secret replaces it.
+    assert "Secret" not in {o["kind"] for o in objects("tls")}
+
+
+def test_the_generated_secret_is_kept_across_upgrades_with_lookup():
+    """`lookup` answers only against a cluster; the template must ask for the release's own Secret
+    and reuse its data when both keys are there."""
+    source = (CHART / "templates" / "_helpers.tpl").read_text()
+    define = source[source.index('define "poe.generatedAuth"'):]
+    define = define[:define.index("{{- end -}}\n\n")]
+    assert 'lookup "v1" "Secret" .Release.Namespace (include "poe.authSecretName" .)' in define
+    assert '"tokens.json" (index $existing.data "tokens.json")' in define
+    assert '"service-token" (index $existing.data "service-token")' in define
+
+
+def test_anonymous_callers_get_nothing_by_default():
+    cm = by_name(objects("default"), "ConfigMap")["poe-config"]["data"]
+    assert cm["POE_ANONYMOUS_ROLE"] == "none"
+    reader = by_name(objects("extensions"), "ConfigMap")["poe-config"]["data"]
+    assert reader["POE_ANONYMOUS_ROLE"] == "reader"
+
+
+def test_tls_with_cert_manager_and_mutual_tls():
+    objs = objects("tls")
+    (cert,) = by_name(objs, "Certificate").values()
+    spec = cert["spec"]
+    assert spec["secretName"] == "poe-tls"
+    assert spec["issuerRef"] == {"name": "poe-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert {"poe-registry", f"poe-composer.{NAMESPACE}.svc", f"poe-extractor.{NAMESPACE}.svc.cluster.local",
+            "poe-composer-headless", "poe.example.com"} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    composer = container(by_name(objs, "Deployment")["poe-composer"], "composer")
+    assert composer["readinessProbe"]["exec"]["command"] == [
+        *HEALTH_PROBE, "--addr", "127.0.0.1:50051", "--service", "poe.v1.Composer", "--tls-server-name", "poe-composer"]
+    assert all(p["appProtocol"] == "https" for s in by_name(objs, "Service").values() for p in s["spec"]["ports"]
+               if s["metadata"]["labels"]["app.kubernetes.io/component"] in ("registry", "composer", "extractor"))
+    # Server TLS alone: no client-certificate variables, no client-auth usage.
+    server_only = load_docs(t for p, t in render({"tls": {"enabled": True, "certManager": {
+        "enabled": True, "issuerRef": {"name": "poe-ca"}}}}).items() if p.endswith(".yaml"))
+    assert tls_problems(server_only, client_auth=False) == []
+    assert "client auth" not in by_name(server_only, "Certificate")["poe-tls"]["spec"]["usages"]
+    # The operator's Secret: no Certificate.
+    own = load_docs(t for p, t in render({"tls": {"enabled": True, "existingSecret": "poe-tls"}}).items()
+                    if p.endswith(".yaml"))
+    assert "Certificate" not in {o["kind"] for o in own} and tls_problems(own, client_auth=False) == []
+    assert tls_problems(_replaced(own, _without_tls_mount(by_name(own, "Deployment")["poe-registry"])),
+                        client_auth=False) != []
+
+
+def _without_tls_mount(deploy: dict) -> dict:
+    d = json.loads(json.dumps(deploy))
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "tls"]
+    return d
+
+
+def _test_pod(values: dict) -> dict:
+    objs = load_docs(t for p, t in render(values).items() if p.endswith(".yaml"))
+    return by_name(objs, "Pod")["poe-test"]
+
+
+def test_helm_test_checks_health_and_tokens():
+    pod = _test_pod({})
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    script = c["args"][0]
+    for component, service in (("registry", "Registry"), ("composer", "Composer"), ("extractor", "Extractor")):
+        assert f"grpc_health_probe.py --addr poe-{component}:50051 --service poe.v1.{service}" in script
+    assert 'if [ "$status" -ne 8 ]' in script  # anonymous call refused
+    assert 'POE_TOKEN="$SERVICE_TOKEN" poe registry list --target poe-registry:50051' in script
+    assert env_of(c)["SERVICE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "poe-auth", "key": "service-token"}
+    assert not any(k.startswith("POE_TLS") for k in env_of(c))
+    # Anonymous readers allowed: no refusal to expect. TLS: the script and CLI get the CA and client cert.
+    assert "-ne 8" not in _test_pod({"auth": {"anonymousRole": "reader"}})["spec"]["containers"][0]["args"][0]
+    tls = _test_pod(values_of("tls"))["spec"]["containers"][0]
+    assert {k: v["value"] for k, v in env_of(tls).items() if k.startswith("POE_TLS")} == {
+        "POE_TLS_CA": "/etc/poe/tls/ca.crt", "POE_TLS_CERT": "/etc/poe/tls/tls.crt",
+        "POE_TLS_KEY": "/etc/poe/tls/tls.key"}
+
+
+@pytest.mark.parametrize(("registry", "repository", "image"), [
+    ("", "poe", "poe:1.0"),
+    ("mirror.example.com", "poe", "mirror.example.com/poe:1.0"),
+    ("mirror.example.com/", "registry.example.com/poe/poe", "mirror.example.com/poe/poe:1.0"),
+    ("mirror.example.com:5000", "localhost/poe", "mirror.example.com:5000/poe:1.0"),
+    ("mirror.example.com/hub", "library/poe", "mirror.example.com/hub/library/poe:1.0"),
+    ("mirror.example.com", "localhost:5000/team/poe", "mirror.example.com/team/poe:1.0"),
+])
+def test_global_image_registry(registry, repository, image):
+    values = {"global": {"imageRegistry": registry}, "image": {"repository": repository, "tag": "1.0"}}
+    objs = load_docs(t for p, t in render(values).items() if p.endswith(".yaml"))
+    images = {c["image"] for o in objs if o["kind"] in ("Deployment", "Job", "Pod")
+              for c in (o["spec"] if o["kind"] == "Pod" else o["spec"]["template"]["spec"])["containers"]}
+    assert images == {image}
+
+
+def test_extension_points():
+    objs = objects("extensions")
+    sts = by_name(objs, "StatefulSet")
+    assert container(sts["poe-postgresql"], "postgresql")["image"] == \
+        "mirror.example.com:5000/library/postgres:16-bookworm"
+    assert container(sts["poe-minio"], "minio")["image"].startswith("mirror.example.com:5000/minio/minio:")
+    deployments = by_name(objs, "Deployment")
+    composer = deployments["poe-composer"]["spec"]["template"]
+    assert composer["metadata"]["annotations"]["sidecar.example.com/inject"] == "false"
+    assert [c["name"] for c in composer["spec"]["containers"]] == ["composer", "log-shipper"]
+    assert composer["spec"]["containers"][1]["image"] == "docker.io/fluent/fluent-bit:3.2"  # sidecars as written
+    main = composer["spec"]["containers"][0]
+    assert main["env"][-1] == {"name": "HTTPS_PROXY",
+                               "valueFrom": {"secretKeyRef": {"name": "egress-proxy", "key": "url"}}}
+    assert {"name": "oracles", "mountPath": "/etc/poe/oracles", "readOnly": True} in main["volumeMounts"]
+    assert {"name": "oracles", "configMap": {"name": "poe-oracle-index"}} in composer["spec"]["volumes"]
+    extractor = container(deployments["poe-extractor"], "extractor")
+    assert env_of(extractor)["POE_EXTRACTOR_ORACLE_DIR"]["value"] == "/etc/poe/oracles"
+    # The chart's own settings stay; what a component does not set, it does not get.
+    assert "POE_TOKENS_FILE" in env_of(main)
+    assert len(deployments["poe-registry"]["spec"]["template"]["spec"]["containers"]) == 1
+
+
+def test_the_auth_check_is_not_vacuous():
+    objs = objects("default")
+    assert auth_problems(objs, anonymous_role="reader") != []
+    secret = json.loads(json.dumps(by_name(objs, "Secret")["poe-auth"]))
+    secret["data"]["service-token"] = base64.b64encode(b"poe_service_AnotherTokenThanTheHashedOne0").decode()
+    tampered = [secret if o["kind"] == "Secret" else o for o in objs]
+    assert any("sha256" in p for p in auth_problems(tampered))
+    registry = json.loads(json.dumps(by_name(objs, "Deployment")["poe-registry"]))
+    (mount,) = [m for m in registry["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "auth"]
+    mount["subPath"] = "tokens.json"  # a subPath mount never sees an updated Secret
+    assert any("subPath" in p for p in auth_problems(_replaced(objs, registry)))
+    composer = json.loads(json.dumps(by_name(objs, "Deployment")["poe-composer"]))
+    c = composer["spec"]["template"]["spec"]["containers"][0]
+    c["env"] = [e for e in c["env"] if e["name"] != "POE_SERVICE_TOKEN"]
+    assert any("POE_SERVICE_TOKEN" in p for p in auth_problems(_replaced(objs, composer)))
+
+
+def _replaced(objs: list[dict], new: dict) -> list[dict]:
+    """`objs` with the object of `new`'s kind and name swapped for `new`."""
+    same = (new["kind"], new["metadata"]["name"])
+    return [new if (o["kind"], o["metadata"]["name"]) == same else o for o in objs]

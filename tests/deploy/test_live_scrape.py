@@ -3,7 +3,6 @@ ComposeModel through it, then its /metrics endpoint scraped over HTTP."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,8 +11,7 @@ import time
 import urllib.request
 
 import pytest
-import yaml
-from deploy_paths import GRAFANA, PROMETHEUS
+from deploy_paths import alert_rules, dashboard_exprs
 from promql import exposed_metric_names, unknown_metrics
 
 from poe.engine.pool import save as save_pool
@@ -60,20 +58,27 @@ def live(tmp_path_factory, random_pool):
 def test_dashboard_and_rules_name_only_metrics_a_live_composer_exports(live):
     from poe.client.composer import Composer
     from poe.client.registry import RegistryClient
+    from poe.engine.errors import InvalidArgument
 
     target, metrics_port, pool_dir = live
     with RegistryClient(target) as reg:
         reg.import_pool(pool_dir)
-    with Composer(target) as c:
+    with Composer(target, retries=0) as c:
         result = c.compose(["Sandal", "Bag"], pool="test-pool")
+        with pytest.raises(InvalidArgument):
+            c.compose(["Unicorn"], pool="test-pool")
     assert result.header.classes == ("Sandal", "Bag")
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     exposed = exposed_metric_names(body)
-    # The request really was counted by the live process.
-    assert 'poe_compose_requests_total{code="OK"} 1.0' in body
-    assert 'poe_grpc_server_handled_total{code="OK",method="ComposeModel",service="poe.v1.Composer"} 1.0' in body
-    exprs = [r["expr"] for g in yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())["groups"] for r in g["rules"]]
-    dashboard = json.loads((GRAFANA / "poe-dashboard.json").read_text())
-    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    # The requests really were counted by the live process, the failed one too, with its code.
+    assert 'poe_compose_requests_total{grpc_code="OK"} 1.0' in body
+    assert 'poe_compose_requests_total{grpc_code="INVALID_ARGUMENT"} 1.0' in body
+    assert ('poe_compose_duration_seconds_count{cache="none",format="torchscript",grpc_code="INVALID_ARGUMENT"} 1.0'
+            in body)
+    for code in ("OK", "INVALID_ARGUMENT"):
+        rpc = f'grpc_code="{code}",grpc_method="ComposeModel",grpc_service="poe.v1.Composer",grpc_type="server_stream"'
+        assert f"grpc_server_handled_total{{{rpc}}} 1.0" in body
+        assert f"grpc_server_handling_seconds_count{{{rpc}}} 1.0" in body
+    exprs = [r["expr"] for r in alert_rules()] + dashboard_exprs()
     unknown = {e: unknown_metrics(e, exposed) for e in exprs}
     assert {e: u for e, u in unknown.items() if u} == {}

@@ -4,35 +4,66 @@ same with promql.exposed_metric_names(body of its /metrics)."""
 
 from __future__ import annotations
 
-import json
+import re
 import urllib.request
 
 import pytest
-import yaml
-from deploy_paths import GRAFANA, PROMETHEUS
+from deploy_paths import alert_rules, dashboard_exprs
+from prometheus_client.metrics import MetricWrapperBase
 from promql import exposed_metric_names, unknown_metrics
 
 from poe_services import metrics
 
 
 @pytest.fixture(scope="module")
-def exposed() -> set[str]:
+def body() -> str:
     port = metrics.serve_metrics(0, addr="127.0.0.1")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
-        body = response.read().decode()
+        return response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def exposed(body) -> set[str]:
     return exposed_metric_names(body)
 
 
 def test_all_metric_names_are_exposed(exposed):
-    poe = {n for n in exposed if n.startswith("poe_")}
-    assert set(metrics.ALL_METRIC_NAMES) == poe
+    ours = {n for n in exposed if n.startswith(("poe_", "grpc_server_"))}
+    assert set(metrics.ALL_METRIC_NAMES) == ours
+    assert all(n.startswith("poe_") for n in metrics.PRODUCT_METRIC_NAMES)
+
+
+def _label_names(body: str, families: set[str]) -> dict[str, set[str]]:
+    """family -> the label names of its samples in a text exposition."""
+    out: dict[str, set[str]] = {}
+    for line in body.splitlines():
+        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)\{(.*)\}\s", line)
+        if m:
+            family = next((f for f in families if m.group(1) in (f, f + "_bucket", f + "_sum", f + "_count")), None)
+            if family:
+                out.setdefault(family, set()).update(re.findall(r'(\w+)="', m.group(2)))
+    return out
+
+
+def test_no_label_collides_with_target_labels(body):
+    """A metric label named like one that Prometheus or the Prometheus Operator attaches to every
+    series of a target would be renamed exported_* at scrape time (honor_labels off), or would
+    overwrite the target's (on)."""
+    seen = _label_names(body, set(metrics.ALL_METRIC_NAMES))  # the series exported before any traffic
+    assert {"poe_build_info", "poe_extraction_jobs", "poe_extraction_jobs_finished_total",
+            "poe_compose_blob_errors_total"} <= set(seen)
+    for family, names in seen.items():
+        assert not names & metrics.RESERVED_LABELS, family
+    defined = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    assert len(defined) == len(metrics.ALL_METRIC_NAMES)
+    for metric in defined:  # every label, also of series that appear with the first call
+        assert not set(metric._labelnames) & metrics.RESERVED_LABELS, metric._name
+    assert set(metrics.GRPC_HANDLED._labelnames) == {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}
 
 
 def test_dashboard_and_rules_read_exposed_metrics(exposed):
-    exprs = [r["expr"] for g in yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())["groups"] for r in g["rules"]]
-    dashboard = json.loads((GRAFANA / "poe-dashboard.json").read_text())
-    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs = [r["expr"] for r in alert_rules()] + dashboard_exprs()
     assert len(exprs) > 20
     unknown = {e: unknown_metrics(e, exposed) for e in exprs}
     assert {e: u for e, u in unknown.items() if u} == {}

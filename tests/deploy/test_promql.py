@@ -1,9 +1,17 @@
-"""metric_names_in: the tokenizer that tells which metrics a PromQL expression reads."""
+"""metric_names_in and label_names_in: the tokenizer that tells which metrics and labels a PromQL
+expression reads; fill_dashboard_variables."""
 
 from __future__ import annotations
 
 import pytest
-from promql import PromQLTokenError, base_metric, metric_names_in, unknown_metrics
+from promql import (
+    PromQLTokenError,
+    base_metric,
+    fill_dashboard_variables,
+    label_names_in,
+    metric_names_in,
+    unknown_metrics,
+)
 
 
 @pytest.mark.parametrize(("expr", "names"), [
@@ -13,7 +21,7 @@ from promql import PromQLTokenError, base_metric, metric_names_in, unknown_metri
      {"poe_compose_duration_seconds_bucket"}),
     ("sum(rate(a_total[$__rate_interval])) without (pod, instance) / on (job) group_left (team) b",
      {"a_total", "b"}),
-    ('sum by (code) (rate(poe_compose_requests_total{namespace=~"$namespace",code!="OK"}[5m]))',
+    ('sum by (grpc_code) (rate(poe_compose_requests_total{namespace=~"$namespace",grpc_code!="OK"}[5m]))',
      {"poe_compose_requests_total"}),
     # Label names and values, strings and keywords are not metrics.
     ('label_replace(x, "dst", "$1", "src", "(.*)") and ignoring (le) y unless bool z',
@@ -42,3 +50,23 @@ def test_unknown_metrics_and_histogram_suffixes():
 def test_rejects_characters_promql_does_not_have():
     with pytest.raises(PromQLTokenError):
         metric_names_in("rate(x[5m]) ; drop")
+
+
+@pytest.mark.parametrize(("expr", "labels"), [
+    ('up{job=~"poe-(registry|composer)"} == 0', {"job"}),
+    ('sum by (namespace, le) (rate(x{grpc_code="OK", pod=~"$pod"}[5m])) and on (namespace) y',
+     {"namespace", "le", "grpc_code", "pod"}),
+    ('sum(x) without (instance) / ignoring (a) group_left (b) y{__name__="z"}', {"instance", "a", "b"}),
+    ('label_replace(x{k!~"v"}, "dst", "$1", "src", "(.*)")', {"k"}),  # label_replace's arguments are strings
+])
+def test_label_names_in(expr, labels):
+    assert label_names_in(expr) == labels
+
+
+def test_fill_dashboard_variables():
+    expr = 'rate(x{namespace=~"$namespace",pod=~"$pod"}[$__rate_interval])'
+    assert fill_dashboard_variables(expr) == 'rate(x{namespace=~".*",pod=~".*"}[5m])'
+    filled = fill_dashboard_variables(expr, namespace="poe", rate_interval="1m")
+    assert filled == 'rate(x{namespace=~"poe",pod=~".*"}[1m])'
+    with pytest.raises(ValueError, match="variable is left"):
+        fill_dashboard_variables('x{job="$job"}')

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testenv import auth_env
 
 from poe.cli.output import (
     EXIT_CODES,
@@ -60,8 +61,8 @@ def test_missing_pool_directory_is_not_found(tmp_path):
 def test_pool_unknown_to_a_served_registry_is_not_found(tmp_path):
     from poe_services.host import create_server
 
-    host = create_server("127.0.0.1:0", Settings.from_env({"POE_HOME": str(tmp_path)}), ("registry", "composer"),
-                         migrate=True, warm=False)
+    settings = Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path)})
+    host = create_server("127.0.0.1:0", settings, ("registry", "composer"), migrate=True, warm=False)
     host.start()
     try:
         out = run("compose", "--target", f"127.0.0.1:{host.port}", "--pool", "nope", "--classes", "Bag",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testenv import auth_env
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
@@ -113,7 +114,10 @@ def sqlite_template(tmp_path_factory) -> Path:
 
 
 def make_settings(tmp_path: Path, registry_target: str = "", **env: str) -> Settings:
-    return Settings.from_env({
+    """Settings of the test's servers. The extractor's oracle directory is the session's temporary
+    root, which holds the test data and oracles (session fixtures) and each test's own files; the
+    tests of what lies outside it set POE_EXTRACTOR_ORACLE_DIR themselves."""
+    return Settings.from_env({**auth_env(), "POE_EXTRACTOR_ORACLE_DIR": str(tmp_path.parent),
         "POE_HOME": str(tmp_path / "home"), "POE_DATABASE_URL": f"sqlite:///{tmp_path / 'registry.sqlite3'}",
         "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}", "POE_REGISTRY_ADDR": registry_target,
         "POE_REGISTRY_HEALTH_INTERVAL": "0.2", "POE_EXTRACTOR_THREADS": "1", "POE_EXTRACTOR_MAX_JOBS": "1",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
+from testenv import auth_env
 
 from poe.engine.config import Settings
 from poe_services.registry import db
@@ -293,7 +294,7 @@ def blob_store(request):
 # -- registry servers ----------------------------------------------------------------------------
 
 def registry_settings(tmp_path: Path, database_url: str, blob_url: str, **env: str) -> Settings:
-    return Settings.from_env({"POE_HOME": str(tmp_path / "home"), "POE_DATABASE_URL": database_url,
+    return Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home"), "POE_DATABASE_URL": database_url,
                               "POE_BLOB_URL": blob_url, "POE_REGISTRY_HEALTH_INTERVAL": "0.1", **S3_KEYS, **env})
 
 

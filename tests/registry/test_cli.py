@@ -124,7 +124,8 @@ def test_registry_serve_process_stops_cleanly_on_sigterm(tmp_path):
                 assert status.status == health_pb2.HealthCheckResponse.SERVING, name
             assert list(client.list_pools()) == []
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert 'poe_grpc_server_handled_total{code="OK",method="ListPools",service="poe.v1.Registry"} 1.0' in body
+        assert ('grpc_server_handled_total{grpc_code="OK",grpc_method="ListPools",grpc_service="poe.v1.Registry",'
+                'grpc_type="unary"} 1.0') in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert "stopping" in proc.stdout.read()

@@ -51,7 +51,7 @@ def registry_core(store, blob_store) -> Registry:
 
 def register(reg: Registry, data: bytes, name: str = "oracle") -> str:
     sha = hashlib.sha256(data).hexdigest()
-    reg.register(e.OracleSpec(name, FM, {"depth": 10, "width": 1}), sha, len(data), [data])
+    reg.register(e.LibrarySpec(name, FM, {"depth": 10, "width": 1}), sha, len(data), [data])
     return sha
 
 
@@ -476,7 +476,7 @@ def test_bytes_of_a_commit_lost_with_the_database_are_undone_when_it_is_back(pg_
         client.register_hierarchy(hierarchy_mod.builtin(FM))
         data = os.urandom(5000)
         with pytest.raises(Unavailable):
-            client.register_oracle("lost", FM, {"depth": 10, "width": 1}, data)
+            client.register_library("lost", FM, {"depth": 10, "width": 1}, data)
         sha = hashlib.sha256(data).hexdigest()
         assert registry.blobs.exists(sha) and registry.pending_undos == 1  # no row, and nothing can ask yet
 
@@ -485,7 +485,7 @@ def test_bytes_of_a_commit_lost_with_the_database_are_undone_when_it_is_back(pg_
         assert not registry.blobs.exists(sha)
         assert poll(lambda: health.Check(health_pb2.HealthCheckRequest(service="poe.v1.Registry")).status
                     == health_pb2.HealthCheckResponse.SERVING)
-        oracle, created = client.register_oracle("lost", FM, {"depth": 10, "width": 1}, data)
+        oracle, created = client.register_library("lost", FM, {"depth": 10, "width": 1}, data)
         assert created and client.download(oracle.blob.sha256) == data
     finally:
         admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')

@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 
 from poe.client.registry import RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.architectures import placeholder_weights
 from poe.engine.errors import NotFound, Unavailable
 from poe_services.host import create_server
 
@@ -61,7 +62,7 @@ def test_not_serving_while_the_database_is_down(pg_url, tmp_path, tcp_proxy, run
     with pytest.raises(Unavailable, match="database"):
         reg.client.get_pool("fm")
     with pytest.raises(Unavailable):
-        reg.client.register_oracle("o", "fashion-mnist", {}, b"weights")
+        reg.client.register_oracle("o", "fashion-mnist", {}, placeholder_weights({}))
     assert list(reg.host.runtimes["registry"].registry.blobs.list()) == []  # the failed upload left no blob
 
     proxy.restore()
@@ -103,8 +104,8 @@ def test_not_serving_while_s3_is_down(sqlite_url, tmp_path, moto_endpoint, bucke
     proxy.cut()
     assert poll(lambda: reg.status() == NOT_SERVING)
     with pytest.raises(Unavailable, match="blob store"):
-        reg.client.register_oracle("o", "fashion-mnist", {}, b"weights")
+        reg.client.register_oracle("o", "fashion-mnist", {}, placeholder_weights({}))
     proxy.restore()
     assert poll(lambda: reg.status() == SERVING)
-    oracle, created = reg.client.register_oracle("o", "fashion-mnist", {}, b"weights")
-    assert created and reg.client.download(oracle.blob.sha256) == b"weights"
+    oracle, created = reg.client.register_oracle("o", "fashion-mnist", {}, placeholder_weights({}))
+    assert created and reg.client.download(oracle.blob.sha256) == placeholder_weights({})

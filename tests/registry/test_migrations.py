@@ -7,6 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
+from testenv import auth_env
 
 from poe.cli.main import main
 from poe.cli.output import EXIT_INVALID_ARGUMENT
@@ -81,7 +82,7 @@ def test_refuses_out_of_date_schema_and_names_the_command(empty_db_url, tmp_path
 def test_auto_migrate_on_start(empty_db_url, tmp_path):
     from poe.engine.config import Settings
 
-    cfg = Settings.from_env({"POE_HOME": str(tmp_path), "POE_DATABASE_URL": empty_db_url,
+    cfg = Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path), "POE_DATABASE_URL": empty_db_url,
                              "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}", "POE_REGISTRY_AUTO_MIGRATE": "true"})
     assert create_server("127.0.0.1:0", cfg, ("registry",)).stop(None).wait(30)
     engine = db.make_engine(empty_db_url)

@@ -247,14 +247,14 @@ def test_outage_before_an_upload(stack, s3_proxy, s3_direct, bucket, poll, asser
     reg = stack()
     s3_proxy.outage()
     data = os.urandom(3 << 20)
-    err = expect_unavailable(reg.registry.register_oracle, "o", "fashion-mnist", {}, data, within=5)
+    err = expect_unavailable(reg.registry.register_library, "o", "fashion-mnist", {}, data, within=5)
     assert "blob store" in str(err)
     assert poll(lambda: reg.status() == NOT_SERVING)
     assert stored_keys(s3_direct, bucket) == [] and open_uploads(s3_direct, bucket) == []
 
     s3_proxy.passing()  # the same registry, not restarted
     assert poll(lambda: reg.status() == SERVING)
-    oracle, created = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
+    oracle, created = reg.registry.register_library("o", "fashion-mnist", {}, data)
     assert created and reg.registry.download(oracle.blob.sha256) == data
     assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
@@ -270,7 +270,7 @@ def test_outage_during_an_upload_leaves_nothing_and_the_upload_is_aborted_after(
 
     def upload():
         try:
-            reg.registry.register_oracle("o", "fashion-mnist", {}, data)
+            reg.registry.register_library("o", "fashion-mnist", {}, data)
         except BaseException as e:
             failure.append(e)
 
@@ -288,7 +288,7 @@ def test_outage_during_an_upload_leaves_nothing_and_the_upload_is_aborted_after(
     s3_proxy.passing()
     assert poll(lambda: reg.status() == SERVING)
     assert poll(lambda: open_uploads(s3_direct, bucket) == [], timeout=15)
-    oracle, created = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
+    oracle, created = reg.registry.register_library("o", "fashion-mnist", {}, data)
     assert created and oracle.blob.sha256 == sha(data)
     assert assert_fsck_clean(reg.settings).blobs_checked == 1
 
@@ -296,7 +296,7 @@ def test_outage_during_an_upload_leaves_nothing_and_the_upload_is_aborted_after(
 def test_outage_after_an_upload_keeps_the_blob_complete(stack, s3_proxy, s3_direct, bucket, poll, assert_fsck_clean):
     reg = stack()
     data = os.urandom(S3_PART_SIZE + 4096)
-    oracle, _ = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
+    oracle, _ = reg.registry.register_library("o", "fashion-mnist", {}, data)
     s3_proxy.outage()
     expect_unavailable(reg.registry.download, oracle.blob.sha256, within=5)
     key = f"blobs/{blob_path(sha(data))}"
@@ -315,7 +315,7 @@ def test_slow_link_upload_of_more_than_a_part(stack, s3_proxy, assert_fsck_clean
     s3_proxy.throttle(1_000_000)  # 1 MB/s: each 8 MiB part takes over 8 s to send
     data = os.urandom(S3_PART_SIZE + (512 << 10))
     t0 = time.monotonic()
-    oracle, created = reg.registry.register_oracle("o", "fashion-mnist", {}, data)
+    oracle, created = reg.registry.register_library("o", "fashion-mnist", {}, data)
     assert created and time.monotonic() - t0 > 8
     s3_proxy.passing()
     assert reg.registry.download(oracle.blob.sha256) == data

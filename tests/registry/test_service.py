@@ -12,10 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from poe.engine import hierarchy as hierarchy_mod
+from poe.engine.architectures import placeholder_weights
 from poe.engine.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from poe.v1 import registry_pb2 as r
 
 SAFETENSORS_JSON = json.dumps({"depth": 10, "width": 1})
+ORACLE_WEIGHTS = placeholder_weights({"depth": 10})  # oracles must be weights of their config's network
 
 
 def _blob_keys(host) -> list[str]:
@@ -33,7 +35,7 @@ def _seed(client):
     """A hierarchy, an oracle and a library; returns (hierarchy, oracle, library)."""
     h = hierarchy_mod.builtin("fashion-mnist")
     client.register_hierarchy(h)
-    oracle, _ = client.register_oracle("oracle", h.dataset, {"depth": 10}, b"oracle-weights" * 100)
+    oracle, _ = client.register_oracle("oracle", h.dataset, {"depth": 10}, ORACLE_WEIGHTS)
     library, _ = client.register_library("library", h.dataset, {"depth": 10}, b"library-weights" * 100,
                                          oracle_id=oracle.id)
     return h, oracle, library
@@ -75,8 +77,8 @@ def test_import_pool_resolve_and_download(registry, pool_dir):
 def test_download_range_and_large_blob_chunks(registry):
     client, _, _ = registry
     _, _, _ = _seed(client)
-    data = bytes(range(256)) * (5 * 4096 + 7)  # ~5 MiB: several 1 MiB messages
-    oracle, _ = client.register_oracle("big", "fashion-mnist", {"depth": 40}, data)
+    data = placeholder_weights({"depth": 28, "width": 2})  # 5.6 MiB: several 1 MiB messages
+    oracle, _ = client.register_oracle("big", "fashion-mnist", {"depth": 28, "width": 2}, data)
     chunks = list(client.stub.Download(r.DownloadRequest(sha256=oracle.blob.sha256)))
     assert len(chunks) == 6 and all(len(c.data) <= 1 << 20 for c in chunks)
     assert chunks[0].blob.size == len(data) and not chunks[1].HasField("blob")
@@ -109,9 +111,9 @@ def test_corrupted_blob_is_data_loss_and_never_served(registry):
     with pytest.raises(DataLoss):
         client.download(sha)
     # Registering the identical (verified) content again repairs the stored copy.
-    again, created = client.register_oracle("oracle", "fashion-mnist", {"depth": 10}, b"oracle-weights" * 100)
+    again, created = client.register_oracle("oracle", "fashion-mnist", {"depth": 10}, ORACLE_WEIGHTS)
     assert not created and again.id == oracle.id
-    assert client.download(sha) == b"oracle-weights" * 100
+    assert client.download(sha) == ORACLE_WEIGHTS
 
 
 def test_registered_blob_missing_from_store_is_data_loss(registry):
@@ -192,10 +194,10 @@ def test_rejected_record_leaves_no_blob(registry):
 def test_duplicate_registration_idempotent_and_conflicts(registry):
     client, _, _ = registry
     h, oracle, library = _seed(client)
-    again, created = client.register_oracle("another name", h.dataset, {"depth": 10}, b"oracle-weights" * 100)
+    again, created = client.register_oracle("another name", h.dataset, {"depth": 10}, ORACLE_WEIGHTS)
     assert not created and again.id == oracle.id and again.name == "oracle"
     with pytest.raises(AlreadyExists, match="different"):
-        client.register_oracle("oracle", h.dataset, {"depth": 28}, b"oracle-weights" * 100)
+        client.register_oracle("oracle", h.dataset, {"depth": 10, "dropout": 0.1}, ORACLE_WEIGHTS)
     e1, c1 = client.register_expert(library.id, 1, "bags", [8], {"num_classes": 1}, b"bag expert", val_accuracy=0.9)
     e2, c2 = client.register_expert(library.id, 1, "bags", [8], {"num_classes": 1}, b"bag expert", val_accuracy=0.9)
     assert c1 and not c2 and e1.id == e2.id and e2.val_accuracy == pytest.approx(0.9)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
+from testenv import auth_env
 
 from poe.engine.config import Settings
 
@@ -36,7 +37,8 @@ def poll() -> Callable[..., bool]:
 
 def host_settings(home: Path, **env: str) -> Settings:
     """SQLite + file blobs under `home`; health probes every 0.1 s."""
-    return Settings.from_env({"POE_HOME": str(home), "POE_DATABASE_URL": f"sqlite:///{home / 'registry.sqlite3'}",
+    return Settings.from_env({**auth_env(), "POE_HOME": str(home),
+                              "POE_DATABASE_URL": f"sqlite:///{home / 'registry.sqlite3'}",
                               "POE_BLOB_URL": f"file://{home / 'blobs'}", "POE_REGISTRY_HEALTH_INTERVAL": "0.1",
                               "POE_EXTRACTOR_HEALTH_INTERVAL": "0.1", **env})
 

@@ -109,16 +109,16 @@ def test_unknown_service_names_are_rejected(settings):
 
 
 def _handled(method: str, code: str) -> float:
-    labels = {"service": "poe.v1.Registry", "method": method, "code": code}
-    return REGISTRY.get_sample_value("poe_grpc_server_handled_total", labels) or 0.0
+    labels = {"grpc_type": "unary", "grpc_service": "poe.v1.Registry", "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
 def test_standalone_registry_counts_its_rpcs(settings, started, poll):
     host, ch = started(settings, ("registry",), migrate=True)
     assert poll(lambda: statuses(ch, "")[""] == SERVING)
     ok, missing = _handled("ListPools", "OK"), _handled("GetPool", "NOT_FOUND")
-    latency = REGISTRY.get_sample_value("poe_grpc_server_handling_seconds_count",
-                                        {"service": "poe.v1.Registry", "method": "ListPools"}) or 0.0
+    list_ok = {"grpc_type": "unary", "grpc_service": "poe.v1.Registry", "grpc_method": "ListPools", "grpc_code": "OK"}
+    latency = REGISTRY.get_sample_value("grpc_server_handling_seconds_count", list_ok) or 0.0
     with RegistryClient(f"127.0.0.1:{host.port}", timeout=10) as client:
         assert list(client.list_pools()) == []
         with pytest.raises(NotFound):
@@ -126,8 +126,7 @@ def test_standalone_registry_counts_its_rpcs(settings, started, poll):
     # The metrics interceptor sits outside the error mapping: it records the code the client got.
     assert _handled("ListPools", "OK") == ok + 1
     assert _handled("GetPool", "NOT_FOUND") == missing + 1
-    assert REGISTRY.get_sample_value("poe_grpc_server_handling_seconds_count",
-                                     {"service": "poe.v1.Registry", "method": "ListPools"}) == latency + 1
+    assert REGISTRY.get_sample_value("grpc_server_handling_seconds_count", list_ok) == latency + 1
 
 
 def test_reflection_lists_the_hosted_services(settings, started, poll):

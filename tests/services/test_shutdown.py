@@ -26,6 +26,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
+from testenv import auth_env
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
@@ -116,7 +117,8 @@ def _wait_serving(proc: subprocess.Popen, target: str, name: str, log: Path, tim
 
 def _registry(home):
     """A registry on `home` (SQLite and blobs, as `poe up` keeps them), started in this process."""
-    host = create_server("127.0.0.1:0", Settings.from_env({"POE_HOME": str(home)}), ("registry",), migrate=True)
+    settings = Settings.from_env({**auth_env(), "POE_HOME": str(home)})
+    host = create_server("127.0.0.1:0", settings, ("registry",), migrate=True)
     host.start()
     return host
 
@@ -283,7 +285,7 @@ def test_threads_still_running_at_the_deadline_are_named_not_waited_for():
 
 
 STUCK_SERVER = """
-import sys, threading
+import os, sys, threading
 from poe.engine.config import Settings
 from poe_services.host import run
 from poe_services.registry.servicer import RegistryServicer
@@ -292,8 +294,9 @@ def never_returns(self, request, context):  # a handler stuck in application cod
     threading.Event().wait()
 
 RegistryServicer.ListPools = never_returns
-sys.exit(run(Settings.from_env({"POE_HOME": sys.argv[2]}), ("registry",), int(sys.argv[1]), None, host="127.0.0.1",
-             grace=float(sys.argv[3]), drain=float(sys.argv[4]), migrate=True))
+settings = Settings.from_env({**os.environ, "POE_HOME": sys.argv[2]})
+sys.exit(run(settings, ("registry",), int(sys.argv[1]), None, host="127.0.0.1", grace=float(sys.argv[3]),
+             drain=float(sys.argv[4]), migrate=True))
 """
 
 

@@ -63,13 +63,32 @@ app.kubernetes.io/part-of: poe
 {{- end -}}
 {{- end -}}
 
-{{/* The one image: repository@digest, else repository:tag (tag defaults to appVersion). */}}
-{{- define "poe.image" -}}
-{{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
-{{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{/*
+An image reference: repository@digest, else repository:tag. With global.imageRegistry the
+repository's own registry host (its first path part when that contains a dot or a colon, or is
+localhost) is replaced by it, or it is put in front when the repository names none.
+Takes (dict "ctx" $ "repository" R "tag" T "digest" D).
+*/}}
+{{- define "poe.imageRef" -}}
+{{- $repository := .repository -}}
+{{- with (.ctx.Values.global | default dict).imageRegistry -}}
+{{- $parts := splitList "/" $repository -}}
+{{- $first := first $parts -}}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) -}}
+{{- $repository = join "/" (rest $parts) -}}
 {{- end -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository -}}
+{{- end -}}
+{{- if .digest -}}
+{{- printf "%s@%s" $repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repository (toString .tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The one PoE image (the tag defaults to appVersion). */}}
+{{- define "poe.image" -}}
+{{- include "poe.imageRef" (dict "ctx" . "repository" .Values.image.repository "tag" (default .Chart.AppVersion .Values.image.tag) "digest" .Values.image.digest) -}}
 {{- end -}}
 
 {{/* host:port of a component's Service, as the other components dial it. */}}
@@ -160,28 +179,38 @@ Secret's keys, or read whole from database.auth.urlKey.
 {{- end }}
 {{- end -}}
 
-{{/* Native gRPC probes against grpc.health.v1; the port follows ports.grpc. */}}
+{{/*
+Probes against grpc.health.v1 on ports.grpc: the kubelet's native gRPC probe, or with TLS (which
+that probe cannot speak) the image's health-check script as an exec probe. The script takes the CA
+and client certificate from the container's POE_TLS_* variables and checks the certificate for the
+component's Service name. Takes (dict "ctx" $ "component" NAME "probes" VALUES "service" GRPC_NAME).
+*/}}
+{{- define "poe.probeAction" -}}
+{{- if .ctx.Values.tls.enabled -}}
+exec:
+  command: {{ list "python" "/opt/poe/bin/grpc_health_probe.py" "--addr" (printf "127.0.0.1:%v" .ctx.Values.ports.grpc) "--service" .service "--tls-server-name" (include "poe.componentName" .) | toJson }}
+{{- else -}}
+grpc:
+  port: {{ int .ctx.Values.ports.grpc }}
+  service: {{ .service | quote }}
+{{- end -}}
+{{- end -}}
+
 {{- define "poe.probes" -}}
-{{- $port := int .ctx.Values.ports.grpc -}}
+{{- $live := merge (dict "service" (.probes.livenessService | default "liveness")) . -}}
 {{- with .probes.startup }}
 startupProbe:
-  grpc:
-    port: {{ $port }}
-    service: {{ $.service | quote }}
+  {{- include "poe.probeAction" $ | nindent 2 }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with .probes.liveness }}
 livenessProbe:
-  grpc:
-    port: {{ $port }}
-    service: {{ $.probes.livenessService | default "liveness" | quote }}
+  {{- include "poe.probeAction" $live | nindent 2 }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with .probes.readiness }}
 readinessProbe:
-  grpc:
-    port: {{ $port }}
-    service: {{ $.service | quote }}
+  {{- include "poe.probeAction" $ | nindent 2 }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
@@ -191,10 +220,14 @@ readinessProbe:
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
 checksum/secret: {{ include (print .ctx.Template.BasePath "/secrets.yaml") .ctx | sha256sum }}
 checksum/secret-ref: {{ toJson (list .ctx.Values.database.auth .ctx.Values.objectStore.auth) | sha256sum }}
+checksum/auth: {{ include "poe.authChecksum" .ctx }}
 {{- if .ctx.Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .ctx.Values.ports.metrics | quote }}
 prometheus.io/path: /metrics
+{{- if .ctx.Values.tls.enabled }}
+prometheus.io/scheme: https
+{{- end }}
 {{- end }}
 {{- with .podAnnotations }}
 {{ toYaml . }}
@@ -256,3 +289,113 @@ spec:
     matchLabels:
       {{- include "poe.selectorLabels" . | nindent 6 }}
 {{- end -}}
+
+
+{{/* appProtocol of the Service ports: HTTP/2 in the clear, or TLS. */}}
+{{- define "poe.grpcAppProtocol" -}}
+{{- ternary "https" "kubernetes.io/h2c" .Values.tls.enabled -}}
+{{- end -}}
+
+{{- define "poe.metricsAppProtocol" -}}
+{{- ternary "https" "http" .Values.tls.enabled -}}
+{{- end -}}
+
+{{/* -- Authentication: the token file and the service token ------------------------------------ */}}
+
+{{- define "poe.authSecretName" -}}
+{{- default (include "poe.componentName" (dict "ctx" . "component" "auth")) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/*
+The data of the chart-made auth Secret (base64 values, as a JSON object): the Secret that is
+already in the cluster when it has both keys (`lookup`, so upgrades keep the token), else a new
+random service token and a tokens.json holding only its sha256. Memoized in .Values so that every
+template of one render sees the same token (the Secret and the pods' checksum annotation).
+*/}}
+{{- define "poe.generatedAuth" -}}
+{{- if not (hasKey .Values.auth "_generated") -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "poe.authSecretName" .) -}}
+{{- $data := dict -}}
+{{- if and $existing (hasKey ($existing.data | default dict) "tokens.json") (hasKey ($existing.data | default dict) "service-token") -}}
+{{- $data = dict "tokens.json" (index $existing.data "tokens.json") "service-token" (index $existing.data "service-token") -}}
+{{- else -}}
+{{- $token := printf "poe_service_%s" (randAlphaNum 40) -}}
+{{- $entry := dict "id" "service" "name" "service token made by the Helm chart" "role" "service" "sha256" (sha256sum $token) "created" (dateInZone "2006-01-02T15:04:05Z" (now) "UTC") "expires" nil "revoked" nil -}}
+{{- $tokens := dict "tokens" (list $entry) | toJson -}}
+{{- $data = dict "tokens.json" ($tokens | b64enc) "service-token" ($token | b64enc) -}}
+{{- end -}}
+{{- $_ := set .Values.auth "_generated" $data -}}
+{{- end -}}
+{{- toJson .Values.auth._generated -}}
+{{- end -}}
+
+{{/* Rolls the pods when the token Secret is replaced: its name, or the chart-made token file. */}}
+{{- define "poe.authChecksum" -}}
+{{- if .Values.auth.existingSecret -}}
+{{- .Values.auth.existingSecret | sha256sum -}}
+{{- else -}}
+{{- index (include "poe.generatedAuth" . | fromJson) "tokens.json" | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{/* -- TLS --------------------------------------------------------------------------------------- */}}
+
+{{- define "poe.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- include "poe.componentName" (dict "ctx" . "component" "tls") -}}
+{{- else -}}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with ca.crt) or tls.certManager.enabled" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment, mounts and volumes that put the token file and the TLS files into a PoE service
+container. Takes (dict "ctx" $ "component" NAME). The composer and the extractor call the registry,
+so they also get the service token and, under mutual TLS, present the certificate as clients.
+*/}}
+{{- define "poe.securityEnv" -}}
+{{- $v := .ctx.Values -}}
+- {name: POE_TOKENS_FILE, value: /etc/poe/auth/tokens.json}
+{{- if has .component (list "composer" "extractor") }}
+- name: POE_SERVICE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "poe.authSecretName" .ctx }}
+      key: service-token
+{{- end }}
+{{- if $v.tls.enabled }}
+- {name: POE_TLS_SERVER_CERT, value: /etc/poe/tls/tls.crt}
+- {name: POE_TLS_SERVER_KEY, value: /etc/poe/tls/tls.key}
+- {name: POE_TLS_CA, value: /etc/poe/tls/ca.crt}
+{{- if $v.tls.clientAuth }}
+- {name: POE_TLS_CLIENT_CA, value: /etc/poe/tls/ca.crt}
+- {name: POE_TLS_CERT, value: /etc/poe/tls/tls.crt}
+- {name: POE_TLS_KEY, value: /etc/poe/tls/tls.key}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "poe.securityVolumeMounts" -}}
+- {name: auth, mountPath: /etc/poe/auth, readOnly: true}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/poe/tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/* A whole-directory mount (no subPath), so that a changed Secret reaches the running pods. */}}
+{{- define "poe.securityVolumes" -}}
+- name: auth
+  secret:
+    secretName: {{ include "poe.authSecretName" . }}
+    items: [{key: tokens.json, path: tokens.json}]
+    defaultMode: 0440
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "poe.tlsSecretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
