@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the command-line tools the deployment tests (tests/deploy) need and PyPI cannot give:
-#   promtool  from Debian's `prometheus` package (`promtool check rules` / `promtool test rules`).
+#   promtool    from Debian's `prometheus` package (`promtool check rules` / `promtool test rules`);
+#   prometheus  the server binary of the same package (tests/deploy/test_real_prometheus.py starts
+#               its own on loopback).
 # kubectl (for `kubectl kustomize`) is on the machine image; helm-python-sdk and kubernetes-validate
 # come from PyPI through the project's `dev` extra.
 #
@@ -8,7 +10,7 @@
 # otherwise prints what to run and exits 0, so a developer without root still gets the other tests
 # (tests/deploy fails instead of skipping when CI=true and promtool is missing).
 #
-# Only promtool is wanted: the package's Prometheus server is never started. Where no
+# The package's Prometheus service is never started (the test runs the binary itself). Where no
 # /usr/sbin/policy-rc.d exists, one that refuses every service start (exit 101, the Debian
 # convention) is put in place for the duration of the install and removed afterwards.
 set -euo pipefail

@@ -2,7 +2,15 @@
 
 `poe up` hosts all three on one port; `poe serve NAME` and `poe registry serve` host one (what
 Kubernetes runs); tests and the embedded CLI targets build the same server. Every server gets the
-same interceptors (metrics outside, error mapping inside), grpc.health.v1 and server reflection.
+same interceptors (metrics outside, then authentication, error mapping and backpressure inside),
+grpc.health.v1 and server reflection.
+
+Load: each hosted service has a budget of concurrent calls and one of concurrent streams, a write
+that waits too long for its client is cancelled (`poe_services.backpressure`), and the pool has a
+thread for every admitted call, so that a call is either served at once or refused at once with
+RESOURCE_EXHAUSTED. Connections are closed after `max_connection_age` seconds (gracefully: calls
+in flight get `max_connection_age_grace` more), so that clients connect again and new replicas
+behind a Service or a DNS name get their share of the calls.
 
 Health names: one per hosted service ("poe.v1.Registry", ...), set by its runtime; "" (the
 overall health) is SERVING exactly when every hosted service is; "liveness" is SERVING while the
@@ -32,6 +40,7 @@ from poe.client.base import CLIENT_TLS_SETTINGS, read_tls_files
 from poe.engine.config import Secret, Settings
 from poe.engine.errors import InvalidArgument, Unavailable, field_error
 from poe_services.auth import AuthInterceptor, anonymous_role
+from poe_services.backpressure import BackpressureInterceptor, Limits, WriteWatchdog
 from poe_services.errors import ErrorInterceptor
 from poe_services.metrics import MetricsInterceptor, serve_metrics
 from poe_services.tokens import TokenVerifier
@@ -44,6 +53,25 @@ SERVICE_NAMES = {"registry": "poe.v1.Registry", "composer": "poe.v1.Composer", "
 MAX_MESSAGE_BYTES = 8 << 20
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC options of every server: message sizes, and the age after which a connection is
+    closed (POE_MAX_CONNECTION_AGE, 0: never) with the grace its calls get (POE_MAX_CONNECTION_AGE_GRACE).
+
+    A client keeps its HTTP/2 connection for as long as it lives, so without an age the replicas an
+    autoscaler adds would get no calls from clients that were already connected. At the age the
+    server sends GOAWAY: new calls go over a new connection (the client resolves its target again),
+    calls in flight go on for the grace period and are cut after it."""
+    for name, value in (("POE_MAX_CONNECTION_AGE", settings.max_connection_age),
+                        ("POE_MAX_CONNECTION_AGE_GRACE", settings.max_connection_age_grace)):
+        if value < 0:
+            raise InvalidArgument(f"{name}: must be >= 0 seconds (0: never), got {value:g}")
+    options = list(SERVER_OPTIONS)
+    if settings.max_connection_age > 0:
+        options += [("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age * 1000))),
+                    ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * 1000))]
+    return options
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Health name for liveness probes: SERVING while the process answers gRPC. Readiness follows each
@@ -117,10 +145,13 @@ class Host:
 
     def __init__(self, server: grpc.Server, port: int, runtimes: dict[str, ServiceRuntime],
                  server_health: ServerHealth, executor: futures.ThreadPoolExecutor | None = None,
-                 verifier: TokenVerifier | None = None):
+                 verifier: TokenVerifier | None = None, watchdog: WriteWatchdog | None = None,
+                 limits: Limits | None = None):
         self.server, self.port, self.runtimes, self.health = server, port, runtimes, server_health
         self.executor = executor  # the server's RPC threads
         self.verifier = verifier  # the bearer tokens this server accepts
+        self.watchdog = watchdog  # cancels writes to clients that stopped reading
+        self.limits = limits  # the budgets of concurrent calls and streams per service
         self._lock = threading.Lock()
         self._closed: threading.Event | None = None
 
@@ -133,6 +164,8 @@ class Host:
 
     def start(self) -> None:
         self.server.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         for runtime in self.runtimes.values():
             runtime.start()
 
@@ -178,6 +211,8 @@ class Host:
             self.server.stop(None if grace is None else max(0.0, deadline - time.monotonic())).wait()
             for name, runtime in dependents_first:
                 _quietly(name, "close", runtime.close)
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
         finally:
@@ -314,14 +349,14 @@ def _in_process_tls_error(settings: Settings, side: str, error: ssl.SSLError) ->
 
 
 def create_server(address: str, settings: Settings, services: Iterable[str] = SERVICES, *,
-                  registry_target: str | None = None, migrate: bool | None = None, warm: bool = True,
-                  max_workers: int = 32) -> Host:
+                  registry_target: str | None = None, migrate: bool | None = None, warm: bool = True) -> Host:
     """A server bound to `address` (port 0 picks a free one) hosting `services`; not started.
 
     Composer and extractor reach the registry at `registry_target`, or on this very server when
     it hosts the registry, else at settings.registry_addr. `migrate` (registry): bring the schema
     to head first (default settings.registry_auto_migrate). `warm` (composer): load the default
-    pool before reporting SERVING.
+    pool before reporting SERVING. Calls and streams at once per service: POE_MAX_CONCURRENT_CALLS
+    and POE_MAX_CONCURRENT_STREAMS; the pool has a thread for each (`Limits.threads`).
     """
     services = tuple(dict.fromkeys(services))
     unknown = [s for s in services if s not in SERVICES]
@@ -331,12 +366,20 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     credentials = server_credentials(settings)
     in_process = registry_target is None and "registry" in services and len(services) > 1
     in_process_tls = in_process_client_tls(settings) if in_process else {}
-    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="poe-rpc")
-    # Metrics outside (refused calls are counted too), then authentication, then error mapping.
+    limits = Limits((SERVICE_NAMES[s] for s in services), settings.max_concurrent_calls,
+                    settings.max_concurrent_streams)
+    watchdog = WriteWatchdog(settings.stream_write_timeout)
+    options = server_options(settings)
+    # A thread for every call the budgets admit; gRPC refuses any call beyond that number at once
+    # (RESOURCE_EXHAUSTED) instead of queueing it for a thread.
+    executor = futures.ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="poe-rpc")
+    # Metrics outside (refused calls are counted too), then authentication, then error mapping,
+    # then the budgets (only authorized calls take a place; a refusal is mapped like any error).
     verifier = TokenVerifier(settings.tokens_file)
     auth = AuthInterceptor(verifier, anonymous_role(settings, address))
-    server = grpc.server(executor, interceptors=[MetricsInterceptor(), auth, ErrorInterceptor()],
-                         options=SERVER_OPTIONS)
+    interceptors = [MetricsInterceptor(), auth, ErrorInterceptor(), BackpressureInterceptor(limits, watchdog)]
+    server = grpc.server(executor, interceptors=interceptors, options=options,
+                         maximum_concurrent_rpcs=limits.threads)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not port:
         raise Unavailable(f"cannot listen on {address}")
@@ -364,7 +407,7 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
         raise
     reflection.enable_server_reflection(
         (*(SERVICE_NAMES[s] for s in services), health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return Host(server, port, runtimes, server_health, executor, verifier)
+    return Host(server, port, runtimes, server_health, executor, verifier, watchdog, limits)
 
 
 def run(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None, host: str = "[::]",

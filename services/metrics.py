@@ -109,6 +109,14 @@ BYTES_STREAMED = Counter(
     "poe_compose_streamed_bytes_total",
     "Model bytes streamed to ComposeModel clients.",
 )
+COMPOSE_TEMPLATE_MISSES = Counter(
+    "poe_compose_template_misses_total",
+    "Compositions that waited for a model export (no template of their format and tensor layout yet); "
+    "warm-up makes these 0.",
+    ["format"],  # torchscript | pt2 | onnx
+)
+for _format in ("torchscript", "pt2", "onnx"):  # exported at 0, so that increase() sees the first one
+    COMPOSE_TEMPLATE_MISSES.labels(_format)
 # The per-RPC metrics (grpc_type: unary | client_stream | server_stream | bidi_stream). Unlike
 # py-grpc-prometheus, the histogram has grpc_code too: failed calls are timed, and their latency
 # can be told apart from that of the successful ones.
@@ -127,6 +135,12 @@ GRPC_DURATION = Histogram(
     "RPC latency as seen by the server, until the last response message is sent or the call fails.",
     ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
     buckets=LATENCY_BUCKETS,
+)
+STREAM_WRITE_CANCELS = Counter(
+    "poe_grpc_stream_write_cancels_total",
+    "Calls cancelled because a response message could not be written in time (the client stopped "
+    "reading): after POE_STREAM_WRITE_TIMEOUT, or at once when a slow reader finds every stream taken.",
+    ["grpc_service", "grpc_method", "reason"],  # reason: timeout | overload
 )
 EXTRACTION_JOBS = Gauge(
     "poe_extraction_jobs",
@@ -203,9 +217,11 @@ PRODUCT_METRIC_NAMES = (
     "poe_build_info",
     "poe_compose_duration_seconds", "poe_compose_stage_duration_seconds", "poe_compose_requests_total",
     "poe_compose_in_flight_requests", "poe_compose_cache_hits_total", "poe_compose_cache_misses_total",
-    "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_compose_recordings_queued",
+    "poe_compose_cache_bytes", "poe_compose_streamed_bytes_total", "poe_compose_template_misses_total",
+    "poe_compose_recordings_queued",
     "poe_compose_recordings_total", "poe_compose_degraded_pools", "poe_compose_blob_errors_total",
     "poe_extraction_jobs", "poe_extraction_jobs_finished_total", "poe_extraction_progress_ratio",
+    "poe_grpc_stream_write_cancels_total",
 )
 GRPC_METRIC_NAMES = ("grpc_server_started_total", "grpc_server_handled_total", "grpc_server_handling_seconds")
 ALL_METRIC_NAMES = PRODUCT_METRIC_NAMES + GRPC_METRIC_NAMES

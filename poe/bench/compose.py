@@ -119,7 +119,7 @@ def _start_stack(env: dict[str, str], record: bool, pool_dir: Path, s3: bool):
         conn.send("stop")
         registry.join(30)
 
-    return host, f"127.0.0.1:{host.port}", f"{pv.name}@{pv.version}", stop
+    return host, f"127.0.0.1:{host.port}", f"{pv.name}@{pv.version}", stop, host.issue_token("reader", "bench")
 
 
 def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
@@ -136,12 +136,12 @@ def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
 
 
 def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]], clients: int,
-                       fmt: str = "torchscript") -> tuple[list[float], float]:
+                       fmt: str = "torchscript", token: str = "") -> tuple[list[float], float]:
     """`clients` threads with a channel each compose `class_sets` as fast as they can (runs in a
     process of its own); returns every request's latency and the wall time."""
     todo = list(class_sets)
     lock = threading.Lock()
-    channels = [Composer(target, retries=0) for _ in range(clients)]
+    channels = [Composer(target, retries=0, token=token) for _ in range(clients)]
     seconds: list[float] = []
 
     def worker(k: int) -> None:
@@ -170,7 +170,8 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
     pool = load_pool(pool_dir, with_oracle=False)
     rng = random.Random(seed)
     env = {"POE_HOME": str(home)}
-    host, target, ref, stop_stack = _start_stack(env, record, pool_dir, s3)
+    # The bench's clients call its own servers with a token only they know (not the caller's POE_TOKEN).
+    host, target, ref, stop_stack, token = _start_stack(env, record, pool_dir, s3)
     engine = host.runtimes["composer"].engine
     result: dict = {"pool": ref, "blob_store": "s3 (moto)" if s3 else "file", "record_compositions": record,
                     "torch_threads": torch.get_num_threads(), "format": fmt, "cases": {}}
@@ -190,7 +191,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
             return None
 
         floor_sets: dict[int, list[tuple[str, ...]]] = {}
-        with Composer(target, retries=0) as c:
+        with Composer(target, retries=0, token=token) as c:
             for n in sorted(sets):
                 progress(f"warm case: {n} primitive task(s)")
                 lat, templated = [], engine.scripts.templated
@@ -220,7 +221,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
         # The clients run in another process, as they would in production: here they would share
         # the composer's GIL and measure the benchmark's own Python as much as the service.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients, fmt).result()
+            seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients, fmt, token).result()
         cpu1 = os.times()
         server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         result["throughput"] = {"clients": clients, "requests": len(seconds),

@@ -222,10 +222,13 @@ def _upload(path: Path, config_json: str, args: argparse.Namespace, registry: tu
         raise InvalidArgument(f"--oracle {path.name} is uploaded to the registry, which files oracles under a data "
                               "set: give --hierarchy")
     target, token = registry
-    with RegistryClient(target, token=token) as reg:
-        reg.register_hierarchy(hier)
-        o, created = reg.register_oracle(f"oracle {path.name}", hier.dataset, cfg.to_dict(), data,
-                                         params=count_params(model), metrics={"source": str(path.resolve())})
+    try:
+        with RegistryClient(target, token=token) as reg:
+            reg.register_hierarchy(hier)
+            o, created = reg.register_oracle(f"oracle {path.name}", hier.dataset, cfg.to_dict(), data,
+                                             params=count_params(model), metrics={"source": str(path.resolve())})
+    except PoeError as e:  # say where it went: the registry may be another address than the extractor's
+        raise type(e)(f"uploading --oracle {path.name} to the registry at {target} (--registry): {e}") from None
     print(f"oracle {path.name} {'uploaded' if created else 'already in the registry'}: id {o.id}", file=sys.stderr)
     return o.id
 

@@ -63,10 +63,12 @@ def registry_client(target: str, args: argparse.Namespace) -> Iterator:
     from poe_services.host import create_server
 
     cfg = _settings(args)
-    host = create_server("127.0.0.1:0", cfg, ("registry",), migrate=cfg.database_url.startswith("sqlite"))
+    # A server for this command alone, on loopback: plaintext whatever POE_TLS_* says.
+    host = create_server("127.0.0.1:0", cfg.without_server_tls(), ("registry",),
+                         migrate=cfg.database_url.startswith("sqlite"))
     host.start()
     try:
-        with RegistryClient(f"127.0.0.1:{host.port}", token=host.issue_token("admin", "embedded")) as client:
+        with RegistryClient(f"127.0.0.1:{host.port}", token=host.issue_token("admin", "embedded"), tls=False) as client:
             yield client
     finally:
         host.stop(None).wait(30)

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from poe.client.errors import translate_rpc_errors
-from poe.engine.config import Secret, Settings, is_loopback, settings, split_host
+from poe.engine.config import LB_POLICIES, Secret, Settings, is_loopback, settings, split_host
 from poe.engine.errors import InvalidArgument, Unavailable
 
 MAX_MESSAGE_BYTES = 8 << 20  # models and blobs are streamed in 1 MiB chunks; this leaves headroom
@@ -152,6 +152,14 @@ class GrpcClient:
     themselves. With `channel=`, the given channel is used as it is (its own options and service
     config apply) and `close` leaves it open.
 
+    Load balancing: `lb_policy` (default POE_LB_POLICY, else pick_first) decides how the channel
+    spreads calls over the addresses its target resolves to: pick_first keeps one connection to the
+    first that answers; round_robin connects to all of them and sends each call to the next, which
+    is what a target like `dns:///poe-composer-headless.poe.svc:50051` (a headless Service: one
+    address per ready pod) needs so that every replica gets calls. Either way the channel resolves
+    the name again when a server closes the connection (servers close connections after
+    POE_MAX_CONNECTION_AGE), and so finds replicas added since.
+
     TLS: on when POE_TLS_CA is set (in `config`, else in the environment): the server's certificate
     is checked against that CA bundle and must name the target's host, or POE_TLS_SERVER_NAME;
     POE_TLS_CERT and POE_TLS_KEY add the client's certificate for servers that require one (mutual
@@ -174,7 +182,7 @@ class GrpcClient:
 
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
                  timeout: float | None = None, retries: int = MAX_ATTEMPTS - 1, token: str | Secret | None = None,
-                 tls: ClientTLS | bool | None = None, config: Settings | None = None):
+                 tls: ClientTLS | bool | None = None, config: Settings | None = None, lb_policy: str | None = None):
         if target is None and channel is None:
             target = getattr(config or settings(), self.ADDRESS_SETTING)
         self.target = target or "<channel>"
@@ -184,7 +192,10 @@ class GrpcClient:
         self._own_channel = channel is None
         if channel is None:
             tls_config = self._tls_config(tls, config)
-            options = self.channel_options(retries)
+            lb_policy = lb_policy or (config or settings()).lb_policy
+            if lb_policy not in LB_POLICIES:
+                raise InvalidArgument(f"lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
+            options = self.channel_options(retries, lb_policy)
             if tls_config is None:
                 channel = grpc.insecure_channel(target, options=options)
             else:
@@ -206,25 +217,29 @@ class GrpcClient:
         return configured
 
     @classmethod
-    def channel_options(cls, retries: int = MAX_ATTEMPTS - 1) -> list[tuple[str, int | str]]:
-        """Options of the channels this client makes: message sizes, retries, reconnect backoff."""
+    def channel_options(cls, retries: int = MAX_ATTEMPTS - 1,
+                        lb_policy: str = "pick_first") -> list[tuple[str, int | str]]:
+        """Options of the channels this client makes: message sizes, retries, load balancing,
+        reconnect backoff."""
         return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(cls.service_config(retries))),
+                ("grpc.service_config", json.dumps(cls.service_config(retries, lb_policy))),
                 # A retry finds a restarted server only once the channel reconnects; gRPC's default
                 # first reconnect waits 1 s, longer than the retries' backoff altogether.
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 5000)]
 
     @classmethod
-    def service_config(cls, retries: int = MAX_ATTEMPTS - 1) -> dict:
+    def service_config(cls, retries: int = MAX_ATTEMPTS - 1, lb_policy: str = "pick_first") -> dict:
         """The channel's service config: the retry policy of the RETRYABLE methods (none for
-        `retries` 0)."""
+        `retries` 0) and the load-balancing policy (gRPC's default, pick_first, goes unsaid)."""
+        balancing = {} if lb_policy == "pick_first" else {"loadBalancingConfig": [{lb_policy: {}}]}
         attempts = min(retries + 1, MAX_ATTEMPTS)
         if attempts < 2 or not cls.RETRYABLE:
-            return {}
+            return balancing
         return {
+            **balancing,
             "methodConfig": [{
                 "name": [{"service": cls.SERVICE.full_name, "method": m} for m in cls.RETRYABLE],
                 "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
@@ -234,6 +249,11 @@ class GrpcClient:
             # failure takes 1, each success gives back 0.1); see gRFC A6.
             "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         }
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata this client sends (its bearer token), for calls made on `stub` directly."""
+        return self._metadata
 
     def close(self) -> None:
         if self._own_channel:

@@ -119,41 +119,39 @@ WRN_DEFAULTS = {"depth": 16, "width": 1, "in_channels": 1, "num_classes": 10, "s
 
 
 def _int_in(field: str, settings: Mapping, key: str, lo: int, hi: int) -> int:
-    return limits.check_int_range(f"{field}.{key}" if field else key, settings[key], lo, hi)
+    value = settings[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise field_error(field, f"{key} must be an integer in [{lo}, {hi}], got {limits.quote(value)}")
+    return value
 
 
 def _numbers(field: str, settings: Mapping, key: str, count: int, positive: bool) -> list[float]:
     value = settings[key]
-    where = f"{field}.{key}" if field else key
     if not isinstance(value, list | tuple) or len(value) != count:
-        raise field_error(where, f"expected a list of {count} number(s), one per input channel, got "
-                                 f"{limits.quote(value)}")
-    out = []
+        raise field_error(field, f"{key} must list {count} number(s), one per input channel, got {limits.quote(value)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (positive and v <= 0):
-            raise field_error(where, f"expected finite{' positive' if positive else ''} numbers, got {limits.quote(v)}")
-        out.append(float(v))
-    return out
+            raise field_error(field, f"{key} must hold finite{' positive' if positive else ''} numbers, got "
+                                     f"{limits.quote(v)}")
+    return [float(v) for v in value]
 
 
 def parse_wideresnet(settings: Mapping, field: str) -> dict:
     unknown = sorted(set(settings) - set(WRN_DEFAULTS))
     if unknown:
-        raise field_error(field, f"unknown WideResNet setting(s) {limits.listing(unknown)} (known: "
-                                 f"{', '.join(WRN_DEFAULTS)})")
+        raise field_error(field, f"unknown WideResNet setting(s) {limits.listing(map(limits.quote, unknown))} "
+                                 f"(known: {', '.join(WRN_DEFAULTS)})")
     s = {**WRN_DEFAULTS, **settings}
     depth = _int_in(field, s, "depth", 10, limits.MAX_WRN_DEPTH)
     if (depth - 4) % 6:
-        raise field_error(f"{field}.depth", f"WRN depth must be 6n + 4 (10, 16, 22, 28, 34, 40), got {depth}")
+        raise field_error(field, f"depth must be 6n + 4 (10, 16, 22, 28, 34, 40), got {depth}")
     out = {"depth": depth, "width": _int_in(field, s, "width", 1, limits.MAX_WRN_WIDTH),
            "in_channels": _int_in(field, s, "in_channels", 1, limits.MAX_IN_CHANNELS),
-           "num_classes": _int_in(field, s, "num_classes", 1, limits.MAX_CLASSES)}
-    if s["stem_stride"] not in (1, 2) or isinstance(s["stem_stride"], bool):
-        raise field_error(f"{field}.stem_stride", f"must be 1 or 2, got {limits.quote(s['stem_stride'])}")
-    out["stem_stride"] = s["stem_stride"]
+           "num_classes": _int_in(field, s, "num_classes", 1, limits.MAX_CLASSES),
+           "stem_stride": _int_in(field, s, "stem_stride", 1, 2)}
     dropout = s["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
-        raise field_error(f"{field}.dropout", f"must be a number in [0, 1), got {limits.quote(dropout)}")
+        raise field_error(field, f"dropout must be a number in [0, 1), got {limits.quote(dropout)}")
     out["dropout"] = float(dropout)
     out["mean"] = _numbers(field, s, "mean", out["in_channels"], positive=False)
     out["std"] = _numbers(field, s, "std", out["in_channels"], positive=True)
@@ -221,8 +219,7 @@ def parse_oracle_config(config: object, field: str = "config_json") -> OracleCon
     name = settings.pop("architecture", DEFAULT_ARCHITECTURE)
     arch = ARCHITECTURES.get(name) if isinstance(name, str) else None
     if arch is None:
-        raise field_error(f"{field}.architecture", f"unknown architecture {limits.quote(name)}; known: "
-                                                   f"{', '.join(ARCHITECTURES)}")
+        raise field_error(field, f"architecture {limits.quote(name)} is not known; known: {', '.join(ARCHITECTURES)}")
     return OracleConfig(arch, arch.parse(settings, field))
 
 

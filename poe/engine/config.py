@@ -139,6 +139,14 @@ def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
     return int(m.group(1)) * _BINARY_SUFFIXES[m.group(2) or ""]
 
 
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated names, lowercased (whoever reads the setting checks them)."""
+    value = _raw(env, name)
+    if value is None:
+        return default
+    return tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     value = _raw(env, name)
     if value is None:
@@ -158,6 +166,7 @@ def _default_pools_dir() -> Path:
 
 
 ROLES = ("reader", "publisher", "admin", "service")
+LB_POLICIES = ("pick_first", "round_robin")
 # Who a caller without a token is: auto = reader while the server listens on loopback only, else nobody.
 ANONYMOUS_ROLES = ("auto", "none", "reader", "publisher", "admin")
 
@@ -208,6 +217,10 @@ class Settings:
     # continues (once the registry has answered).
     composer_pool_poll: float = 10.0
     composer_ready_timeout: float = 60.0
+    # Model formats whose templates warm-up makes for every pool version: the first before the
+    # default pool counts as ready, the others right after, in the background (pt2 and onnx cost
+    # about a second of CPU per tensor layout, torchscript a twentieth).
+    composer_warm_formats: tuple[str, ...] = ("torchscript",)
     # Extractor: jobs training at once; torch threads per worker (0: OMP_NUM_THREADS or the cores, over
     # max jobs); worker deaths before a job fails; seconds between progress writes to the registry and
     # between health probes.
@@ -221,6 +234,19 @@ class Settings:
     # then seconds in-flight calls may take before they are cancelled.
     shutdown_drain: float | None = None
     shutdown_grace: float = 10.0
+    # Load on a server, per hosted service: unary calls (and ComposeModel) at once, and streams that
+    # stay open (watches, transfers, slow readers) at once; more are refused with RESOURCE_EXHAUSTED.
+    # Seconds a response message may wait for a client that does not read before the call is
+    # cancelled. Seconds after which a connection is closed (gracefully: its calls get the grace
+    # period), so that clients connect again and find new replicas; 0: never.
+    max_concurrent_calls: int = 64
+    max_concurrent_streams: int = 64
+    stream_write_timeout: float = 30.0
+    max_connection_age: float = 300.0
+    max_connection_age_grace: float = 30.0
+    # Clients: how a channel spreads calls over the addresses its target resolves to (pick_first:
+    # one connection; round_robin: every address, e.g. of a headless Service).
+    lb_policy: str = "pick_first"
     # Authentication: the token file the servers check bearer tokens against (hashes only; reloaded
     # when it changes); the role of callers without a token; the token this process's clients send
     # (default for the CLI on a loopback target: POE_HOME/admin.token, written by `poe up`); the
@@ -246,6 +272,10 @@ class Settings:
     # Extractor: the only directory TorchScript oracles may be loaded from (files on the extractor,
     # named by path; loading one runs its code). None: no TorchScript oracle at all.
     extractor_oracle_dir: Path | None = None
+
+    def without_server_tls(self) -> Settings:
+        """These settings for a server that a command starts on loopback only for itself."""
+        return replace(self, tls_server_cert=None, tls_server_key=None, tls_client_ca=None)
 
     def __repr__(self) -> str:
         shown = []
@@ -293,6 +323,7 @@ class Settings:
             record_queue=_int(env, "POE_RECORD_QUEUE", 256),
             composer_pool_poll=_float(env, "POE_COMPOSER_POOL_POLL", 10.0),
             composer_ready_timeout=_float(env, "POE_COMPOSER_READY_TIMEOUT", 60.0),
+            composer_warm_formats=_list(env, "POE_COMPOSER_WARM_FORMATS", ("torchscript",)),
             extractor_max_jobs=_int(env, "POE_EXTRACTOR_MAX_JOBS", 1),
             extractor_threads=_int(env, "POE_EXTRACTOR_THREADS", 0),
             extractor_max_attempts=_int(env, "POE_EXTRACTOR_MAX_ATTEMPTS", 3),
@@ -300,6 +331,12 @@ class Settings:
             extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
             shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),
             shutdown_grace=_float(env, "POE_SHUTDOWN_GRACE", 10.0),
+            max_concurrent_calls=_int(env, "POE_MAX_CONCURRENT_CALLS", 64),
+            max_concurrent_streams=_int(env, "POE_MAX_CONCURRENT_STREAMS", 64),
+            stream_write_timeout=_float(env, "POE_STREAM_WRITE_TIMEOUT", 30.0),
+            max_connection_age=_float(env, "POE_MAX_CONNECTION_AGE", 300.0),
+            max_connection_age_grace=_float(env, "POE_MAX_CONNECTION_AGE_GRACE", 30.0),
+            lb_policy=_choice(env, "POE_LB_POLICY", "pick_first", LB_POLICIES),
             tokens_file=_path(env, "POE_TOKENS_FILE") or home / "tokens.json",
             anonymous_role=_choice(env, "POE_ANONYMOUS_ROLE", "auto", ANONYMOUS_ROLES),
             token=Secret(_raw(env, "POE_TOKEN") or ""),

@@ -289,6 +289,13 @@ class ScriptCache:
             except queue.Empty:
                 continue  # look again: a copy being made may have failed and freed its slot
 
+    def has_template(self, state: dict[str, torch.Tensor], fmt: str = "torchscript",
+                     input_shape: tuple[int, ...] | list[int] = (), variant: tuple = ()) -> bool:
+        """Whether `template` would find the template of `state`'s layout in `fmt` without exporting."""
+        key = (fmt, variant, () if fmt == "torchscript" else tuple(input_shape), tensor_layout(state))
+        with self._lock:
+            return key in self._templates
+
     def template(self, state: dict[str, torch.Tensor], make_model: Callable[[], nn.Module],
                  fmt: str = "torchscript", input_shape: tuple[int, ...] | list[int] = (),
                  variant: tuple = ()) -> Template:

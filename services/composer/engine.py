@@ -37,7 +37,7 @@ from poe.engine import limits
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
 from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from poe.engine.export import FORMATS, ScriptCache, architecture_key, serialize
+from poe.engine.export import FORMATS, TEMPLATED_FORMATS, ScriptCache, architecture_key, serialize
 from poe.engine.nets import Library, count_flops, make_expert
 from poe.engine.pool import Expert, Pool, expert_config_from_dict, sha256_hex, wrn_config_from_dict
 from poe_services import metrics
@@ -281,6 +281,10 @@ class ComposerEngine:
         """Forget every fetched tensor (the next composition fetches from the blob store again)."""
         self._tensors.clear()
 
+    def clear_model_cache(self) -> None:
+        """Forget every composed file (the next request for each composes it again)."""
+        self._models.clear()
+
     # -- compose ---------------------------------------------------------------------------------
     def _plan(self, req: ComposeRequest, timer: StageTimer) -> tuple[PoolView, Plan]:
         with timer.stage("resolve"):
@@ -345,6 +349,9 @@ class ComposerEngine:
         with timer.stage("consolidate"):
             state = composed_state(pool, p, fused)
         with timer.stage("serialize"):
+            if req.format in TEMPLATED_FORMATS and not self.scripts.has_template(
+                    state, req.format, pool.input_shape, architecture_key(pool)):
+                metrics.COMPOSE_TEMPLATE_MISSES.labels(req.format).inc()  # this request waits for an export
             data, meta = serialize(pool, p, state, req.execution, req.format, self.scripts)
         header = dataclasses.replace(header, size=len(data), sha256=sha256_hex(data), metadata=meta)
         comp = Composition(header, data)

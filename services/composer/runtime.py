@@ -8,6 +8,14 @@ whatever the room. Pool versions with a corrupt or missing blob (degraded) are t
 look, so that re-importing the pool repairs them without a request. While the registry cannot be
 reached, the thread retries with a backoff of up to one poll interval and never gives up.
 
+Formats: warm-up makes the templates of the first format of `composer_warm_formats`
+(POE_COMPOSER_WARM_FORMATS, default torchscript) as above; the other formats listed (pt2, onnx: an
+export of about a second per tensor layout, where TorchScript takes a twentieth) are made next, in
+the same thread, pool version by pool version in the order they were warmed, each as long as the
+template cache has room. A look at the registry or a request that met a cold version goes first,
+and the pass resumes after it. A request that still finds no template for its format and layout
+waits for the export and is counted in poe_compose_template_misses_total.
+
 Readiness ("poe.v1.Composer"): NOT_SERVING until the default pool's version is warm, or the
 registry has answered and there is no default pool (yet), or `composer_ready_timeout` seconds have
 passed since start and the registry has answered; then SERVING until shutdown. A bad pool or blob
@@ -28,6 +36,7 @@ from grpc_health.v1 import health_pb2
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
 from poe.engine.errors import InvalidArgument, NotFound, PoeError, Unavailable
+from poe.engine.export import TEMPLATED_FORMATS
 from poe_services.composer.engine import ComposerEngine, PoolView
 from poe_services.composer.servicer import SERVICE_NAME, add_to_server
 
@@ -56,7 +65,13 @@ class ComposerRuntime:
         if settings.composer_ready_timeout < 0:
             raise InvalidArgument(
                 f"POE_COMPOSER_READY_TIMEOUT: must be >= 0 seconds, got {settings.composer_ready_timeout:g}")
+        formats = settings.composer_warm_formats
+        unknown = [f for f in formats if f not in TEMPLATED_FORMATS]
+        if unknown or not formats:
+            raise InvalidArgument(f"POE_COMPOSER_WARM_FORMATS: expected some of {', '.join(TEMPLATED_FORMATS)} "
+                                  f"(comma-separated), got {', '.join(unknown or formats) or 'none'}")
         self.settings = settings
+        self.formats = formats
         if settings.composer_threads > 0:
             # Composing concatenates small tensors, which intra-op threads do not speed up; with
             # several threads, their spin-waits compete with the gRPC threads (measured with
@@ -73,6 +88,9 @@ class ComposerRuntime:
         self._requested: dict[str, PoolView] = {}  # name@version -> view, met by requests before warm-up
         self._seen: dict[str, tuple[str, ...]] | None = None  # name@version -> aliases, at the last look
         self._skipped: set[str] = set()  # versions that cannot be warmed (reported once)
+        self._warm_views: dict[str, PoolView] = {}  # name@version -> view, in the order first warmed
+        self._formats_done: dict[str, set[str]] = {}  # name@version -> formats whose templates are made
+        self._next_look = 0.0
         self._default_error = ""
         self._registry_answered = False
         self._started = 0.0
@@ -145,14 +163,15 @@ class ComposerRuntime:
 
     def _warm_up(self) -> None:
         delay = FIRST_RETRY_DELAY
-        next_look = 0.0
+        self._next_look = 0.0
         while not self._stop.is_set():
             self._wake.clear()  # before the work: a request arriving during it wakes the wait below
             try:
                 self._warm_requested()
-                if time.monotonic() >= next_look:
+                if time.monotonic() >= self._next_look:
                     self._look()
-                    next_look = time.monotonic() + self.settings.composer_pool_poll
+                    self._next_look = time.monotonic() + self.settings.composer_pool_poll
+                self._warm_other_formats()
                 delay = FIRST_RETRY_DELAY
             except Exception as e:
                 if self._stop.is_set():
@@ -163,9 +182,9 @@ class ComposerRuntime:
                     log.exception("composer: warm-up failed; trying again")
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.settings.composer_pool_poll)
-                next_look = 0.0
+                self._next_look = 0.0
                 continue
-            self._wake.wait(max(0.0, next_look - time.monotonic()))
+            self._wake.wait(max(0.0, self._next_look - time.monotonic()))
 
     def _warm_requested(self) -> None:
         """Warm the versions requests met cold (before the next look: a client is waiting for them)."""
@@ -248,7 +267,7 @@ class ComposerRuntime:
             return
         t0 = time.perf_counter()
         try:
-            self.engine.warm_view(view, stopping=self._stop.is_set)
+            self.engine.warm_view(view, self.formats[:1], stopping=self._stop.is_set)
         except PoeError as e:
             if _transient(e):
                 raise
@@ -260,10 +279,50 @@ class ComposerRuntime:
             return
         if self._stop.is_set():
             return
+        with self._lock:
+            self._warm_views.setdefault(view.ref, view)
+            self._formats_done.setdefault(view.ref, set()).add(self.formats[0])
         tasks = self.engine.degraded_tasks(view.ref)
         state = "" if tasks is None else f"; degraded: {', '.join(tasks) or 'library'}"
         log.info("composer: warm (%s, %s, %d experts, %.1f s%s)", view.ref, why, len(view.pool.experts),
                  time.perf_counter() - t0, state)
+
+    def _other_work_waits(self) -> bool:
+        """Whether the format pass should yield: shutdown, a request met a cold version, or a look is due."""
+        return self._stop.is_set() or bool(self._requested) or time.monotonic() >= self._next_look
+
+    def _warm_other_formats(self) -> None:
+        """Make the templates of the other formats of POE_COMPOSER_WARM_FORMATS for every warm
+        version, until other work waits (the next call resumes where this one stopped)."""
+        for fmt in self.formats[1:]:
+            with self._lock:
+                todo = [v for ref, v in self._warm_views.items() if fmt not in self._formats_done[ref]]
+            for view in todo:
+                if self._other_work_waits():
+                    return
+                if self.engine.scripts.full:  # would push out templates of the first format
+                    return
+                t0 = time.perf_counter()
+                try:
+                    self.engine.warm_view(view, (fmt,), stopping=self._other_work_waits)
+                except PoeError as e:
+                    if _transient(e):
+                        raise
+                    log.warning("composer: %s templates of %s cannot be made: %s", fmt, view.ref, e)
+                except Exception:  # a bug: the traceback is in the log; the other versions go on
+                    log.exception("composer: making %s templates of %s failed", fmt, view.ref)
+                else:
+                    if self._other_work_waits():
+                        return  # cut short: resumed on the next call
+                    log.info("composer: %s templates of %s made (%.1f s)", fmt, view.ref, time.perf_counter() - t0)
+                with self._lock:
+                    self._formats_done[view.ref].add(fmt)
+
+    def warm_formats(self, ref: str) -> tuple[str, ...]:
+        """The formats whose templates warm-up has made for the pool version `ref` (name@version)."""
+        with self._lock:
+            done = self._formats_done.get(ref, set())
+        return tuple(f for f in self.formats if f in done)
 
     def _skip(self, ref: str, err: Exception) -> None:
         self._skipped.add(ref)

@@ -201,9 +201,10 @@ def test_every_typed_setting_names_its_variable_on_bad_input(field):
 def test_size_settings_take_suffixes_and_defaults_are_kept():
     assert len(TYPED_SETTINGS) >= 20  # the parametrized test above is not vacuous
     sizes = {f.name for f in dataclasses.fields(Settings) if f.name.endswith("_bytes")}
-    assert sizes == {"cache_bytes", "model_cache_bytes", "template_cache_bytes"}
+    assert sizes == {"cache_bytes", "model_cache_bytes", "template_cache_bytes", "upload_quota_bytes"}
     s = Settings.from_env({f"POE_{name.upper()}": "3Mi" for name in sizes})
     assert all(getattr(s, name) == 3 * 2**20 for name in sizes)
     defaults = Settings.from_env({})
-    assert (defaults.cache_bytes, defaults.model_cache_bytes, defaults.template_cache_bytes) == (2**29, 2**28, 2**26)
+    assert (defaults.cache_bytes, defaults.model_cache_bytes, defaults.template_cache_bytes,
+            defaults.upload_quota_bytes) == (2**29, 2**28, 2**26, 2**31)
     assert defaults.shutdown_drain is None and defaults.shutdown_grace == 10.0 and defaults.record_compositions

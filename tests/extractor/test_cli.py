@@ -55,12 +55,14 @@ def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, c
     assert f"detached; job {job_id} keeps running" in err and "%|" in err  # the progress bar was drawn
     assert client.get(job_id).job.state == 2  # RUNNING
 
-    # A second job while the first runs: queued, printed as JSON, cancelled from the CLI.
-    code, out, err = run_cli(capsys, "extract", "--target", target, "--dataset", data["idx"], "--oracle",
-                             oracle["safetensors"], "--hierarchy", "fashion-mnist", "--name", "other", "--json")
+    # A second job while the first runs: queued, printed as JSON, cancelled from the CLI. Its local
+    # safetensors oracle is uploaded to the registry and sent by id.
+    code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
+                             data["idx"], "--oracle", oracle["safetensors"], "--hierarchy", "fashion-mnist", "--name",
+                             "other", "--json")
     assert code == 0, err
     queued = json.loads(out)
-    assert queued["state"] == "pending"
+    assert queued["state"] == "pending" and queued["oracle_id"] and "uploaded: id" in err
     code, out, err = run_cli(capsys, "extract", "cancel", queued["id"], "--target", target)
     assert (code, out.strip()) == (0, f"job {queued['id']} cancelled")
 
@@ -85,19 +87,23 @@ def test_extract_cli(extractor, registry, data, oracle, random_pool, tmp_path, c
     # Errors: one line, non-zero.
     code, out, err = run_cli(capsys, "extract", "cancel", job_id, "--target", target)
     assert code == EXIT_CONFLICT and err.strip() == f"poe: error: job {job_id} is already succeeded"
-    code, out, err = run_cli(capsys, "extract", "--target", target, "--dataset", data["rgb3"], "--oracle",
-                             oracle["safetensors"], "--hierarchy", "fashion-mnist")
+    code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
+                             data["rgb3"], "--oracle", oracle["safetensors"], "--hierarchy", "fashion-mnist")
     assert code == EXIT_INVALID_ARGUMENT and len(err.strip().splitlines()) == 1 and "class count mismatch" in err
     code, out, err = run_cli(capsys, "extract", "--target", target, "--oracle", oracle["safetensors"])
     assert code == EXIT_INVALID_ARGUMENT and "--dataset is required" in err
     code, out, err = run_cli(capsys, "extract", "status", "nope", "--target", target)
     assert code == EXIT_NOT_FOUND and "no job 'nope'" in err
 
-    # --upload registers a local safetensors oracle in the registry before the job is checked; the
-    # registry files it under a data set, so a data set that names no built-in hierarchy needs one.
+    # A local safetensors oracle is registered in the registry before the job is checked (--upload
+    # insists on it); the registry files it under a data set, so a data set that names no built-in
+    # hierarchy needs one. A TorchScript file is never uploaded.
     code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
                              data["idx"], "--oracle", oracle["safetensors"], "--upload")
-    assert code == EXIT_INVALID_ARGUMENT and "--upload needs --hierarchy" in err
+    assert code == EXIT_INVALID_ARGUMENT and "give --hierarchy" in err
+    code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
+                             data["idx"], "--hierarchy", "fashion-mnist", "--oracle", oracle["torchscript"], "--upload")
+    assert code == EXIT_INVALID_ARGUMENT and "--upload sends local safetensors oracles only" in err
     code, out, err = run_cli(capsys, "extract", "--target", target, "--registry", registry.target, "--dataset",
                              data["idx"], "--hierarchy", "fashion-mnist", "--oracle", oracle["safetensors"], "--upload",
                              "--tasks", "hats")

@@ -82,7 +82,7 @@ def test_programs_pickles_and_mismatching_weights_are_refused_and_nothing_is_sto
     zipped = io.BytesIO()
     torch.save(state, zipped)
     exported = io.BytesIO()
-    torch.export.save(torch.export.export(model.eval(), (torch.rand(2, 1, 28, 28),)), exported)
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.rand(2, 4),)), exported)
     wide = placeholder_weights({"depth": 16, "width": 2})
     cases = [
         # (config, bytes, field, fragment of the message)
@@ -100,10 +100,10 @@ def test_programs_pickles_and_mismatching_weights_are_refused_and_nothing_is_sto
          "head.fc.weight is F16[10, 64], expected F32[10, 64]"),
         ({"depth": 10, "num_classes": 7}, _with(state), "chunk",
          "head.fc.weight is F32[10, 64], expected F32[7, 64]"),
-        ({"architecture": "resnet50"}, _with(state), "config_json.architecture", "unknown architecture 'resnet50'"),
-        ({"depth": 11}, _with(state), "config_json.depth", "WRN depth must be 6n + 4"),
-        ({"depth": 10, "width": 1000}, _with(state), "config_json.width", "must be in [1, 10]"),
-        ({"depth": 10, "code": "import os"}, _with(state), "config_json", "unknown WideResNet setting(s) code"),
+        ({"architecture": "resnet50"}, _with(state), "config_json", "architecture 'resnet50' is not known"),
+        ({"depth": 11}, _with(state), "config_json", "depth must be 6n + 4"),
+        ({"depth": 10, "width": 1000}, _with(state), "config_json", "width must be"),
+        ({"depth": 10, "code": "import os"}, _with(state), "config_json", "unknown WideResNet setting(s) 'code'"),
     ]
     for config, data, field, fragment in cases:
         with pytest.raises(InvalidArgument) as info:

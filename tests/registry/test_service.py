@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from poe.client.registry import RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.architectures import placeholder_weights
 from poe.engine.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -144,7 +146,7 @@ def test_interrupted_upload_leaves_no_row_and_no_blob(registry, poll):
         raise ConnectionError("client died mid-upload")
 
     with pytest.raises(grpc.RpcError) as info:
-        client.stub.RegisterExpert(requests(), timeout=10)
+        client.stub.RegisterExpert(requests(), timeout=10, metadata=client.metadata)
     assert sent.is_set()
     assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
     assert poll(lambda: _staging_empty(host))
@@ -163,7 +165,7 @@ def test_truncated_or_mismatching_upload_is_rejected_without_traces(registry, po
             yield r.RegisterExpertRequest(metadata=r.ExpertMetadata(
                 library_id=library.id, hierarchy_version=1, task="bags", class_ids=[8], sha256=sha, size=size))
             yield r.RegisterExpertRequest(chunk=data)
-        return client.stub.RegisterExpert(requests(), timeout=10)
+        return client.stub.RegisterExpert(requests(), timeout=10, metadata=client.metadata)
 
     good = hashlib.sha256(payload).hexdigest()
     with pytest.raises(grpc.RpcError) as info:
@@ -244,10 +246,26 @@ def test_two_clients_register_the_same_content_at_once(registry, poll):
     assert poll(lambda: _staging_empty(host))
 
 
+def _as_service(client: RegistryClient) -> RegistryClient:
+    """A client of the same registry with the test run's service token."""
+    return RegistryClient(client.target, token=os.environ["POE_SERVICE_TOKEN"], timeout=client.timeout)
+
+
+class _WithToken:
+    """`client.stub`, whose calls send the client's token (protocol-level calls made directly)."""
+
+    def __init__(self, client: RegistryClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client.stub, name)
+        return lambda request, **kw: method(request, metadata=self._client.metadata, **kw)
+
+
 def test_bad_input_names_the_field(registry):
     client, _, _ = registry
     _, _, library = _seed(client)
-    stub = client.stub
+    stub = _WithToken(client)
     cases = [
         (lambda: stub.GetPool(r.GetPoolRequest(pool="Bad Name")), "pool"),
         (lambda: stub.ResolveClasses(r.ResolveClassesRequest(pool="x")), "classes"),
@@ -334,7 +352,10 @@ def test_pools_versions_aliases_search_and_delete(registry):
     assert len(list(client.list_experts(pool="fm@1"))) == 2
     assert len(list(client.list_experts(page_size=2))) == 5
 
-    model, created = client.put_composed_model("fm@prod", [8, 0], "torchscript", b"model bytes", metadata={"k": 1})
+    # The composed-model cache is written by the composer only (role service).
+    with _as_service(client) as composer:
+        model, created = composer.put_composed_model("fm@prod", [8, 0], "torchscript", b"model bytes",
+                                                     metadata={"k": 1})
     assert created and model.pool == "fm@1" and list(model.class_ids) == [0, 8]
     assert client.get_composed_model("fm@1", [0, 8], "torchscript").hits == 1
     assert client.get_composed_model("fm@1", [8, 0], "torchscript").hits == 2
@@ -357,8 +378,9 @@ def test_pools_versions_aliases_search_and_delete(registry):
 
 
 def test_extraction_jobs(registry):
-    client, _, _ = registry
-    _, oracle, library = _seed(client)
+    admin, _, _ = registry
+    _, oracle, library = _seed(admin)
+    client = _as_service(admin)  # jobs are created and updated by the extractor (role service)
     job = client.create_job({"epochs": 3}, oracle_id=oracle.id, job_id="job-1")
     assert job.state == 1 and job.progress == 0.0  # PENDING
     with pytest.raises(AlreadyExists, match="job_id"):
