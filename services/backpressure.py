@@ -59,13 +59,21 @@ class Budget:
 
     def __init__(self, service: str, kind: str, limit: int, setting: str):
         self.service, self.kind, self.limit, self.setting = service, kind, limit, setting
-        self._free = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.in_use = 0
 
     def try_enter(self) -> bool:
-        return self._free.acquire(blocking=False)
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
 
     def leave(self) -> None:
-        self._free.release()
+        with self._lock:
+            if self.in_use <= 0:
+                raise RuntimeError(f"{self.service}: {self.kind} budget left more often than entered")
+            self.in_use -= 1
 
     def refusal(self) -> ResourceExhausted:
         what = "calls" if self.kind == "calls" else "streams (watches, transfers, slow readers)"

@@ -75,7 +75,24 @@ def _rss_mb() -> float:
 
 def _server_process(home: str, pool_dir: str, formats: tuple[str, ...], watched_job: bool, conn) -> None:
     """Registry, composer and extractor on one loopback port, as `poe up`; the pool imported and
-    warmed for `formats`. Answers "stats" with its figures until told "stop"."""
+    warmed for `formats`. Answers "stats" (and "reset") with its figures until told "stop"."""
+    import sys
+    import traceback
+
+    status = 0
+    try:
+        _serve(home, pool_dir, formats, watched_job, conn)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    # Without the interpreter's finalization, as `poe up` (poe_services.host.run): a warm-up thread
+    # may still be inside torch.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _serve(home: str, pool_dir: str, formats: tuple[str, ...], watched_job: bool, conn) -> None:
     from poe.client.registry import RegistryClient
     from poe.engine.config import Settings
     from poe.engine.manifest import read_manifest
@@ -92,7 +109,10 @@ def _server_process(home: str, pool_dir: str, formats: tuple[str, ...], watched_
     admin, reader = host.issue_token("admin", "bench-load"), host.issue_token("reader", "bench-load")
     with RegistryClient(target, token=admin) as registry:
         pv, _ = registry.import_pool(pool_dir)
-        job = registry.create_job({"purpose": "watched by poe bench load"}).id if watched_job else ""
+    job = ""
+    if watched_job:  # a job record that no extractor runs: its watchers wait for ever
+        with RegistryClient(target, token=host.issue_token("service", "bench-load")) as registry:
+            job = registry.create_job({"purpose": "watched by poe bench load"}).id
     ref = f"{pv.name}@{pv.version}"
     composer = host.runtimes["composer"]
     deadline = time.monotonic() + 3600
@@ -106,7 +126,7 @@ def _server_process(home: str, pool_dir: str, formats: tuple[str, ...], watched_
         if command == "reset":  # between phases: every class set composes again
             composer.engine.clear_model_cache()
         conn.send(_server_figures())
-    host.stop(0).wait(30)
+    host.stop(4).wait(30)  # queued recordings get their half of the grace
 
 
 def _server_figures() -> dict:
@@ -380,7 +400,7 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
     for (_, code), n in codes.items():
         if code != "OK":
             errors[code] += n
-    result = {"phase": name, "clients": len(client_results), "seconds": seconds, "ops": ops, "calls": total,
+    result = {"phase": name, "clients": len(client_results), "counted_s": seconds, "ops": ops, "calls": total,
               "ops_per_s": round(total / seconds, 1), "errors": dict(errors),
               "compose_new_cache_hits": new_hits, "watch_streams": watch_streams, "stuck_streams": stuck_streams}
     if streams:
@@ -422,7 +442,7 @@ def run(pool_dir: str | Path | None = None, *, target: str | None = None, served
     if target is None and not (Path(pool_dir) / "pool.json").is_file():
         raise InvalidArgument(f"--pool: {pool_dir} is not a pool directory (no pool.json)")
     result = {"target": target or "a server started by the benchmark (registry, composer, extractor; loopback)",
-              "clients": clients, "seconds": seconds, "warmup_s": warmup, "formats": list(formats),
+              "clients": clients, "counted_s": seconds, "warmup_s": warmup, "formats": list(formats),
               "cores": os.cpu_count(), "phases": {}}
     phases = [("baseline", 0, 0)] + ([("streams", watch_streams, stuck_streams)] if watch_streams or stuck_streams
                                      else [])
@@ -486,8 +506,9 @@ def markdown(result: dict, command: str) -> str:
     from poe.bench.report import hardware, hardware_line
 
     lines = [f"Command: `{command}`", "",
-             f"Measured on {hardware_line(result.get('hardware') or hardware())}; {result['clients']} clients, each a "
-             f"process of its own, {result['warmup_s']:g} s of warm-up then {result['seconds']:g} s counted per phase; "
+             f"Measured on {hardware_line(result.get('hardware') or hardware())}; {result['clients']} clients, each "
+             f"a process of its own, {result['warmup_s']:g} s of warm-up then {result['counted_s']:g} s counted per "
+             "phase; "
              f"formats asked for: {', '.join(result['formats'])}; server: {result['target']}."
              + (" *Quick run: the figures mean nothing.*" if result.get("quick") else ""), ""]
     names = list(result["phases"])

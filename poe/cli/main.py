@@ -298,6 +298,31 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from poe.bench import load as bench
+    from poe.bench import report
+
+    quick = args.quick
+    started = time.time()
+    result = bench.run(None if args.target else args.pool, target=args.target, served=args.served,
+                       clients=2 if quick else args.clients, seconds=2.0 if quick else args.seconds,
+                       warmup=1.0 if quick else args.warmup,
+                       watch_streams=min(args.watch_streams, 4) if quick else args.watch_streams,
+                       stuck_streams=min(args.stuck_streams, 8) if quick else args.stuck_streams,
+                       formats=tuple(args.formats), seed=args.seed,
+                       progress=lambda m: print(f"bench load: {m}", file=sys.stderr, flush=True))
+    result = report.stamp(result, quick=quick, hw=report.hardware(), command=_bench_command(args), started=started)
+    text = bench.markdown(result, result["command"])
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs:
+        path = report.update_docs(args.docs, "load", text, bench.TITLE)
+        print(f"bench load: wrote section load of {path}", file=sys.stderr)
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
 def _bench_command(args: argparse.Namespace) -> str:
     """The command line that reproduces a `poe bench` run: every option that differs from its default."""
     import shlex
@@ -584,6 +609,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "compose-FORMAT for another --format, -no-record appended with --no-record)")
     bc.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bc.set_defaults(func=cmd_bench_compose)
+    bl = bsub.add_parser("load", help="many clients mixing ComposeModel and reads, with watch and stuck streams",
+                         description="N clients, each a process of its own, mix new and repeated ComposeModel, "
+                                     "DescribeComposition, ListPools and GetPool against a `poe up`-like server on "
+                                     "loopback (or --target); optionally a second phase with WatchExtraction "
+                                     "streams and ComposeModel streams that are never read. Reports calls/s, "
+                                     "p50/p99 per operation, errors by code and the server's memory "
+                                     "(docs/BENCHMARKS.md).")
+    bl.add_argument("--pool", default="pools/fashion-mnist", help="pool directory to import (default shipped pool)")
+    bl.add_argument("--target", metavar="HOST:PORT",
+                    help="load this server instead of starting one (it must serve --served; POE_TOKEN for the "
+                         "job the watch streams follow)")
+    bl.add_argument("--served", default="fashion-mnist", metavar="NAME[@VERSION]",
+                    help="with --target: the pool to ask for (default fashion-mnist)")
+    bl.add_argument("--clients", type=int, default=32, help="client processes (default 32)")
+    bl.add_argument("--seconds", type=float, default=60.0, help="seconds counted per phase (default 60)")
+    bl.add_argument("--warmup", type=float, default=10.0,
+                    help="seconds of load before counting starts, per phase (default 10)")
+    bl.add_argument("--watch-streams", type=int, default=0,
+                    help="also run a phase with this many WatchExtraction streams open (e.g. 40)")
+    bl.add_argument("--stuck-streams", type=int, default=0,
+                    help="also run a phase with this many ComposeModel streams that are never read (e.g. 200)")
+    bl.add_argument("--formats", type=lambda v: tuple(_split([v])), default=("torchscript", "pt2", "onnx"),
+                    help="model formats asked for, comma-separated; the server warms each (default "
+                         "torchscript,pt2,onnx: pt2 and onnx warm for minutes on 2 cores)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of the class sets and the mix (default 0)")
+    bl.add_argument("--quick", action="store_true",
+                    help="2 clients, 1 + 2 s, at most 4 watch and 8 stuck streams (seconds; used by the tests)")
+    bl.add_argument("--json-out", help="also write the result to this JSON file")
+    bl.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    bl.add_argument("--update-docs", action="store_true",
+                    help="write the tables between this benchmark's markers in --docs (section load)")
+    bl.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
+    bl.set_defaults(func=cmd_bench_load)
     _add_bench_part_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")

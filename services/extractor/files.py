@@ -59,12 +59,17 @@ class InputFiles:
                                      "POE_EXTRACTOR_ORACLE_DIR); register the oracle in the registry and send its id")
         if not isinstance(requested, str) or not requested or "\x00" in requested:
             raise field_error(field, f"expected a path, got {quote(requested)}")
+        inside = []  # a relative path may name a file in any of the roots: the first where it exists
         for root in roots:
             base = Path(os.path.realpath(root))
             path = Path(requested) if os.path.isabs(requested) else base / requested
             real = Path(os.path.realpath(path))
             if real == base or base in real.parents:
-                return real
+                if os.path.lexists(real):
+                    return real
+                inside.append(real)
+        if inside:
+            return inside[0]
         raise field_error(field, f"{quote(requested)} is not inside {self._names(roots)}: the extractor opens "
                                  f"{what} only there")
 
@@ -101,11 +106,6 @@ class InputFiles:
             raise field_error(field, f"{quote(requested)} is {kind_of(st.st_mode)}, expected a data set "
                                      "directory or file")
         return real
-
-    def within(self, path: Path, roots: Sequence[Path]) -> bool:
-        """Whether `path` (symlinks followed) lies inside one of `roots`."""
-        real = Path(os.path.realpath(path))
-        return any(real == Path(os.path.realpath(r)) or Path(os.path.realpath(r)) in real.parents for r in roots)
 
 
 def read_regular(path: Path, field: str, max_bytes: int, roots: Sequence[Path] = ()) -> bytes:

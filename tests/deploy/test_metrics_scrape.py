@@ -74,3 +74,34 @@ def test_exposed_metric_names_parses_type_lines():
             "# TYPE a_created gauge\na_created 1.7e9\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 0\n"
             "# TYPE g gauge\n# TYPE lonely_created gauge\n")
     assert exposed_metric_names(body) == {"a_total", "h", "g", "lonely_created"}
+
+
+def test_extraction_jobs_live_gauge_and_finished_counter(tmp_path):
+    """The extractor's job board keeps poe_extraction_jobs at the jobs it holds now and counts the
+    finished ones in poe_extraction_jobs_finished_total, which only grows."""
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from poe.v1 import common_pb2
+    from poe_services.extractor.jobs import Job, JobBoard
+
+    def live(state: str) -> float:
+        return REGISTRY.get_sample_value("poe_extraction_jobs", {"state": state})
+
+    def finished(state: str) -> float:
+        return REGISTRY.get_sample_value("poe_extraction_jobs_finished_total", {"state": state})
+
+    before = {s: finished(s) for s in ("succeeded", "failed", "cancelled")}
+    # max_jobs=1 and a runner that starts nothing: the first job "runs", the second waits.
+    board = JobBoard(None, 1, lambda job: threading.Thread(), threading.Event(), threading.Event())
+    jobs = [Job(f"job-{i}", None, tmp_path / f"run-{i}", common_pb2.ExtractionJob()) for i in range(2)]
+    for job in jobs:
+        assert board.enqueue(job)
+    board.schedule()
+    assert (live("running"), live("queued")) == (1, 1)
+    board.finish(jobs[0], "failed")  # the queued job starts in its place
+    assert (live("running"), live("queued")) == (1, 0)
+    board.finish(jobs[1], "succeeded")
+    assert (live("running"), live("queued")) == (0, 0)
+    assert {s: finished(s) - before[s] for s in before} == {"succeeded": 1, "failed": 1, "cancelled": 0}

@@ -89,7 +89,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 20.0, inte
         time.sleep(interval)
 
 
-# -- the live server --------------------------------------------------------------------------------
+# -- the live server -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
@@ -115,7 +115,7 @@ def live(tmp_path_factory):
         host.stop(1).wait()
 
 
-# -- the scrape configuration: the chart's, in static form ------------------------------------------
+# -- the scrape configuration: the chart's, in static form -----------------------------------------
 
 def chart_target_labels() -> dict[str, dict[str, str]]:
     """component -> target labels: composer and extractor as annotation-based scraping labels the
@@ -224,7 +224,7 @@ def prometheus(live, tmp_path_factory):
         log.close()
 
 
-# -- traffic ------------------------------------------------------------------------------------------
+# -- traffic ---------------------------------------------------------------------------------------
 
 def _in_process(code: str) -> float:
     return REGISTRY.get_sample_value("poe_compose_requests_total", {"grpc_code": code}) or 0.0
@@ -263,7 +263,7 @@ def after_traffic(live, prometheus):
     return prometheus
 
 
-# -- the checks ---------------------------------------------------------------------------------------
+# -- the checks ------------------------------------------------------------------------------------
 
 def test_every_dashboard_query_returns_series(after_traffic):
     prom = after_traffic

@@ -251,3 +251,30 @@ def test_allowed_oracles_still_work(extractors, registry, params, place, poll):
     assert poll(lambda: (markers / "m.run").exists() or client.get(scripted.id).job.state == FAILED)
     assert (markers / "m.load").exists(), client.get(scripted.id).job.error
     client.cancel(scripted.id)
+
+
+def test_allowed_directories(tmp_path):
+    """The path rules alone: relative paths are looked up in each allowed directory, data
+    directories are no oracle directory, and symlinks count where they lead."""
+    from poe_services.extractor.files import InputFiles
+
+    data_dir, oracle_dir, outside = tmp_path / "data", tmp_path / "oracles", tmp_path / "outside"
+    for d in (data_dir, oracle_dir, outside):
+        d.mkdir()
+    (oracle_dir / "set").mkdir()
+    (data_dir / "weights.safetensors").write_bytes(b"x")
+    (outside / "secret").write_text("no")
+    (oracle_dir / "inner").symlink_to(oracle_dir / "set")
+    files = InputFiles(oracle_dir, data_dir)
+    assert files.data_path("set", "params.dataset") == (oracle_dir / "set").resolve()
+    assert files.data_path("inner", "params.dataset") == (oracle_dir / "set").resolve()
+    assert files.read_data(str(data_dir / "weights.safetensors"), "f", 10, "files")[1] == b"x"
+    for bad, message in ((str(data_dir / "weights.safetensors"), "is not inside"),
+                         ("../outside/secret", "is not inside"), ("a\x00b", "expected a path"),
+                         ("", "expected a path")):
+        with pytest.raises(InvalidArgument, match=message):
+            files.read_oracle(bad, "params.oracle.path", 10)
+    with pytest.raises(InvalidArgument, match="weights.safetensors: 1 bytes; at most 0"):
+        files.read_data("weights.safetensors", "f", 0, "files")
+    with pytest.raises(InvalidArgument, match="not accepted by this extractor"):
+        InputFiles(None, data_dir).read_oracle("set", "params.oracle.path", 10)

@@ -98,12 +98,17 @@ def test_bad_dicts_are_refused_with_the_key_they_are_about(bad, message):
 def test_an_unreadable_stored_spec_fails_its_job_on_resume(registry, extractors):
     """A restarted extractor fails a job whose spec it cannot read instead of leaving it unfinished;
     jobs of another format are left alone."""
+    import os
+
+    from poe.client.registry import RegistryClient
     from poe.v1 import common_pb2 as c
 
     broken = {k: v for k, v in STORED_FULL.items() if k != "seed"}
-    registry.client.create_job(broken, job_id="broken-1")
-    registry.client.update_job("broken-1", state="running")
-    registry.client.create_job({"format": "someone-else/v1"}, job_id="foreign-1")
+    # Job records are written by the extractor, with the service token.
+    with RegistryClient(registry.target, token=os.environ.get("POE_SERVICE_TOKEN")) as service:
+        service.create_job(broken, job_id="broken-1")
+        service.update_job("broken-1", state="running")
+        service.create_job({"format": "someone-else/v1"}, job_id="foreign-1")
     _host, client, _runtime = extractors.start()  # returns once the unfinished jobs were looked at
     job = client.get("broken-1").job
     assert job.state == c.EXTRACTION_STATE_FAILED
