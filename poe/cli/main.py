@@ -25,7 +25,9 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _class_refs(values: list[str]) -> list[str | int]:
-    return [int(v) if v.isdigit() else v for v in values]
+    from poe.engine.limits import ascii_id
+
+    return [v if ascii_id(v) is None else ascii_id(v) for v in values]
 
 
 # -- train ---------------------------------------------------------------------------------------

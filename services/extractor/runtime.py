@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Extractor"].full_name  # "poe.v1.Extractor"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Probe answers that mean the registry cannot be used: unreachable, overloaded, the wrong address,
+# or it refuses this extractor's token.
+REGISTRY_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
+                           grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED,
+                           grpc.StatusCode.UNKNOWN})
 
 
 class ExtractorRuntime:
@@ -154,12 +160,14 @@ class ExtractorRuntime:
             self.health.set(SERVICE_NAME, status)
 
     def _probe(self) -> bool:
+        """Whether the registry answers this extractor. An error about the answer itself (a record
+        it cannot serve) still means it answers: that is for recovery to report, not for health."""
         try:
             self.registry.stub.ListExtractionJobs(r.ListExtractionJobsRequest(page_size=1), timeout=5)
             return True
         except grpc.RpcError as e:
             log.debug("extractor: registry probe failed: %s", e)
-            return False
+            return e.code() not in REGISTRY_DOWN
 
     def _watch_registry(self) -> None:
         delay = 0.1
@@ -170,9 +178,9 @@ class ExtractorRuntime:
                     self._recover()
                     self._recover_again = False
                     self.recovered.set()
-                except Unavailable as e:  # the registry went away meanwhile: try again
+                except Unavailable as e:  # the registry went away meanwhile: NOT_SERVING, try again
                     log.warning("extractor: cannot resume unfinished jobs yet: %s", e)
-                    ok = self.recovered.is_set()
+                    ok = False
                 except Exception as e:  # the loop must survive anything: health depends on it
                     # The registry answers but cannot list its jobs: new jobs are served all the
                     # same, and the listing is tried again at every probe.

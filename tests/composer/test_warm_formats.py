@@ -2,8 +2,9 @@
 then `poe registry import`, then compose): no request waits for an export, which
 poe_compose_template_misses_total counts (and does count, for a layout warm-up never makes).
 
-The pool holds one expert (tops: 2 classes), so that warm-up makes 2 tensor layouts per format and
-the pt2 and ONNX exports take seconds, not minutes."""
+The pool holds one expert (tops: 2 classes), so that warm-up makes 2 tensor layouts per format, and
+the formats are TorchScript and pt2: the first export of a process takes about 5 s (pt2 and ONNX
+alike), an ONNX export 3 s more; the pass that makes them does not depend on the format."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from poe.engine.config import Settings
 from poe.engine.pool import save as save_pool
 from poe_services.host import create_server
 
-FORMATS = ("torchscript", "pt2", "onnx")
+FORMATS = ("torchscript", "pt2")
 # Every fused layout of the pool: its expert keeping 2 classes or 1.
 CLASS_SETS = (["T-shirt/top", "Shirt"], ["Shirt"], ["T-shirt/top"])
 
@@ -37,7 +38,8 @@ def eventually(predicate, timeout: float = 60.0) -> bool:
 
 
 def misses() -> dict[str, float]:
-    return {f: REGISTRY.get_sample_value("poe_compose_template_misses_total", {"format": f}) or 0.0 for f in FORMATS}
+    return {f: REGISTRY.get_sample_value("poe_compose_template_misses_total", {"format": f}) or 0.0
+            for f in ("torchscript", "pt2", "onnx")}
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,8 @@ def test_stored_specs_are_checked_before_they_are_resumed(extractors, registry, 
         "too-many-views": _stored_spec(views=10**9, oracle={"source": str(oracle_dir / "allowed.pt")}),
         "data-outside": _stored_spec(dataset="/etc", oracle={"source": str(oracle_dir / "allowed.pt")}),
         "copy-missing": _stored_spec(oracle={"source": str(oracle_dir / "allowed.pt")}),
+        # 2.9 MB of parameters: read, listed and failed like any other record.
+        "big": _stored_spec(request={"padding": "x" * 2_900_000}, oracle={"source": str(oracle_dir / "allowed.pt")}),
     }
     for job_id, spec in stored.items():
         store.create_job(spec, job_id=job_id)
@@ -211,11 +213,12 @@ def test_stored_specs_are_checked_before_they_are_resumed(extractors, registry, 
         "is not inside" in errors["outside-source"]
     assert errors["too-many-views"] == "cannot resume: job spec: views: must be in [1, 32], got 1000000000"
     assert errors["data-outside"].startswith("cannot resume: job spec: dataset: '/etc' is not inside")
-    # Passes the checks, then finds no copy in its run directory: fails without loading anything.
-    assert poll(lambda: client.get("copy-missing").job.state == FAILED)
-    assert "the TorchScript oracle copied into" in client.get("copy-missing").job.error
+    # These pass the checks, then find no copy in their run directory: they fail without loading anything.
+    for job_id in ("copy-missing", "big"):
+        assert poll(lambda job_id=job_id: client.get(job_id).job.state == FAILED)
+        assert "the TorchScript oracle copied into" in client.get(job_id).job.error
     assert {j.id: j.state for j in client.list()} == {**dict.fromkeys(stored, FAILED), "foreign": PENDING}
-    assert poll(lambda: failed() - before == 5)
+    assert poll(lambda: failed() - before == len(stored))
     assert not list(place["markers"].iterdir())
 
     # A run directory comes from the job id alone and stays a child of the runs root.
