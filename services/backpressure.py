@@ -186,7 +186,10 @@ class WriteWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.check(time.monotonic())
+            try:
+                self.check(time.monotonic())
+            except Exception:  # the watchdog must outlive anything one call does
+                log.exception("write watchdog: a check failed")
 
     def check(self, now: float) -> None:
         """One look at the writes in flight (the thread calls it every `interval` seconds)."""
@@ -200,10 +203,12 @@ class WriteWatchdog:
                                                 "(POE_MAX_CONCURRENT_STREAMS)")
 
     def _cancel(self, write: _Write, reason: str, why: str) -> None:
-        self.disarm(write)
+        with self._lock:
+            if self._writes.pop(id(write), None) is None:
+                return  # written meanwhile
+        write.context.cancel()
         metrics.STREAM_WRITE_CANCELS.labels(*write.rpc, reason).inc()
         log.info("cancelled %s/%s for %s: %s", write.rpc[0], write.rpc[1], write.context.peer(), why)
-        write.context.cancel()
 
 
 class BackpressureInterceptor(grpc.ServerInterceptor):

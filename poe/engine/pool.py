@@ -80,6 +80,9 @@ def _config_from_dict(cls, d: dict, what: str, tuples: tuple[str, ...] = ()):
 
 
 def wrn_config_from_dict(d: dict) -> WRNConfig:
+    # An oracle's registered config may name its architecture (the only one a WRNConfig describes).
+    if isinstance(d, dict) and d.get("architecture", "wideresnet") == "wideresnet":
+        d = {k: v for k, v in d.items() if k != "architecture"}
     return _config_from_dict(WRNConfig, d, "network", ("mean", "std"))
 
 

@@ -267,7 +267,7 @@ class ComposerRuntime:
             return
         t0 = time.perf_counter()
         try:
-            self.engine.warm_view(view, self.formats[:1], stopping=self._stop.is_set)
+            self.engine.warm_view(view, formats=self.formats[:1], stopping=self._stop.is_set)
         except PoeError as e:
             if _transient(e):
                 raise
@@ -304,7 +304,7 @@ class ComposerRuntime:
                     return
                 t0 = time.perf_counter()
                 try:
-                    self.engine.warm_view(view, (fmt,), stopping=self._other_work_waits)
+                    self.engine.warm_view(view, formats=(fmt,), stopping=self._other_work_waits)
                 except PoeError as e:
                     if _transient(e):
                         raise

@@ -230,7 +230,8 @@ class JobBoard:
     def list_jobs(self, state: int = 0, page_size: int = 0, page_token: str = "") -> tuple[list, str]:
         with translate_rpc_errors(f"registry at {self.registry.target}"):
             resp = self.registry.stub.ListExtractionJobs(r.ListExtractionJobsRequest(
-                state=state, page_size=page_size, page_token=page_token), timeout=self.registry.timeout)
+                state=state, page_size=page_size, page_token=page_token), timeout=self.registry.timeout,
+                metadata=self.registry.metadata)
         jobs = []
         with self.lock:
             for rec in resp.jobs:

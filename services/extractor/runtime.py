@@ -163,7 +163,8 @@ class ExtractorRuntime:
         """Whether the registry answers this extractor. An error about the answer itself (a record
         it cannot serve) still means it answers: that is for recovery to report, not for health."""
         try:
-            self.registry.stub.ListExtractionJobs(r.ListExtractionJobsRequest(page_size=1), timeout=5)
+            self.registry.stub.ListExtractionJobs(r.ListExtractionJobsRequest(page_size=1), timeout=5,
+                                                  metadata=self.registry.metadata)
             return True
         except grpc.RpcError as e:
             log.debug("extractor: registry probe failed: %s", e)

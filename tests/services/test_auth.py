@@ -168,15 +168,22 @@ def test_no_anonymous_access_unless_loopback_or_configured(tmp_path):
     assert auth.anonymous_role(cfg, "[::]:50051") is None
     assert auth.anonymous_role(cfg, "0.0.0.0:50051") is None
     assert auth.anonymous_role(cfg, "10.1.2.3:50051") is None
-    none = Settings.from_env({"POE_HOME": str(tmp_path), "POE_ANONYMOUS_ROLE": "none"})
-    host = create_server("127.0.0.1:0", none, ("registry",), migrate=True)
+    none = Settings.from_env({"POE_HOME": str(tmp_path), "POE_ANONYMOUS_ROLE": "none",
+                              "POE_REGISTRY_HEALTH_INTERVAL": "0.1", "POE_EXTRACTOR_HEALTH_INTERVAL": "0.1"})
+    host = create_server("127.0.0.1:0", none, migrate=True, warm=False)
     host.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{host.port}") as ch:
             assert _code(ch, "/poe.v1.Registry/ListPools") == grpc.StatusCode.UNAUTHENTICATED
-            # Probes need no token.
+            # Probes need no token, and the composer and extractor reach the registry beside them
+            # with their own service token: every service turns SERVING with anonymous callers shut out.
             from grpc_health.v1 import health_pb2, health_pb2_grpc
-            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            check = health_pb2_grpc.HealthStub(ch).Check
+            deadline = time.monotonic() + 30
+            while check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != \
+                    health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "not SERVING within 30 s with POE_ANONYMOUS_ROLE=none"
+                time.sleep(0.2)
     finally:
         host.stop(None).wait(30)
 
