@@ -11,14 +11,15 @@ one shared pool, a few dozen such calls used to leave nothing for everyone else.
   downloads and uploads, health watches, reflection), `POE_MAX_CONCURRENT_CALLS` and
   `POE_MAX_CONCURRENT_STREAMS` each. A call that finds its budget spent is refused at once with
   RESOURCE_EXHAUSTED, instead of waiting in the pool's queue behind calls that may never end. The
-  thread pool has a thread for every budget (`Limits.threads`), and the server's own
+  thread pool has a thread for every place in the budgets (`Limits.threads`), and the server's own
   `maximum_concurrent_rpcs` caps the total at the same number, so no call ever waits for a thread.
 - A write that has not gone out within `SLOW_WRITE` seconds makes its call a stream: a call blocked
   behind a client that reads slowly, or not at all, moves to its service's streams budget (or, when
   that is spent, is cancelled), so that stuck readers cannot take the threads of short calls.
-- A write that has not gone out within `POE_STREAM_WRITE_TIMEOUT` seconds is cancelled: the client
-  gets CANCELLED, the thread is free again. `context.cancel()` is the only way to end a call from
-  another thread (a status cannot be sent: it would queue behind the unsent message).
+- A write that has not gone out within `POE_STREAM_WRITE_TIMEOUT` seconds is cancelled: the thread
+  is free again, and the client gets CANCELLED (once it reads what it was sent before).
+  `context.cancel()` is the only way to end a call from another thread (a status cannot be sent:
+  it would queue behind the unsent message).
 
 Both are counted in `poe_grpc_stream_write_cancels_total`; refusals are in
 `grpc_server_handled_total{grpc_code="RESOURCE_EXHAUSTED"}`.
@@ -206,9 +207,10 @@ class WriteWatchdog:
         with self._lock:
             if self._writes.pop(id(write), None) is None:
                 return  # written meanwhile
+        peer = write.context.peer()  # before the cancel, which forgets it
         write.context.cancel()
         metrics.STREAM_WRITE_CANCELS.labels(*write.rpc, reason).inc()
-        log.info("cancelled %s/%s for %s: %s", write.rpc[0], write.rpc[1], write.context.peer(), why)
+        log.info("cancelled %s/%s for %s: %s", write.rpc[0], write.rpc[1], peer, why)
 
 
 class BackpressureInterceptor(grpc.ServerInterceptor):

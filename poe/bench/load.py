@@ -140,10 +140,13 @@ def _server_figures() -> dict:
             elif s.name == "poe_compose_template_misses_total":
                 misses[s.labels["format"]] = int(s.value)
             elif s.name == "poe_grpc_stream_write_cancels_total":
-                cancels[s.labels["reason"]] += int(s.value)
+                cancels[f"{s.labels['grpc_method']} {s.labels['reason']}"] += int(s.value)
             elif s.name == "grpc_server_handled_total" and s.labels.get("grpc_code") == "RESOURCE_EXHAUSTED":
                 refused += int(s.value)
-    return {"rss_mb": _rss_mb(), "caches_mb": round(caches / 2**20, 1), "threads": threading.active_count(),
+    cpu = os.times()
+    return {"rss_mb": _rss_mb(), "cpu_s": cpu.user + cpu.system, "at": time.monotonic(),
+            "caches_mb": round(caches / 2**20, 1),
+            "threads": threading.active_count(),
             "template_misses": misses, "write_cancels": dict(cancels), "refused": refused}
 
 
@@ -235,13 +238,15 @@ def _streams_process(target: str, token: str | None, ref: str, job: str, watches
     ready.put("streams")
     stop.wait()
 
-    def outcome(call) -> str:
+    def outcome(call, pending: str) -> str:
         # A client that never reads sees no status even once the server has cancelled its call;
         # a refusal comes without a message, so it sees that one.
-        return call.code().name if call.done() else "no status (never read)"
+        if not call.done():
+            return pending
+        return call.code().name + (f" ({call.details()})" if call.code() != grpc.StatusCode.RESOURCE_EXHAUSTED else "")
 
-    results.put({"watch": dict(Counter(map(outcome, watch_calls))),
-                 "stuck": dict(Counter(map(outcome, stuck_calls)))})
+    results.put({"watch": dict(Counter(outcome(c, "open") for c in watch_calls)),
+                 "stuck": dict(Counter(outcome(c, "no status (never read)") for c in stuck_calls))})
     for call in watch_calls + stuck_calls:
         call.cancel()
 
@@ -306,6 +311,7 @@ def _phase(name: str, target: str, token: str | None, ref: str, job: str, server
     try:
         new, shares, popular, full_set = _workload(target, token, ref, formats, clients, seed)
         ready, results, go, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
+        opened = stats()  # the counters from here on: the streams' opening included
         streams = None
         if watch_streams or stuck_streams:
             streams = ctx.Process(target=_streams_process, name="bench-streams", daemon=True,
@@ -324,7 +330,7 @@ def _phase(name: str, target: str, token: str | None, ref: str, job: str, server
             processes.append(p)
         for _ in range(clients):
             _wait(ready, "clients connecting", 300, processes)
-        before = stats("reset")
+        before = stats("reset")  # every class set composes again, as in the phase before
         go.set()
         time.sleep(warmup)
         after_warmup = stats()
@@ -337,8 +343,8 @@ def _phase(name: str, target: str, token: str | None, ref: str, job: str, server
             stream_outcomes = _wait(results, "stream outcomes", 60, processes)
         for p in processes:
             p.join(30)
-        return _summarize(name, client_results, seconds, server.info if server else {}, before, after_warmup, end,
-                          stream_outcomes, watch_streams, stuck_streams)
+        return _summarize(name, client_results, seconds, server.info if server else {}, opened, before, after_warmup,
+                          end, stream_outcomes, watch_streams, stuck_streams)
     finally:
         for p in processes:
             if p.is_alive():
@@ -380,8 +386,8 @@ def _workload(target: str, token: str | None, ref: str, formats: tuple[str, ...]
     return new, shares, popular, tuple(classes)
 
 
-def _summarize(name: str, client_results: list[dict], seconds: float, info: dict, before: dict, after_warmup: dict,
-               end: dict, streams: dict, watch_streams: int, stuck_streams: int) -> dict:
+def _summarize(name: str, client_results: list[dict], seconds: float, info: dict, opened: dict, before: dict,
+               after_warmup: dict, end: dict, streams: dict, watch_streams: int, stuck_streams: int) -> dict:
     latencies: dict[str, list[float]] = {op: [] for op in MIX}
     codes: Counter = Counter()
     new_hits = 0
@@ -417,15 +423,19 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
         cache_growth = end["caches_mb"] - after_warmup["caches_mb"]
         result["server"] = {
             "warm_s": info["warm_s"], "rss_mb": rss,
+            # Of the machine's CPU time while counting: the clients and anything else running take the rest.
+            "cpu_share": round((end["cpu_s"] - after_warmup["cpu_s"])
+                               / ((end["at"] - after_warmup["at"]) * (os.cpu_count() or 1)), 3),
             "caches_mb": {"after_warmup": after_warmup["caches_mb"], "end": end["caches_mb"]},
             "rss_growth_after_warmup": round(rss["end"] / rss["after_warmup"] - 1, 4),
             "rss_growth_besides_caches": round((rss["end"] - cache_growth) / rss["after_warmup"] - 1, 4),
             "threads": {"before": before["threads"], "end": end["threads"]},
-            "template_misses": {f: end["template_misses"].get(f, 0) - before["template_misses"].get(f, 0)
+            # Counted from before the phase's streams were opened.
+            "template_misses": {f: end["template_misses"].get(f, 0) - opened["template_misses"].get(f, 0)
                                 for f in end["template_misses"]},
-            "write_cancels": {r: end["write_cancels"].get(r, 0) - before["write_cancels"].get(r, 0)
-                              for r in ("timeout", "overload")},
-            "refused": end["refused"] - before["refused"],
+            "write_cancels": {k: v - opened["write_cancels"].get(k, 0) for k, v in end["write_cancels"].items()
+                              if v != opened["write_cancels"].get(k, 0)},
+            "refused": end["refused"] - opened["refused"],
         }
     return result
 
@@ -548,7 +558,8 @@ def markdown(result: dict, command: str) -> str:
                      f"{_counts(out.get('stuck', {}))}")
         if server:
             rss, caches = server["rss_mb"], server["caches_mb"]
-            text += (f". Server: warm in {server['warm_s']:g} s; RSS {rss['start']:.0f} MiB listening, "
+            text += (f". Server: {100 * server['cpu_share']:.0f}% of the machine's CPU while counting; "
+                     f"warm in {server['warm_s']:g} s; RSS {rss['start']:.0f} MiB listening, "
                      f"{rss['warm']:.0f} warm, {rss['after_warmup']:.0f} after the load's warm-up, "
                      f"{rss['end']:.0f} at the end ({100 * server['rss_growth_after_warmup']:+.1f}%; the composer's "
                      f"caches {caches['after_warmup']:.0f} -> {caches['end']:.0f} MiB, the rest "

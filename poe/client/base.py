@@ -191,21 +191,28 @@ class GrpcClient:
         self.timeout = self.DEFAULT_TIMEOUT if timeout is None else timeout
         self._own_channel = channel is None
         if channel is None:
-            tls_config = self._tls_config(tls, config)
-            lb_policy = lb_policy or (config or settings()).lb_policy
-            if lb_policy not in LB_POLICIES:
-                raise InvalidArgument(f"lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
-            options = self.channel_options(retries, lb_policy)
-            if tls_config is None:
-                channel = grpc.insecure_channel(target, options=options)
-            else:
-                channel = grpc.secure_channel(target, tls_config.credentials(),
-                                              options=options + tls_config.channel_options())
-            tls = tls_config is not None
+            channel, tls = self.open_channel(target, tls=tls, config=config, retries=retries, lb_policy=lb_policy)
         self.tls = bool(tls)  # with channel=: whether the caller says that channel is secure
         self.channel = channel
         self.stub = self.STUB(self.channel)
         self._what = f"{self.SERVICE.name.lower()} at {self.target}"
+
+    @classmethod
+    def open_channel(cls, target: str, *, tls: ClientTLS | bool | None = None, config: Settings | None = None,
+                     retries: int = MAX_ATTEMPTS - 1, lb_policy: str | None = None,
+                     api: Any = grpc) -> tuple[Any, bool]:
+        """A new channel to `target` with this client's options (retries, load balancing) and TLS,
+        and whether it is encrypted. `api` makes it: `grpc` a blocking channel, `grpc.aio` one for
+        the asyncio clients (both take the same arguments)."""
+        tls_config = cls._tls_config(tls, config)
+        lb_policy = lb_policy or (config or settings()).lb_policy
+        if lb_policy not in LB_POLICIES:
+            raise InvalidArgument(f"lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
+        options = cls.channel_options(retries, lb_policy)
+        if tls_config is None:
+            return api.insecure_channel(target, options=options), False
+        return api.secure_channel(target, tls_config.credentials(),
+                                  options=options + tls_config.channel_options()), True
 
     @staticmethod
     def _tls_config(tls: ClientTLS | bool | None, config: Settings | None) -> ClientTLS | None:

@@ -15,13 +15,20 @@ Loading a model runs code that came with it (TorchScript and pt2 programs, ONNX 
 checks the bytes against the header's sha256 again and only loads what came over TLS or from this
 machine (a loopback target or a Unix socket); a model that crossed a network in plaintext could have
 been replaced on the way, header included. `load(allow_insecure=True)` loads it anyway.
+
+The asyncio twin, `poe.client.aio.AsyncComposer`, has the same methods as coroutines. Where only
+the slim distribution is installed (`pip install poe-client`, no torch), everything but `load`
+works; `poe-client[torch]` adds torch, with which `load` reads TorchScript and pt2 models.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +53,6 @@ class ComposeResult:
 
         Refuses (DataLoss) bytes that do not match the header's sha256, and (FailedPrecondition) a
         model that came in plaintext from another machine unless `allow_insecure`."""
-        from poe.engine.export import load_model
-
         if hashlib.sha256(self.data).hexdigest() != self.header.sha256:
             raise DataLoss(f"composed model {self.header.model_id}: the bytes do not match the header's sha256; "
                            "not loading them")
@@ -56,6 +61,12 @@ class ComposeResult:
                 f"composed model {self.header.model_id} came from {self.source or 'a channel'} without TLS, so "
                 "anyone on the network could have replaced it, and loading a model runs its code: connect with "
                 "TLS (POE_TLS_CA, or Composer(..., tls=...)), or pass allow_insecure=True if you trust the network")
+        try:
+            from poe.engine.export import load_model
+        except ModuleNotFoundError as e:
+            if e.name != "poe.engine.export":
+                raise
+            return _load_with_torch(self)  # the slim distribution: no engine
         return load_model(self.data)[:2]
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -65,6 +76,27 @@ class ComposeResult:
         tmp.write_bytes(self.data)
         os.replace(tmp, path)
         return path
+
+
+def _load_with_torch(result: ComposeResult) -> tuple:
+    """`load` where the engine is not installed (the slim client): TorchScript and pt2 models with
+    torch alone (the extra `poe-client[torch]`)."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise FailedPrecondition("loading a composed model needs torch: pip install 'poe-client[torch]' "
+                                 "(or use the bytes as they are: save())") from None
+    extra = {"poe.json": ""}
+    if result.header.format == "torchscript":
+        with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; TorchScript stays the default
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
+            model = torch.jit.load(io.BytesIO(result.data), map_location="cpu", _extra_files=extra).eval()
+    elif result.header.format == "pt2":
+        model = torch.export.load(io.BytesIO(result.data), extra_files=extra).module()
+    else:
+        raise FailedPrecondition(f"composed model {result.header.model_id}: the slim client loads TorchScript and "
+                                 f"pt2 models, not {result.header.format}; save() it and open it with its runtime")
+    return model, json.loads(extra["poe.json"])
 
 
 class Composer(GrpcClient):
@@ -87,8 +119,12 @@ class Composer(GrpcClient):
                 execution: str = "fused", format: str = "torchscript", timeout: float | None = None) -> ComposeResult:
         req = self._request(pb.ComposeModelRequest, pool, classes, tasks, execution, format)
         t0 = time.perf_counter()
+        return self._result(self._stream(self.stub.ComposeModel, req, timeout), t0)
+
+    def _result(self, messages: Iterable[pb.ComposeModelResponse], t0: float) -> ComposeResult:
+        """The verified result of ComposeModel's messages (a header, then chunks) from a call made at `t0`."""
         header, parts = None, []
-        for msg in self._stream(self.stub.ComposeModel, req, timeout):
+        for msg in messages:
             if msg.HasField("header"):
                 header = ComposeHeader.from_message(msg.header)
             else:

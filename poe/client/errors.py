@@ -34,16 +34,21 @@ _FROM_CODE: dict[grpc.StatusCode, type[PoeError]] = {
 _FROM_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument
 _FROM_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
+# The errors that carry a status: a blocking call's, and the asyncio API's (not a grpc.Call, same methods).
+_STATUS_ERRORS = (grpc.Call, grpc.aio.AioRpcError)
+
+
 def error_from_rpc(e: grpc.RpcError, what: str | None = None) -> PoeError:
     """The domain exception for a failed call (`what` prefixes the message, e.g. the target)."""
-    code = e.code() if isinstance(e, grpc.Call) else None
-    details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    has_status = isinstance(e, _STATUS_ERRORS)
+    code = e.code() if has_status else None
+    details = (e.details() if has_status else None) or str(e)
     cls = _FROM_CODE.get(code, PoeError)  # type: ignore[arg-type]
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"deadline exceeded ({details})"
     message = f"{what}: {details}" if what and cls is Unavailable else details
     err = cls(message)
-    if isinstance(e, grpc.Call):
+    if has_status:
         for key, value in e.trailing_metadata() or ():
             if key == FIELD_METADATA_KEY:
                 err.field = value  # type: ignore[attr-defined]

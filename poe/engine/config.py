@@ -128,6 +128,28 @@ def _float(env: Mapping[str, str], name: str, default: float | None) -> float | 
     return number
 
 
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number >= 0."""
+    value = _int(env, name, default)
+    if value < 0:
+        raise _bad(name, f"a whole number >= 0 such as {default}", str(value))
+    return value
+
+
+def _amount(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number of resources >= 0, fractions allowed (a task's CPUs or GPUs)."""
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise _bad(name, f"a number >= 0 such as {default:g} or 0.5", value)
+    return number
+
+
 def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
     """A size: a whole number of bytes, or with a binary suffix Ki, Mi or Gi (512Mi = 536870912)."""
     value = _raw(env, name)
@@ -167,6 +189,7 @@ def _default_pools_dir() -> Path:
 
 ROLES = ("reader", "publisher", "admin", "service")
 LB_POLICIES = ("pick_first", "round_robin")
+EXECUTORS = ("local", "ray")  # where extraction jobs train
 # Who a caller without a token is: auto = reader while the server listens on loopback only, else nobody.
 ANONYMOUS_ROLES = ("auto", "none", "reader", "publisher", "admin")
 
@@ -229,6 +252,15 @@ class Settings:
     extractor_max_attempts: int = 3
     extractor_progress_interval: float = 2.0
     extractor_health_interval: float = 5.0
+    # Extractor: where jobs train ("local": a worker process per job on this machine; "ray": Ray tasks);
+    # the Ray cluster ("": a local Ray started with the first job); Ray workers per stage (shards of
+    # the sharded stages, experts at once; 0: the cluster's CPUs over the CPUs per task); Ray
+    # resources per task (CPUs are also the task's torch threads; GPUs may be fractions).
+    extractor_executor: str = "local"
+    ray_address: str = ""
+    ray_workers: int = 0
+    ray_cpus_per_task: float = 1.0
+    ray_gpus_per_task: float = 0.0
     # Shutdown: seconds a server keeps serving after turning NOT_SERVING, so that probes and balancers
     # see it before the port closes (None: the command's default, 5 for `poe serve`, 0 for `poe up`);
     # then seconds in-flight calls may take before they are cancelled.
@@ -329,6 +361,11 @@ class Settings:
             extractor_max_attempts=_int(env, "POE_EXTRACTOR_MAX_ATTEMPTS", 3),
             extractor_progress_interval=_float(env, "POE_EXTRACTOR_PROGRESS_INTERVAL", 2.0),
             extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
+            extractor_executor=_choice(env, "POE_EXTRACTOR_EXECUTOR", "local", EXECUTORS),
+            ray_address=_raw(env, "POE_RAY_ADDRESS") or "",
+            ray_workers=_count(env, "POE_RAY_WORKERS", 0),
+            ray_cpus_per_task=_amount(env, "POE_RAY_CPUS_PER_TASK", 1.0),
+            ray_gpus_per_task=_amount(env, "POE_RAY_GPUS_PER_TASK", 0.0),
             shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),
             shutdown_grace=_float(env, "POE_SHUTDOWN_GRACE", 10.0),
             max_concurrent_calls=_int(env, "POE_MAX_CONCURRENT_CALLS", 64),

@@ -21,8 +21,6 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from poe.engine import limits
 from poe.engine.errors import InvalidArgument, NotFound, field_error
 from poe.engine.names import NAME
@@ -109,6 +107,8 @@ class Hierarchy:
                 "tasks": {t: [self.classes[i] for i in ids] for t, ids in self.tasks.items()}}
 
     def dump(self) -> str:
+        import yaml  # here, not at the top: the slim client distribution has no PyYAML
+
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
@@ -188,6 +188,8 @@ def from_dict(d: dict) -> Hierarchy:
 
 
 def loads(text: str, source: str = "hierarchy") -> Hierarchy:
+    import yaml
+
     try:
         if text.lstrip().startswith("{"):
             if limits.json_too_deep(text, limits.MAX_JSON_DEPTH):

@@ -20,8 +20,6 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
-import numpy as np
-
 from poe.engine.errors import field_error
 from poe.engine.names import ALIAS, FORMAT, JOB_ID, NAME, SHA256, VERSION
 
@@ -272,6 +270,8 @@ def json_too_deep(text: str, max_depth: int) -> bool:
     """Whether the brackets of JSON text nest deeper than `max_depth` or do not balance: byte
     operations and one cumulative sum, linear in the text and never a recursion. Valid JSON within
     the depth always passes."""
+    import numpy as np  # here, not at the top: the slim client distribution imports this module without numpy
+
     data = text.encode("utf-8", "surrogatepass").replace(b"\\\\", b"").replace(b'\\"', b"")
     steps = np.frombuffer(_JSON_STRING.sub(b"", data).translate(*_BRACKET_STEPS), dtype=np.int8)
     if not steps.size:
@@ -283,6 +283,8 @@ def json_too_deep(text: str, max_depth: int) -> bool:
 def brackets_too_deep(text: str, max_depth: int) -> bool:
     """Whether brackets may nest deeper than `max_depth` in text of another syntax (YAML): every
     bracket counts, quoted or not, so this errs on the side of refusing. Linear, no recursion."""
+    import numpy as np
+
     steps = np.frombuffer(text.encode("utf-8", "surrogatepass").translate(*_BRACKET_STEPS), dtype=np.int8)
     if not steps.size:
         return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,14 +103,14 @@ def teacher_stage(run: Path, oracle: WideResNet, train: Dataset, views: int = 4,
 
 def library_stage(run: Path, views: TeacherViews, test: Dataset | None, student_cfg: WRNConfig,
                   schedule: Schedule, device: str = "cpu", progress: ProgressFn | None = None,
-                  progress_every: int = 20) -> WideResNet:
+                  progress_every: int = 20, on_checkpoint: Callable[[Path], None] | None = None) -> WideResNet:
     if _done(run, "student"):
         state, meta = _load_meta(run, "student")
         m = WideResNet(wrn_config_from_dict(meta["config"]))
         m.load_state_dict(state)
         return m.eval()
     student = train_library(student_cfg, views, test, schedule, run, device, progress=progress,
-                            progress_every=progress_every)
+                            progress_every=progress_every, on_checkpoint=on_checkpoint)
     meta = {"config": config_to_dict(student_cfg), "params": count_params(student),
             "library_params": count_params(student.library), "schedule": schedule.__dict__}
     if test is not None:

@@ -68,11 +68,13 @@ def fit(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress_every: int = 20,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> None:
     """Train `modules` with SGD for `schedule.epochs` epochs.
 
     `train_step(indices, generator)` computes the loss of one batch of example indices.
-    Resumes from `checkpoint` when it exists; writes it atomically after every epoch.
+    Resumes from `checkpoint` when it exists; writes it atomically after every epoch, then calls
+    `on_checkpoint(checkpoint)` (a remote worker sends it to the machine that keeps its run).
     `progress` is called every `progress_every` steps (and for the first step of each epoch).
     """
     from tqdm import tqdm
@@ -128,6 +130,8 @@ def fit(
             torch.save({"modules": {n: m.state_dict() for n, m in modules.items()},
                         "optimizer": opt.state_dict(), "epoch": epoch + 1}, tmp)
             os.replace(tmp, checkpoint)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint)
 
 
 def _autocast(device: str, enabled: bool):
@@ -205,21 +209,26 @@ class TeacherViews:
         return self.images.shape[0]
 
 
-def make_teacher_views(oracle: nn.Module, train: Dataset, views: int = 4, seed: int = 0,
-                       device: str = "cpu", bf16: bool = False) -> TeacherViews:
+def teacher_view_images(train: Dataset, views: int = 4, seed: int = 0) -> torch.Tensor:
+    """The fixed views of the training images: identity, flip, then seeded random translations and flips."""
     g = torch.Generator().manual_seed(seed)
     imgs = [train.images, train.images.flip(-1)]
     for _ in range(max(0, views - 2)):
         x = augment(to_float(train.images), g)
         imgs.append((x * 255).round().to(torch.uint8))
-    images = torch.cat(imgs[:views])
+    return torch.cat(imgs[:views])
+
+
+def make_teacher_views(oracle: nn.Module, train: Dataset, views: int = 4, seed: int = 0,
+                       device: str = "cpu", bf16: bool = False) -> TeacherViews:
+    images = teacher_view_images(train, views, seed)
     return TeacherViews(images, predict_logits(oracle, images, device, bf16=bf16))
 
 
 def train_library(
     student_cfg: WRNConfig, views: TeacherViews, test: Dataset | None, schedule: Schedule,
     out_dir: Path, device: str = "cpu", temperature: float = 4.0, progress: ProgressFn | None = None,
-    bf16: bool = True, progress_every: int = 20,
+    bf16: bool = True, progress_every: int = 20, on_checkpoint: Callable[[Path], None] | None = None,
 ) -> WideResNet:
     """Plain KD of a whole student; its front (stem + two groups) becomes the library.
 
@@ -241,7 +250,7 @@ def train_library(
         return {"test_acc": round(accuracy(predict_logits(student, test.images, device), test.labels), 4)}
 
     fit("library", {"student": student}, step, len(views), schedule, out_dir / "library.ckpt",
-        evaluate, out_dir / "train.log", progress, progress_every=progress_every)
+        evaluate, out_dir / "train.log", progress, progress_every=progress_every, on_checkpoint=on_checkpoint)
     return student.eval()
 
 
@@ -258,6 +267,7 @@ def train_experts(
     ckd: CKDSettings = CKDSettings(), progress: ProgressFn | None = None, stage: str = "experts",
     should_stop: Callable[[], bool] | None = None, cache_features: bool = True,
     progress_every: int = 20, features: torch.Tensor | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict[str, Head]:
     """CKD of one expert per task on the whole training set; the library stays frozen in eval mode.
 
@@ -311,5 +321,5 @@ def train_experts(
 
     fit(stage, {f"expert/{n}": e for n, e in experts.items()}, step, len(views), schedule,
         out_dir / f"{stage}.ckpt", evaluate, out_dir / "train.log", progress, should_stop,
-        progress_every=progress_every)
+        progress_every=progress_every, on_checkpoint=on_checkpoint)
     return {n: e.eval() for n, e in experts.items()}

@@ -143,6 +143,7 @@ class ExtractorRuntime:
         for job in running:
             if job.thread is not None:
                 job.thread.join(timeout=20)
+        self.supervisor.close()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         if self._own_registry:

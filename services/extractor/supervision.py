@@ -1,4 +1,4 @@
-"""Running one job: a supervisor thread and its worker process.
+"""Running one job: a supervisor thread and its worker process (or its Ray tasks).
 
 The supervisor locks the run directory (POE_HOME/extractions/<job id>; another process may still
 be stopping a worker of the job), marks the job RUNNING, places the worker's inputs there
@@ -8,6 +8,9 @@ then `trained`, after which the pool version is published. A worker that dies is
 and resumes from the run directory's checkpoints, up to `POE_EXTRACTOR_MAX_ATTEMPTS` deaths
 (counted in attempts.json, so an extractor restart does not reset them). A worker stopped by a
 cancel or by the extractor's shutdown is not a death.
+
+With POE_EXTRACTOR_EXECUTOR=ray the worker process is replaced by the job's Ray tasks
+(`ray_executor.RayExecutor`), which report the same messages; everything else stays the same.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from poe.engine.config import Settings, resolve_device
 from poe.engine.errors import PoeError
 from poe_services.extractor import worker
 from poe_services.extractor.jobs import Job, JobBoard, JobFailed
+from poe_services.extractor.ray_executor import RayExecutor, RayRun
 from poe_services.extractor.recording import Recorder
 from poe_services.extractor.spec import RegistryOracle, TorchScriptOracle
 
@@ -114,6 +118,12 @@ class Supervisor:
         self.recorder = recorder
         self._closing = closing
         self._ctx = mp.get_context("spawn")
+        self.ray = RayExecutor(settings) if settings.extractor_executor == "ray" else None
+
+    def close(self) -> None:
+        """Release the executor (a local Ray started by this extractor stops)."""
+        if self.ray is not None:
+            self.ray.close()
 
     def start(self, job: Job) -> threading.Thread:
         thread = threading.Thread(target=self._supervise, args=(job,), name=f"extract-{job.id[:12]}", daemon=True)
@@ -133,7 +143,7 @@ class Supervisor:
             self.recorder.record(job, critical=True, state="running", stage="prepare", message="preparing")
             self.recorder.progress(job, "phase", {"phase": "prepare"})
             self._materialise(job)
-            if self._train(job) == "trained" and self.recorder.publish(job):
+            if self._run_stages(job) == "trained" and self.recorder.publish(job):
                 outcome = "succeeded"
         except Exception as e:
             if not self._stopped(job):
@@ -192,6 +202,15 @@ class Supervisor:
                 data = retry(lambda: self.registry.download(base.library_sha256))
                 worker.write_atomic(run / "base_library.safetensors", data)
                 _write_json(run / "base_library.json", {"config": base.library_config, "id": base.library_id})
+
+    def _run_stages(self, job: Job) -> str:
+        """"trained" once every stage's result is in, "stopped" when the job was stopped."""
+        if self.ray is None:
+            return self._train(job)
+        with job.lock:
+            job.attempt, job.device = 1, RayRun.task_device(job.spec, self.settings)
+            job.started, job.rate_origin = time.monotonic(), None
+        return self.ray.train(job, lambda msg: self._handle(job, dict(msg)), lambda: self._stopped(job))
 
     def _train(self, job: Job) -> str:
         """Run workers until one reports `trained` (returns "trained"), the job is stopped
@@ -252,15 +271,20 @@ class Supervisor:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):
                 return None
-            msg = json.loads(raw)
-            event = msg.pop("event", "")
-            if event in ("phase", "progress"):
-                self.recorder.progress(job, event, msg)
-            elif event == "library":
-                self.recorder.register_library(job, msg)
-            elif event == "expert":
-                self.recorder.register_expert(job, msg)
-            elif event == "trained":
+            if self._handle(job, json.loads(raw)) == "trained":
                 return "trained"
-            elif event == "error":
-                raise JobFailed(msg.get("message") or "the worker failed")
+
+    def _handle(self, job: Job, msg: dict) -> str | None:
+        """One report of the worker (or of the Ray executor); returns "trained" for the last."""
+        event = msg.pop("event", "")
+        if event in ("phase", "progress"):
+            self.recorder.progress(job, event, msg)
+        elif event == "library":
+            self.recorder.register_library(job, msg)
+        elif event == "expert":
+            self.recorder.register_expert(job, msg)
+        elif event == "trained":
+            return "trained"
+        elif event == "error":
+            raise JobFailed(msg.get("message") or "the worker failed")
+        return None

@@ -22,7 +22,6 @@ worker that is killed (or an extractor that restarts) loses at most one epoch. M
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -55,39 +54,18 @@ class Reporter:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from poe_services.extractor.stages import write_atomic as write
+
+    write(path, data)
 
 
 class Extraction:
+    """One job's stages (`stages.py`) one after another in this process, reporting over the pipe."""
+
     def __init__(self, spec: JobSpec, run: Path, device: str, report: Reporter):
         self.spec, self.run, self.device, self.report = spec, run, device, report
         self.units_total = 0
         self.units_done = 0
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _oracle(self):
-        """(module, whether it is weights of a known architecture, which train in bf16)."""
-        import hashlib
-
-        from poe.engine.errors import DataLoss
-        from poe_services.extractor import oracles
-        from poe_services.extractor.files import MAX_TORCHSCRIPT_BYTES, read_regular
-        from poe_services.extractor.spec import TorchScriptOracle
-
-        o = self.spec.oracle
-        if isinstance(o, TorchScriptOracle):
-            data = read_regular(self.run / o.file, "oracle", MAX_TORCHSCRIPT_BYTES)
-            if hashlib.sha256(data).hexdigest() != o.sha256:
-                raise DataLoss(f"the TorchScript oracle in {self.run} is not the file checked when the job started "
-                               "(sha256 differs); not loaded")
-            return oracles.load_torchscript(data, o.file, "oracle", self.device), False
-        cfg = oracles.oracle_config(o.config, "oracle")
-        data = (self.run / "oracle.safetensors").read_bytes()
-        return oracles.load_weights(cfg, data, "the registered oracle", "oracle"), True
 
     def _progress_fn(self, phase: str, base_units: int, expert: int = 0, experts: int = 0, task: str = ""):
         def cb(p: dict) -> None:
@@ -99,134 +77,54 @@ class Extraction:
                                  loss=float(p["loss"]), units_done=done, units_total=self.units_total)
         return cb
 
-    # -- the job -------------------------------------------------------------------------------
-
     def run_all(self) -> None:
-        from poe.engine import hierarchy as hierarchy_mod
-        from poe.engine import pipeline
-        from poe.engine.nets import ExpertConfig, Library, WRNConfig, count_params
-        from poe.engine.pool import config_to_dict, library_state_from_student, tensors_from_bytes, tensors_to_bytes
-        from poe.engine.train import TeacherViews, train_experts
-        from poe_services.extractor import oracles
-        from poe_services.extractor.plan import load_data, task_seed
-        from poe_services.extractor.spec import RegistryOracle
+        from poe.engine.train import TeacherViews
+        from poe_services.extractor import stages
 
-        spec, run = self.spec, self.run
+        spec, run, device = self.spec, self.run, self.device
         self.report.send(event="phase", phase="prepare")
-        train, test = load_data(spec.dataset, spec.subset, spec.seed)
-        hier = hierarchy_mod.from_dict(spec.hierarchy)
-        tasks = spec.tasks
-        steps = (len(train) * spec.views) // spec.expert_schedule.batch_size
-        lib_units = 0
-        if spec.library_schedule is not None:
-            ls = spec.library_schedule
-            lib_units = ls.epochs * ((len(train) * spec.views) // ls.batch_size)
-        exp_units = spec.expert_schedule.epochs * steps
-        self.units_total = lib_units + exp_units * len(tasks)
+        prepared = stages.prepare(spec)
+        self.units_total = prepared.units_total
 
         # Teacher views: the oracle's logits on fixed views of the training set (once).
-        views_file = run / "teacher_views.safetensors"
-        if not views_file.exists():
+        views = stages.load_views(run)
+        if views is None:
             self.report.send(event="phase", phase="teacher", units_total=self.units_total)
-            oracle, is_wrn = self._oracle()
-            views = pipeline.teacher_stage(run, oracle, train, spec.views, self.device, bf16=is_wrn)
+            oracle, bf16 = stages.load_oracle(spec, stages.read_oracle(spec, run), device)
+            images = stages.view_images(prepared.train, spec.views)
+            views = TeacherViews(images, stages.teacher_logits(oracle, images, device, bf16))
             del oracle
-        else:
-            t = tensors_from_bytes(views_file.read_bytes(), what=str(views_file))
-            views = TeacherViews(t["images"], t["logits"])
+            stages.save_views(run, views)
 
         # The library: the base pool's, or the front of a student trained by KD.
         if spec.base is not None:
-            cfg = oracles.wrn_config(json.loads((run / "base_library.json").read_text())["config"], "base library")
-            library = Library(cfg)
-            library.load_state_dict(tensors_from_bytes((run / "base_library.safetensors").read_bytes(),
-                                                       spec.base.library_sha256, "base library"))
-            library.eval()
+            library = stages.load_base_library(spec, run)
         else:
-            s = spec.student
-            c = train.input_shape[0]
-            settings = oracles.oracle_config(spec.oracle.config, "oracle").settings \
-                if isinstance(spec.oracle, RegistryOracle) else {}
-            if "mean" in settings and "std" in settings:  # the oracle's own normalisation
-                mean, std = tuple(settings["mean"]), tuple(settings["std"])
-            else:
-                x = train.images.float().div(255)
-                mean = tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))
-                std = tuple(round(max(float(v), 1e-3), 4) for v in x.std(dim=(0, 2, 3)))
-            student_cfg = WRNConfig(s.depth, s.width, c, len(train.classes), s.stem_stride, mean=mean, std=std)
-            if not (run / "student.safetensors").exists():
+            student_cfg = stages.student_config(spec, prepared.train)
+            if not stages.student_done(run):
                 self.report.send(event="phase", phase="library", units_total=self.units_total)
-            student = pipeline.library_stage(run, views, test, student_cfg, spec.library_schedule,
-                                             self.device, progress=self._progress_fn("library", 0), progress_every=1)
-            meta = json.loads((run / "student.json").read_text())
-            library = student.library.eval()
-            data = tensors_to_bytes(library_state_from_student(student))
-            write_atomic(run / "library.safetensors", data)
-            metrics = {k: meta[k] for k in ("test_acc",) if meta.get(k) is not None}
-            self.report.send(event="library", file="library.safetensors", config=config_to_dict(student_cfg),
-                             params=count_params(library), metrics={"student_" + k: v for k, v in metrics.items()},
-                             loss={"kind": "kd", "temperature": spec.ckd.temperature})
-        self.units_done = lib_units
+            student = stages.train_student(run, views, prepared.test, student_cfg, spec, device,
+                                           progress=self._progress_fn("library", 0))
+            library, report = stages.save_library(run, student, spec)
+            self.report.send(event="library", **report)
+        self.units_done = prepared.library_units
 
         # Experts, one at a time (CKD on the frozen library's cached features).
-        ecfg = spec.expert
         features = None
+        tasks = prepared.tasks
         for k, task in enumerate(tasks, 1):
-            ids = list(hier.tasks[task])
-            out = run / "experts" / f"{task}.safetensors"
-            meta_file = out.with_suffix(".json")
-            base_units = lib_units + (k - 1) * exp_units
-            if not (out.exists() and meta_file.exists()):
+            if not stages.expert_done(run, task):
+                base_units = prepared.expert_base_units(k - 1)
                 self.report.progress(force=True, phase="experts", expert=k, experts=len(tasks), task=task, epoch=0,
-                                     epochs=spec.expert_schedule.epochs, step=0, steps=steps, loss=0.0,
-                                     units_done=base_units, units_total=self.units_total)
+                                     epochs=spec.expert_schedule.epochs, step=0, steps=prepared.expert_steps,
+                                     loss=0.0, units_done=base_units, units_total=self.units_total)
                 if features is None:
-                    features = _features(library, views, self.device)
-                cfg = ExpertConfig(library.out_channels, ecfg.width, ecfg.blocks, len(ids))
-                sched = dataclasses.replace(spec.expert_schedule, seed=task_seed(spec.seed, task))
-                head = train_experts(library, {task: ids}, cfg, views, None, sched, run, self.device, spec.ckd,
-                                     self._progress_fn("experts", base_units, k, len(tasks), task),
-                                     stage=f"expert-{task}", progress_every=1, features=features)[task]
-                metrics = _val_metrics(library, head, ids, test, self.device)
-                state = {key: v.detach().cpu() for key, v in head.state_dict().items()}
-                params = sum(p.numel() for p in head.parameters())
-                meta = {"task": task, "class_ids": ids, "config": config_to_dict(cfg), "params": params,
-                        "metrics": metrics, "loss": dataclasses.asdict(spec.ckd)}
-                write_atomic(out, tensors_to_bytes(state))
-                meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-            meta = json.loads(meta_file.read_text())
-            self.report.send(event="expert", index=k, experts=len(tasks), file=f"experts/{task}.safetensors", **meta)
-
-
-def _features(library, views, device: str):
-    """The frozen library's features of every view, fp16 on the CPU (as poe.engine.train caches them)."""
-    import torch
-
-    from poe.engine.data import to_float
-
-    with torch.no_grad():
-        return torch.cat([library.to(device)(to_float(views.images[i:i + 1000]).to(device)).to("cpu", torch.float16)
-                          for i in range(0, len(views), 1000)])
-
-
-def _val_metrics(library, head, ids: list[int], test, device: str) -> dict:
-    """The expert's accuracy on the test images of its own classes (when the data set has a test split)."""
-    import torch
-
-    from poe.engine.data import to_float
-
-    if test is None:
-        return {}
-    ids_t = torch.tensor(ids)
-    mask = torch.isin(test.labels, ids_t)
-    if not int(mask.sum()):
-        return {}
-    x = test.images[mask]
-    head = head.eval().to(device)
-    with torch.no_grad():
-        logits = torch.cat([head(library(to_float(x[i:i + 1000]).to(device))).cpu() for i in range(0, len(x), 1000)])
-    acc = float((ids_t[logits.argmax(1)] == test.labels[mask]).float().mean())
-    return {"val_acc": round(acc, 4), "val_images": int(mask.sum())}
+                    features = stages.library_features(library, views.images, device)
+                data, meta = stages.train_expert(run, library, spec, task, list(prepared.hierarchy.tasks[task]),
+                                                 views, features, prepared.test, device,
+                                                 self._progress_fn("experts", base_units, k, len(tasks), task))
+                stages.save_expert(run, task, data, meta)
+            self.report.send(event="expert", **stages.expert_report(run, task, k, len(tasks)))
 
 
 def main(job_id: str, spec_json: str, run_dir: str, device: str, threads: int, conn) -> None:

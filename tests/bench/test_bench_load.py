@@ -57,7 +57,7 @@ def test_both_phases_measure_every_operation(quick_run):
     # Quick mode caps the streams: 4 watches (open until the end), 8 ComposeModel streams never read.
     assert (streams["watch_streams"], streams["stuck_streams"]) == (4, 8)
     assert sum(streams["stream_outcomes"]["watch"].values()) == 4
-    assert streams["stream_outcomes"]["watch"] == {"no status (never read)": 4}
+    assert streams["stream_outcomes"]["watch"] == {"open": 4}
     assert sum(streams["stream_outcomes"]["stuck"].values()) == 8
     assert set(result["targets"]) == {"baseline", "streams", "streams_vs_baseline"}
 

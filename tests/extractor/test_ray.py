@@ -1,0 +1,177 @@
+"""The Ray executor (POE_EXTRACTOR_EXECUTOR=ray) with a real one-node Ray on loopback, a real
+registry and real extractors, training tiny networks on the real Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from poe.engine import compose, evaluate
+from poe.engine import pool as pool_mod
+from poe.v1 import common_pb2 as c
+from poe_services.extractor import stages
+from poe_services.extractor.ray_executor import LOOPBACK_ENV, start_local_ray
+
+RUNNING, SUCCEEDED, CANCELLED = c.EXTRACTION_STATE_RUNNING, c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_CANCELLED
+WAIT = 180.0
+RAY = {"POE_EXTRACTOR_EXECUTOR": "ray", "POE_RAY_WORKERS": "2", "POE_RAY_CPUS_PER_TASK": "1"}
+# 300 images x 4 views: the teacher views come in two shards (500 + 700 images), the features too (1000 + 200).
+VIEWS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+
+    before = os.environ.get(LOOPBACK_ENV)
+    start_local_ray(2)
+    yield
+    ray.shutdown()
+    if before is None:
+        os.environ.pop(LOOPBACK_ENV, None)
+    else:
+        os.environ[LOOPBACK_ENV] = before
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def log_lines(run, stage: str) -> list[dict]:
+    path = run / "train.log"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in lines if r["stage"] == stage]
+
+
+def epochs_of(lines: list[dict]) -> list[int]:
+    return [r["epoch"] for r in lines if "event" not in r]
+
+
+def composed_accuracy(registry, ref: str, tmp_path, test) -> float:
+    """Accuracy of the pool's model of every class on the full Fashion-MNIST test set."""
+    directory = tmp_path / ref.replace("@", "-")
+    registry.client.export_pool(ref, directory)
+    pool = pool_mod.load(directory, with_oracle=False)
+    plan, model = compose.compose(pool, tasks=list(pool.hierarchy.tasks))
+    with torch.no_grad():
+        return evaluate.evaluate_model(model.eval(), list(plan.class_ids), test).accuracy
+
+
+def test_shards_cover_everything_in_aligned_order():
+    assert stages.shards(1200, 2, 500) == [(0, 500), (500, 1200)]
+    assert stages.shards(1200, 3, 500) == [(0, 500), (500, 1000), (1000, 1200)]
+    assert stages.shards(300, 4, 500) == [(0, 300)]
+    assert stages.shards(0, 2, 500) == []
+    for count, parts in ((10_001, 7), (5, 1), (4_000, 4)):
+        got = stages.shards(count, parts, 1000)
+        assert got[0][0] == 0 and got[-1][1] == count and len(got) <= parts
+        assert all(a % 1000 == 0 and a < b for a, b in got)
+        assert all(b == a2 for (_, b), (a2, _) in zip(got, got[1:], strict=False))
+
+
+def test_ray_extraction_matches_the_local_one(extractors, registry, params, settings, tmp_path, fmnist_test):
+    """The same job through both executors: identical teacher views, library and experts (same seeds,
+    one torch thread each), so the composed models are equally accurate."""
+    job_params = params(views=VIEWS)
+    _host, local, _runtime = extractors.start()
+    local_job = local.wait(local.start({**job_params, "pool_name": "local"}).id, timeout=WAIT)
+    assert local_job.state == SUCCEEDED, local_job.error
+
+    _host, client, runtime = extractors.start(**RAY)
+    job = client.start({**job_params, "pool_name": "ray"})
+    updates = list(client.follow(job.id, timeout=WAIT))
+    final = updates[-1].job
+    assert final.state == SUCCEEDED, final.error
+    assert final.pool == "ray@1" and runtime.worker_pid(job.id) is None  # no local worker process
+    phases = list(dict.fromkeys(u.progress.phase for u in updates))
+    order = ["prepare", "teacher", "library", "experts", "publish", "done"]
+    assert [p for p in phases if p in order] == order, phases
+    assert {u.progress.task for u in updates if u.progress.phase == "experts"} >= set(json.loads(
+        final.params_json)["tasks"])
+    fractions = [u.job.progress for u in updates]
+    assert fractions == sorted(fractions)
+
+    # Registered bytes: the library and every expert are the local run's, bit for bit.
+    local_pool, ray_pool = registry.client.get_pool("local@1"), registry.client.get_pool("ray@1")
+    assert ray_pool.library.blob.sha256 == local_pool.library.blob.sha256
+    assert [(x.task, x.blob.sha256) for x in ray_pool.experts] == [(x.task, x.blob.sha256) for x in local_pool.experts]
+    # The run directory has the training log of every stage, relayed from the Ray tasks.
+    run = settings.home / "extractions" / job.id
+    assert epochs_of(log_lines(run, "library")) == [1]
+    assert all(epochs_of(log_lines(run, f"expert-{x.task}")) == [1] for x in ray_pool.experts)
+
+    acc_local = composed_accuracy(registry, "local@1", tmp_path, fmnist_test)
+    acc_ray = composed_accuracy(registry, "ray@1", tmp_path, fmnist_test)
+    assert abs(acc_ray - acc_local) <= 0.01, (acc_ray, acc_local)
+
+
+def _follow_until(client, job_id: str, predicate) -> bool:
+    for u in client.follow(job_id, timeout=WAIT):
+        assert u.job.state in (c.EXTRACTION_STATE_PENDING, RUNNING), u.job.error
+        if predicate(u):
+            return True
+    return False
+
+
+def test_killed_ray_worker_is_retried_and_a_restarted_extractor_resumes(extractors, registry, params, settings):
+    """SIGKILL of the Ray worker training an expert: Ray runs the task again, from the expert's last
+    epoch checkpoint. Then the extractor stops mid-expert; the next one skips the finished experts
+    and resumes the unfinished one from its checkpoint."""
+    host, client, runtime = extractors.start(**{**RAY, "POE_RAY_WORKERS": "1"})
+    job = client.start(params(tasks=["tops", "footwear", "bags"], expert_epochs=4, batch_size=10))
+    pids = runtime.supervisor.ray.task_pids
+    assert _follow_until(client, job.id, lambda u: u.progress.phase == "experts" and u.progress.task == "tops"
+                         and u.progress.epoch >= 2 and "expert-tops" in pids(job.id))
+    killed = pids(job.id)["expert-tops"]
+    os.kill(killed, signal.SIGKILL)
+
+    assert _follow_until(client, job.id, lambda u: u.progress.task == "footwear" and u.progress.epoch >= 2
+                         and "expert-footwear" in pids(job.id))
+    assert killed not in pids(job.id).values()
+    registered = {x.task: x.id for x in registry.client.list_experts(dataset="fashion-mnist")}
+    assert set(registered) == {"tops"}
+    extractors.stop(host)  # cancels the tasks; the job stays RUNNING
+    assert registry.client.get_job(job.id).state == RUNNING
+
+    _host, client2, _runtime2 = extractors.start(**RAY)
+    final = client2.wait(job.id, timeout=WAIT)
+    assert final.state == SUCCEEDED, final.error
+    run = settings.home / "extractions" / job.id
+    tops = log_lines(run, "expert-tops")
+    assert any(r.get("event") == "resumed" and r["epoch"] >= 1 for r in tops)  # the retried task
+    assert sorted(set(epochs_of(tops))) == [1, 2, 3, 4] and len(epochs_of(tops)) <= 5
+    footwear = log_lines(run, "expert-footwear")
+    assert any(r.get("event") == "resumed" and r["epoch"] >= 1 for r in footwear)  # the restarted extractor
+    assert sorted(set(epochs_of(footwear))) == [1, 2, 3, 4] and len(epochs_of(footwear)) <= 5
+    assert epochs_of(log_lines(run, "expert-bags")) == [1, 2, 3, 4]
+    assert epochs_of(log_lines(run, "library")) == [1]
+    pv = registry.client.get_pool("tiny@1")
+    assert [x.task for x in pv.experts] == ["tops", "footwear", "bags"]
+    assert pv.experts[0].id == registered["tops"]
+
+
+def test_cancel_stops_every_ray_task(extractors, registry, params, settings, poll):
+    """Cancel mid-experts: every task's worker process is gone within 10 s, nothing is published."""
+    _host, client, runtime = extractors.start(**RAY)
+    job = client.start(params(expert_epochs=50, batch_size=10))
+    pids = runtime.supervisor.ray.task_pids
+    assert _follow_until(client, job.id, lambda u: u.progress.phase == "experts" and len(pids(job.id)) == 2)
+    running = list(pids(job.id).values())
+    assert all(alive(p) for p in running)
+    t0 = time.monotonic()
+    assert client.cancel(job.id).state == CANCELLED
+    assert poll(lambda: not any(alive(p) for p in running), timeout=10), "a Ray task outlived the cancel"
+    assert time.monotonic() - t0 <= 10
+    run = settings.home / "extractions" / job.id
+    assert poll(lambda: runtime.jobs.get(job.id) is None and not run.exists())
+    assert list(registry.client.list_pools()) == []
+    assert registry.client.get_job(job.id).state == CANCELLED
