@@ -14,8 +14,11 @@ one shared pool, a few dozen such calls used to leave nothing for everyone else.
   thread pool has a thread for every place in the budgets (`Limits.threads`), and the server's own
   `maximum_concurrent_rpcs` caps the total at the same number, so no call ever waits for a thread.
 - A write that has not gone out within `SLOW_WRITE` seconds makes its call a stream: a call blocked
-  behind a client that reads slowly, or not at all, moves to its service's streams budget (or, when
-  that is spent, is cancelled), so that stuck readers cannot take the threads of short calls.
+  behind a client that reads slowly, or not at all, moves to its service's streams budget, so that
+  stuck readers cannot take the places of short calls. When every stream is taken, the write that
+  has waited longest (at least `EVICT_AFTER` seconds) is cancelled to make room, or else the slow
+  call itself once it has waited that long: a client that has not read for seconds goes before one
+  that a busy machine merely slowed down.
 - A write that has not gone out within `POE_STREAM_WRITE_TIMEOUT` seconds is cancelled: the thread
   is free again, and the client gets CANCELLED (once it reads what it was sent before).
   `context.cancel()` is the only way to end a call from another thread (a status cannot be sent:
@@ -43,7 +46,10 @@ log = logging.getLogger(__name__)
 # Seconds a write may wait before its call counts as a stream (a client that keeps up receives a
 # whole composed model over loopback in milliseconds, over a slow link in a fraction of a second).
 SLOW_WRITE = 0.5
-# How often the watchdog looks at the writes in flight (the precision of both limits above).
+# Seconds a write must have waited before it is cancelled to make room for others (at most half of
+# POE_STREAM_WRITE_TIMEOUT). On 2 busy cores a client that reads may not be scheduled for a second.
+EVICT_AFTER = 5.0
+# How often the watchdog looks at the writes in flight (the precision of the limits above).
 WATCHDOG_INTERVAL = 0.1
 # Methods that stream their response but are short: they compute, then send a few messages.
 SHORT_STREAMS = frozenset({"/poe.v1.Composer/ComposeModel"})
@@ -94,6 +100,13 @@ class Permit:
     @property
     def is_call(self) -> bool:
         return self._held is not None and self._held.kind == "calls"
+
+    def holds(self, budget: Budget) -> bool:
+        return self._held is budget
+
+    @property
+    def streams(self) -> Budget:
+        return self._streams
 
     def escalate(self) -> bool:
         """Hold a streams permit instead of a calls permit; False when none is free."""
@@ -153,10 +166,13 @@ class WriteWatchdog:
     gRPC asks the handler for the next one, which it does once the message is written) and acts on
     those that take too long: see the module's docstring. One daemon thread per server."""
 
-    def __init__(self, timeout: float, slow: float = SLOW_WRITE, interval: float = WATCHDOG_INTERVAL):
+    def __init__(self, timeout: float, slow: float = SLOW_WRITE, evict_after: float = EVICT_AFTER,
+                 interval: float = WATCHDOG_INTERVAL):
         if timeout <= 0:
             raise InvalidArgument(f"POE_STREAM_WRITE_TIMEOUT: must be > 0 seconds, got {timeout:g}")
-        self.timeout, self.slow, self.interval = timeout, min(slow, timeout), interval
+        self.timeout, self.interval = timeout, interval
+        self.slow = min(slow, timeout / 2)
+        self.evict_after = max(self.slow, min(evict_after, timeout / 2))
         self._lock = threading.Lock()
         self._writes: dict[int, _Write] = {}
         self._stop = threading.Event()
@@ -195,22 +211,32 @@ class WriteWatchdog:
     def check(self, now: float) -> None:
         """One look at the writes in flight (the thread calls it every `interval` seconds)."""
         with self._lock:
-            late = [w for w in self._writes.values() if now - w.started >= self.slow]
+            late = sorted((w for w in self._writes.values() if now - w.started >= self.slow), key=lambda w: w.started)
+        full = "every stream of the service is taken (POE_MAX_CONCURRENT_STREAMS)"
         for write in late:
-            if now - write.started >= self.timeout:
+            waited = now - write.started
+            if waited >= self.timeout:
                 self._cancel(write, "timeout", f"no progress for {self.timeout:g} s (POE_STREAM_WRITE_TIMEOUT)")
             elif write.permit.is_call and not write.permit.escalate():
-                self._cancel(write, "overload", "a slow reader, and every stream of the service is taken "
-                                                "(POE_MAX_CONCURRENT_STREAMS)")
+                # Make room: the longest-stuck stream of the service goes first (its place is free
+                # once its thread has noticed); this call waits for it, or goes itself in the end.
+                streams = write.permit.streams
+                stuck = (w for w in late if w is not write and w.permit.holds(streams)
+                         and now - w.started >= self.evict_after)
+                if not any(self._cancel(w, "overload", f"no progress for {now - w.started:.0f} s and {full}")
+                           for w in stuck) and waited >= self.evict_after:
+                    self._cancel(write, "overload", f"no progress for {waited:.0f} s and {full}")
 
-    def _cancel(self, write: _Write, reason: str, why: str) -> None:
+    def _cancel(self, write: _Write, reason: str, why: str) -> bool:
+        """Cancel the call of `write`; False when it was written (or cancelled) meanwhile."""
         with self._lock:
             if self._writes.pop(id(write), None) is None:
-                return  # written meanwhile
+                return False
         peer = write.context.peer()  # before the cancel, which forgets it
         write.context.cancel()
         metrics.STREAM_WRITE_CANCELS.labels(*write.rpc, reason).inc()
         log.info("cancelled %s/%s for %s: %s", write.rpc[0], write.rpc[1], peer, why)
+        return True
 
 
 class BackpressureInterceptor(grpc.ServerInterceptor):

@@ -132,11 +132,13 @@ def _serve(home: str, pool_dir: str, formats: tuple[str, ...], watched_job: bool
 def _server_figures() -> dict:
     from prometheus_client import REGISTRY
 
-    misses, cancels, refused, caches = {}, Counter(), 0, 0.0
+    misses, cancels, refused, caches, queued = {}, Counter(), 0, 0.0, 0
     for family in REGISTRY.collect():
         for s in family.samples:
             if s.name == "poe_compose_cache_bytes":
                 caches += s.value
+            elif s.name == "poe_compose_recordings_queued":
+                queued = int(s.value)
             elif s.name == "poe_compose_template_misses_total":
                 misses[s.labels["format"]] = int(s.value)
             elif s.name == "poe_grpc_stream_write_cancels_total":
@@ -145,7 +147,7 @@ def _server_figures() -> dict:
                 refused += int(s.value)
     cpu = os.times()
     return {"rss_mb": _rss_mb(), "cpu_s": cpu.user + cpu.system, "at": time.monotonic(),
-            "caches_mb": round(caches / 2**20, 1),
+            "caches_mb": round(caches / 2**20, 1), "recordings_queued": queued,
             "threads": threading.active_count(),
             "template_misses": misses, "write_cancels": dict(cancels), "refused": refused}
 
@@ -427,6 +429,9 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
             "cpu_share": round((end["cpu_s"] - after_warmup["cpu_s"])
                                / ((end["at"] - after_warmup["at"]) * (os.cpu_count() or 1)), 3),
             "caches_mb": {"after_warmup": after_warmup["caches_mb"], "end": end["caches_mb"]},
+            # Each queued recording holds its composed file (up to POE_RECORD_QUEUE of them).
+            "recordings_queued": {"after_warmup": after_warmup["recordings_queued"],
+                                  "end": end["recordings_queued"]},
             "rss_growth_after_warmup": round(rss["end"] / rss["after_warmup"] - 1, 4),
             "rss_growth_besides_caches": round((rss["end"] - cache_growth) / rss["after_warmup"] - 1, 4),
             "threads": {"before": before["threads"], "end": end["threads"]},
@@ -562,7 +567,9 @@ def markdown(result: dict, command: str) -> str:
                      f"warm in {server['warm_s']:g} s; RSS {rss['start']:.0f} MiB listening, "
                      f"{rss['warm']:.0f} warm, {rss['after_warmup']:.0f} after the load's warm-up, "
                      f"{rss['end']:.0f} at the end ({100 * server['rss_growth_after_warmup']:+.1f}%; the composer's "
-                     f"caches {caches['after_warmup']:.0f} -> {caches['end']:.0f} MiB, the rest "
+                     f"caches {caches['after_warmup']:.0f} -> {caches['end']:.0f} MiB, recordings waiting for "
+                     f"the registry {server['recordings_queued']['after_warmup']} -> "
+                     f"{server['recordings_queued']['end']}, the rest "
                      f"{100 * server['rss_growth_besides_caches']:+.1f}%); threads {server['threads']['before']} -> "
                      f"{server['threads']['end']}; template misses {_counts(server['template_misses'])}; calls "
                      f"cancelled for not reading {_counts(server['write_cancels'])}; refused with "

@@ -325,6 +325,28 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_extract(args: argparse.Namespace) -> int:
+    from poe.bench import extract as bench
+    from poe.bench import report
+
+    started = time.time()
+    result = bench.run(args.pool, tuple(args.workers), quick=args.quick, dataset=args.dataset, subset=args.subset,
+                       views=args.views, library_epochs=args.library_epochs, expert_epochs=args.expert_epochs,
+                       batch_size=args.batch_size, seed=args.seed, cpus=args.cpus,
+                       progress=lambda m: print(f"bench extract: {m}", file=sys.stderr, flush=True))
+    result = report.stamp(result, quick=args.quick, hw=report.hardware(), command=_bench_command(args),
+                          started=started)
+    text = bench.markdown(result, result["command"])
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs:
+        path = report.update_docs(args.docs, "extract", text, bench.TITLE)
+        print(f"bench extract: wrote section extract of {path}", file=sys.stderr)
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
 def _bench_command(args: argparse.Namespace) -> str:
     """The command line that reproduces a `poe bench` run: every option that differs from its default."""
     import shlex
@@ -644,6 +666,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the tables between this benchmark's markers in --docs (section load)")
     bl.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bl.set_defaults(func=cmd_bench_load)
+    be = bsub.add_parser("extract", help="wall time of every extraction stage on Ray with 1, 2, ... workers",
+                         description="The same extraction (the pool's oracle, a stratified subset of its data set) "
+                                     "through the Ray executor's stages once per worker count, on a local Ray "
+                                     "started with this machine's cores: seconds of the teacher views, the library, "
+                                     "the features and the experts, and the speed-up over the first count "
+                                     "(docs/BENCHMARKS.md). Needs the `ray` extra.")
+    be.add_argument("--workers", type=_int_list, default=(1, 2), help="worker counts, comma-separated (default 1,2)")
+    be.add_argument("--pool", default="pools/fashion-mnist", help="pool directory whose oracle and hierarchy to use")
+    be.add_argument("--dataset", help="data set (default: the pool's)")
+    be.add_argument("--subset", type=int, default=12_000, help="training images, a stratified subset (default 12000)")
+    be.add_argument("--views", type=int, default=2, help="teacher views per image (default 2)")
+    be.add_argument("--library-epochs", type=int, default=1, help="KD epochs of the library (default 1)")
+    be.add_argument("--expert-epochs", type=int, default=3, help="CKD epochs of each expert (default 3)")
+    be.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    be.add_argument("--seed", type=int, default=0, help="seed of the subset and the training (default 0)")
+    be.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default 0: this machine's cores)")
+    be.add_argument("--quick", action="store_true", help="300 images, 1 view, 1 epoch each (seconds; for the tests)")
+    be.add_argument("--json-out", help="also write the result to this JSON file")
+    be.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    be.add_argument("--update-docs", action="store_true",
+                    help="write the table between this benchmark's markers in --docs (section extract)")
+    be.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
+    be.set_defaults(func=cmd_bench_extract)
     _add_bench_part_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")

@@ -489,6 +489,9 @@ class RayRun:
                               workers)
         finally:
             self.cancel()  # nothing is left running, whatever happened
+            if self.timings:
+                log.info("extractor: %s: Ray stages (%d worker(s)): %s", run.name, workers,
+                         ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
 
     def _teacher_views(self, prepared, workers: int):
         """(number of views, object refs of their images and of the oracle's logits): computed in

@@ -79,18 +79,19 @@ def test_shards_cover_everything_in_aligned_order():
 
 
 def test_ray_extraction_matches_the_local_one(extractors, registry, params, settings, tmp_path, fmnist_test):
-    """The same job through both executors: identical teacher views, library and experts (same seeds,
-    one torch thread each), so the composed models are equally accurate."""
+    """The same job through both executors at once (two extractors, one registry): identical teacher
+    views, library and experts (same seeds, one torch thread each), so the composed models are
+    equally accurate."""
     job_params = params(views=VIEWS)
     _host, local, _runtime = extractors.start()
-    local_job = local.wait(local.start({**job_params, "pool_name": "local"}).id, timeout=WAIT)
-    assert local_job.state == SUCCEEDED, local_job.error
-
-    _host, client, runtime = extractors.start(**RAY)
+    _host, client, runtime = extractors.start(**RAY)  # both have looked for jobs to resume: none
+    local_job = local.start({**job_params, "pool_name": "local"})
     job = client.start({**job_params, "pool_name": "ray"})
     updates = list(client.follow(job.id, timeout=WAIT))
     final = updates[-1].job
     assert final.state == SUCCEEDED, final.error
+    local_final = local.wait(local_job.id, timeout=WAIT)
+    assert local_final.state == SUCCEEDED, local_final.error
     assert final.pool == "ray@1" and runtime.worker_pid(job.id) is None  # no local worker process
     phases = list(dict.fromkeys(u.progress.phase for u in updates))
     order = ["prepare", "teacher", "library", "experts", "publish", "done"]

@@ -269,7 +269,7 @@ def raw_strategy(message_strategy_: st.SearchStrategy[Message]) -> st.SearchStra
 class Target:
     channel: grpc.Channel
     blob_dir: Path
-    engine: sa.Engine
+    database: object  # a DB-API connection to the registry's database
     tables: list[str]
     corpus: Corpus
     seeds: dict[str, list]  # method -> real requests (uploads: (metadata message, chunks))
@@ -424,7 +424,7 @@ def _setup_target(channel: grpc.Channel, blob_dir: Path, database_url: str) -> T
     }
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     tables = sorted(sa.inspect(engine).get_table_names())
-    return Target(channel, blob_dir, engine, tables, corpus, seeds, admin, service)
+    return Target(channel, blob_dir, engine.raw_connection(), tables, corpus, seeds, admin, service)
 
 
 def _channel(port: int) -> grpc.Channel:
@@ -437,16 +437,19 @@ def target(tmp_path_factory) -> Iterator[Target]:
     """Registry, composer and extractor on one loopback server; SQLite and file blobs under tmp."""
     home = tmp_path_factory.mktemp("fuzz") / "home"
     database_url = f"sqlite:///{home / 'registry.sqlite3'}"
-    host = create_server("127.0.0.1:0", _settings(home, database_url), migrate=True, warm=False)
-    host.start()
-    channel = _channel(host.port)
-    try:
-        t = _setup_target(channel, home / "blobs", database_url)
-        yield t
-        t.engine.dispose()
-    finally:
-        channel.close()
-        host.stop(None).wait(30)
+    with pytest.MonkeyPatch.context() as env:
+        # Built-in data sets are read from the process's POE_DATA_DIR: none here, so no job trains.
+        env.setenv("POE_DATA_DIR", str(home / "no-data"))
+        host = create_server("127.0.0.1:0", _settings(home, database_url), migrate=True, warm=False)
+        host.start()
+        channel = _channel(host.port)
+        try:
+            t = _setup_target(channel, home / "blobs", database_url)
+            yield t
+            t.database.close()
+        finally:
+            channel.close()
+            host.stop(None).wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +481,7 @@ def pg_target(tmp_path_factory) -> Iterator[Target]:
         channel = _channel(host.port)
         t = _setup_target(channel, home / "blobs", database_url)
         yield t
-        t.engine.dispose()
+        t.database.close()
     finally:
         if channel is not None:
             channel.close()
@@ -591,12 +594,17 @@ def listed_state(target: Target) -> dict:
 def stored_state(target: Target) -> dict:
     """Every row of every table (a digest per table) and the blob files (staging left out)."""
     rows = {}
-    with target.engine.connect() as conn:
+    cursor = target.database.cursor()  # the DB-API connection: 30x faster than SQLAlchemy's here
+    try:
         for table in target.tables:
+            cursor.execute(f'SELECT * FROM "{table}"')
             digest = hashlib.sha256()
-            for row in sorted(repr(tuple(row)) for row in conn.execute(sa.text(f'SELECT * FROM "{table}"'))):
+            for row in sorted(map(repr, cursor.fetchall())):
                 digest.update(row.encode())
             rows[table] = digest.hexdigest()
+    finally:
+        cursor.close()
+        target.database.rollback()  # no transaction left open between calls
     blobs = sorted((str(p.relative_to(target.blob_dir)), p.stat().st_size)
                    for p in (target.blob_dir / "sha256").rglob("*") if p.is_file())
     return {**rows, "blob files": blobs}
@@ -631,6 +639,8 @@ def fuzz(target: Target, method: str, examples: int) -> Callable[[], None]:
         request = data.draw(requests, label="request")
         started = time.monotonic()
         code = call(target, method, request)
+        if os.environ.get("FUZZ_DEBUG_SLOW") and time.monotonic() - started > 0.5:  # DEBUG-REMOVE
+            print("SLOW", method, round(time.monotonic() - started, 2), code.name, repr(request)[:300])  # DEBUG-REMOVE
         assert time.monotonic() - started < DEADLINE + 1, f"{method} took {time.monotonic() - started:.1f} s"
         after = stored_state(target)
         if code != grpc.StatusCode.OK or checked_on_success:

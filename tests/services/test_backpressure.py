@@ -127,14 +127,15 @@ def test_clients_that_stop_reading_are_moved_aside_then_cancelled(server):
             assert composer.compose(["Trouser"]).header.classes == ("Trouser",)
             assert time.perf_counter() - t0 < 2
 
-        # One more stuck reader finds every stream taken: cancelled at once instead of holding a
-        # place meant for short calls.
+        # One more stuck reader finds every stream taken: the one stuck longest (past half the
+        # timeout, here) is cancelled to make room for it.
         extra = stuck.ComposeModel(everything)
         assert eventually(lambda: cancels("overload") == overload + 1, 3)
+        assert eventually(lambda: in_use(host, "poe.v1.Composer") == (0, STREAMS))
 
         # The others are cancelled once their write has waited POE_STREAM_WRITE_TIMEOUT.
         assert eventually(lambda: cancels("timeout") == timeout + STREAMS, WRITE_TIMEOUT + 3)
-        assert time.monotonic() - started < WRITE_TIMEOUT + 1
+        assert time.monotonic() - started < WRITE_TIMEOUT + 2
         assert eventually(lambda: in_use(host, "poe.v1.Composer") == (0, 0))
         assert host.watchdog.in_flight == 0
         # A client that reads after all finds its call cancelled (it gets no status before it reads).
@@ -186,3 +187,51 @@ def test_settings_reach_the_server(tmp_path):
         assert host.limits.threads == host.executor._max_workers
     finally:
         host.stop(None).wait(30)
+
+
+class RecordedCall:
+    """What the watchdog needs of a call's context: who it is, and a way to cancel it."""
+
+    def __init__(self, name: str):
+        self.name, self.cancelled = name, False
+
+    def peer(self) -> str:
+        return self.name
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_the_longest_stuck_stream_makes_room_for_a_slow_call():
+    """The policy alone, on a clock of its own: with every stream taken, a call that turns slow
+    cancels the stream that has waited longest (past evict_after), not itself; a fresh stream is
+    never cancelled for it, and the slow call goes itself only once it has waited that long."""
+    from poe_services.backpressure import Budget, Permit, WriteWatchdog
+
+    watchdog = WriteWatchdog(timeout=30, slow=0.5, evict_after=5)
+    calls, streams = Budget("s", "calls", 3, "C"), Budget("s", "streams", 2, "S")
+    contexts = {n: RecordedCall(n) for n in ("old", "young", "slow")}
+    writes = {}
+    for name, started in (("old", 0.0), ("young", 4.0), ("slow", 6.0)):
+        assert calls.try_enter()
+        writes[name] = watchdog.arm(contexts[name], Permit(calls, streams), ("s", "m"))
+        writes[name].started = started
+    watchdog.check(4.6)  # old and young have been slow for 0.5 s: both become streams
+    assert (calls.in_use, streams.in_use) == (1, 2) and not any(c.cancelled for c in contexts.values())
+    watchdog.check(6.6)  # slow finds no stream free: old (6.6 s) goes, young (2.6 s) stays
+    assert [n for n, c in contexts.items() if c.cancelled] == ["old"]
+    writes["old"].permit.release()  # what the old call's thread does once cancelled
+    watchdog.check(6.7)
+    assert (calls.in_use, streams.in_use) == (0, 2) and not contexts["slow"].cancelled
+
+    # With no stream stuck long enough, a slow call waits, then goes itself.
+    watchdog = WriteWatchdog(timeout=30, slow=0.5, evict_after=5)
+    calls, streams = Budget("s", "calls", 1, "C"), Budget("s", "streams", 1, "S")
+    assert streams.try_enter()  # a stream of someone else, not stuck in a write
+    assert calls.try_enter()
+    alone = RecordedCall("alone")
+    watchdog.arm(alone, Permit(calls, streams), ("s", "m")).started = 0.0
+    watchdog.check(4.9)
+    assert not alone.cancelled and calls.in_use == 1
+    watchdog.check(5.0)
+    assert alone.cancelled and watchdog.in_flight == 0

@@ -1,0 +1,153 @@
+"""`poe bench extract`: wall time of every extraction stage on Ray with 1, 2, ... workers.
+
+The same job (the pool's oracle, a stratified subset of its data set, the given views and epochs)
+runs through the Ray executor's stages (`poe_services.extractor.ray_executor.RayRun`, no registry:
+the results stay in a scratch run directory) once per worker count, on a local Ray that the
+benchmark starts with this machine's cores (or the Ray this process is connected to). Before the
+first timed run every Ray worker process imports torch and the stages, so that no run pays for it.
+
+Per worker count: seconds of the teacher views (oracle inference, sharded), the library (KD, one
+task), the library features (sharded) and the experts (one task per primitive task, at most W at
+once), the speed-up over one worker, and whether the trained library and experts are the same
+bytes as with one worker (they should be: sharding never changes a batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from poe.bench import report
+
+TITLE = "Extraction stages on Ray: 1 and 2 workers"
+STAGES = ("teacher", "library", "features", "experts")
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _warm(_i: int) -> int:
+    """Runs in a Ray worker: the imports every stage task makes."""
+    import os
+
+    from poe_services.extractor import stages  # noqa: F401  (torch and the engine)
+
+    return os.getpid()
+
+
+def job_spec(pool_dir: Path, dataset: str, subset: int, views: int, library_epochs: int, expert_epochs: int,
+             batch_size: int, seed: int):
+    """A JobSpec as StartExtraction would resolve it for the pool's oracle (registered as id 0)."""
+    from poe.engine import hierarchy as hierarchy_mod
+    from poe.engine.train import CKDSettings, Schedule
+    from poe_services.extractor import oracles
+    from poe_services.extractor.plan import load_data
+    from poe_services.extractor.spec import ExpertShape, JobSpec, PoolTarget, RegistryOracle, StudentShape
+
+    oracle_file = pool_dir / "oracle.safetensors"
+    data = oracle_file.read_bytes()
+    config = oracles.config_for_file(oracle_file, data, "", "oracle",
+                                     lambda p: p.read_bytes() if p.is_file() else None)
+    manifest = json.loads((pool_dir / "pool.json").read_text())
+    hier = hierarchy_mod.load(pool_dir / manifest["hierarchy"])
+    train, _test = load_data(dataset, subset, seed)
+    c, h, w = train.input_shape
+    return JobSpec(
+        request={}, dataset=dataset, subset=subset, seed=seed, views=views, input_shape=[c, h, w],
+        num_classes=len(train.classes), train_images=len(train), hierarchy=hier.to_dict(), tasks=list(hier.tasks),
+        oracle=RegistryOracle(0, oracles.oracle_config(config, "oracle").to_dict()), base=None,
+        student=StudentShape(16, 1, 1), expert=ExpertShape(16, 2),
+        library_schedule=Schedule(library_epochs, batch_size, 0.1, seed=seed),
+        expert_schedule=Schedule(expert_epochs, batch_size, 0.1, seed=seed), ckd=CKDSettings(), device="cpu",
+        pool=PoolTarget("bench", "1", [])), data
+
+
+def _digest(run: Path, tasks: list[str]) -> str:
+    h = hashlib.sha256((run / "library.safetensors").read_bytes())
+    for task in tasks:
+        h.update((run / "experts" / f"{task}.safetensors").read_bytes())
+    return h.hexdigest()
+
+
+def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] = (1, 2), *, quick: bool = False,
+        dataset: str | None = None, subset: int = 12_000, views: int = 2, library_epochs: int = 1,
+        expert_epochs: int = 3, batch_size: int = 128, seed: int = 0, cpus: int = 0,
+        progress: Progress = _quiet) -> dict:
+    import ray
+
+    from poe.engine.config import Settings
+    from poe.engine.errors import InvalidArgument
+    from poe_services.extractor.ray_executor import RayCluster, RayRun, start_local_ray, usable_cores
+
+    if not workers or any(w < 1 for w in workers):
+        raise InvalidArgument(f"--workers: expected whole numbers >= 1, got {','.join(map(str, workers))}")
+    if quick:
+        subset, views, library_epochs, expert_epochs, batch_size = 300, 1, 1, 1, 50
+    pool_dir = Path(pool_dir)
+    dataset = dataset or json.loads((pool_dir / "pool.json").read_text())["info"]["dataset"]
+    spec, oracle = job_spec(pool_dir, dataset, subset, views, library_epochs, expert_epochs, batch_size, seed)
+    started_here = not ray.is_initialized()
+    if started_here:
+        progress(f"starting a local Ray with {cpus or usable_cores()} CPUs")
+        start_local_ray(cpus or usable_cores())
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    base = replace(Settings.from_env({}), extractor_executor="ray", ray_cpus_per_task=1.0, ray_gpus_per_task=0.0)
+    rows = []
+    try:
+        progress("warming the Ray workers (torch and the stages imported once)")
+        ray.get([ray.remote(_warm).options(num_cpus=1).remote(i) for i in range(cluster_cpus)])
+        for n in workers:
+            settings = replace(base, ray_workers=n)
+            with tempfile.TemporaryDirectory(prefix="poe-bench-extract-") as tmp:
+                run_dir = Path(tmp)
+                (run_dir / "oracle.safetensors").write_bytes(oracle)
+                progress(f"{n} worker(s): {spec.train_images} images x {views} views, "
+                         f"{library_epochs} KD epoch(s), {len(spec.tasks)} experts x {expert_epochs} epoch(s)")
+                t0 = time.monotonic()
+                stage_run = RayRun(spec, run_dir, RayCluster(settings), settings, emit=lambda _msg: None)
+                stage_run.run_all()
+                total = time.monotonic() - t0
+                rows.append({"workers": n, "seconds": {k: round(stage_run.timings.get(k, 0.0), 2) for k in STAGES},
+                             "total": round(total, 2), "digest": _digest(run_dir, spec.tasks)})
+                progress(f"{n} worker(s): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[-1]["seconds"].items()))
+                shutil.rmtree(run_dir / "experts", ignore_errors=True)
+    finally:
+        if started_here:
+            ray.shutdown()
+    first = rows[0]
+    for row in rows:
+        row["speedup"] = {k: round(first["seconds"][k] / row["seconds"][k], 2) if row["seconds"][k] else None
+                          for k in STAGES}
+        row["speedup"]["total"] = round(first["total"] / row["total"], 2)
+        row["same_result"] = row["digest"] == first["digest"]
+    return {"part": "extract", "pool": str(pool_dir), "ray_cpus": cluster_cpus,
+            "settings": {"dataset": dataset, "train_images": spec.train_images, "views": views,
+                         "library_epochs": library_epochs, "expert_epochs": expert_epochs, "batch_size": batch_size,
+                         "tasks": len(spec.tasks), "seed": seed, "device": "cpu", "cpus_per_task": 1},
+            "rows": rows}
+
+
+def markdown(result: dict, command: str) -> str:
+    s = result["settings"]
+    lines = report.header({**result, "command": command})
+    lines += ["", f"A local Ray with {result['ray_cpus']} CPUs, one CPU (one torch thread) per task; "
+              f"{s['train_images']} training images x {s['views']} views, {s['library_epochs']} KD epoch(s), "
+              f"{s['tasks']} experts x {s['expert_epochs']} CKD epoch(s), batch {s['batch_size']}. "
+              "Seconds of wall time per stage (speed-up over 1 worker):", "",
+              "| workers | teacher views | library (KD) | features | experts | total | same result |",
+              "|---:|---:|---:|---:|---:|---:|:---|"]
+    for row in result["rows"]:
+        cells = [f"{row['seconds'][k]:.1f} ({row['speedup'][k]:.2f}x)" if row["speedup"][k] else
+                 f"{row['seconds'][k]:.1f}" for k in STAGES]
+        lines.append(f"| {row['workers']} | " + " | ".join(cells) +
+                     f" | {row['total']:.1f} ({row['speedup']['total']:.2f}x) | "
+                     f"{'yes' if row['same_result'] else 'no'} |")
+    return "\n".join(lines) + "\n"
