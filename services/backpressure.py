@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 # whole composed model over loopback in milliseconds, over a slow link in a fraction of a second).
 SLOW_WRITE = 0.5
 # Seconds a write must have waited before it is cancelled to make room for others (at most half of
-# POE_STREAM_WRITE_TIMEOUT). On 2 busy cores a client that reads may not be scheduled for a second.
-EVICT_AFTER = 5.0
+# POE_STREAM_WRITE_TIMEOUT): longer than a client that reads waits to be scheduled on a busy
+# machine, short enough that a wave of stuck readers holds the places of short calls only briefly.
+EVICT_AFTER = 2.0
 # How often the watchdog looks at the writes in flight (the precision of the limits above).
 WATCHDOG_INTERVAL = 0.1
 # Methods that stream their response but are short: they compute, then send a few messages.

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-
 from google.protobuf.message import DecodeError
 
 from poe.client.errors import FIELD_METADATA_KEY, error_from_rpc

@@ -132,7 +132,7 @@ def _serve(home: str, pool_dir: str, formats: tuple[str, ...], watched_job: bool
 def _server_figures() -> dict:
     from prometheus_client import REGISTRY
 
-    misses, cancels, refused, caches, queued = {}, Counter(), 0, 0.0, 0
+    misses, cancels, refused, caches, queued = {}, Counter(), Counter(), 0.0, 0
     for family in REGISTRY.collect():
         for s in family.samples:
             if s.name == "poe_compose_cache_bytes":
@@ -144,12 +144,12 @@ def _server_figures() -> dict:
             elif s.name == "poe_grpc_stream_write_cancels_total":
                 cancels[f"{s.labels['grpc_method']} {s.labels['reason']}"] += int(s.value)
             elif s.name == "grpc_server_handled_total" and s.labels.get("grpc_code") == "RESOURCE_EXHAUSTED":
-                refused += int(s.value)
+                refused[s.labels["grpc_method"]] += int(s.value)
     cpu = os.times()
     return {"rss_mb": _rss_mb(), "cpu_s": cpu.user + cpu.system, "at": time.monotonic(),
             "caches_mb": round(caches / 2**20, 1), "recordings_queued": queued,
             "threads": threading.active_count(),
-            "template_misses": misses, "write_cancels": dict(cancels), "refused": refused}
+            "template_misses": misses, "write_cancels": dict(cancels), "refused": dict(refused)}
 
 
 # -- the clients (a process each) -----------------------------------------------------------------
@@ -174,6 +174,7 @@ def _client_process(k: int, target: str, token: str | None, ref: str, new: dict[
     formats, format_weights = list(shares), list(shares.values())
     latencies: dict[str, list[float]] = {op: [] for op in MIX}
     codes: Counter = Counter()
+    warmup_errors: Counter = Counter()  # not counted, but reported
     new_hits = 0
     while (t0 := time.perf_counter()) < end:
         op = rng.choices(ops, weights)[0]
@@ -197,6 +198,8 @@ def _client_process(k: int, target: str, token: str | None, ref: str, new: dict[
         except Exception as e:  # noqa: BLE001 - counted by kind, the run goes on
             code = type(e).__name__
         seconds_taken = time.perf_counter() - t0
+        if t0 < counted_from and code != "OK":
+            warmup_errors[code] += 1
         if t0 >= counted_from:
             codes[(op, code)] += 1
             if code == "OK":
@@ -205,7 +208,8 @@ def _client_process(k: int, target: str, token: str | None, ref: str, new: dict[
                     new_hits += 1
     composer.close()
     registry.close()
-    results.put({"latencies": latencies, "codes": dict(codes), "new_hits": new_hits})
+    results.put({"latencies": latencies, "codes": dict(codes), "new_hits": new_hits,
+                 "warmup_errors": dict(warmup_errors)})
 
 
 def _streams_process(target: str, token: str | None, ref: str, job: str, watches: int, stuck: int,
@@ -392,8 +396,10 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
                after_warmup: dict, end: dict, streams: dict, watch_streams: int, stuck_streams: int) -> dict:
     latencies: dict[str, list[float]] = {op: [] for op in MIX}
     codes: Counter = Counter()
+    warmup_errors: Counter = Counter()
     new_hits = 0
     for r in client_results:
+        warmup_errors.update(r["warmup_errors"])
         for op, values in r["latencies"].items():
             latencies[op].extend(values)
         codes.update({tuple(k): v for k, v in r["codes"].items()})
@@ -413,7 +419,7 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
         if code != "OK":
             errors[code] += n
     result = {"phase": name, "clients": len(client_results), "counted_s": seconds, "ops": ops, "calls": total,
-              "ops_per_s": round(total / seconds, 1), "errors": dict(errors),
+              "ops_per_s": round(total / seconds, 1), "errors": dict(errors), "warmup_errors": dict(warmup_errors),
               "compose_new_cache_hits": new_hits, "watch_streams": watch_streams, "stuck_streams": stuck_streams}
     if streams:
         result["stream_outcomes"] = streams
@@ -440,7 +446,8 @@ def _summarize(name: str, client_results: list[dict], seconds: float, info: dict
                                 for f in end["template_misses"]},
             "write_cancels": {k: v - opened["write_cancels"].get(k, 0) for k, v in end["write_cancels"].items()
                               if v != opened["write_cancels"].get(k, 0)},
-            "refused": end["refused"] - opened["refused"],
+            "refused": {k: v - opened["refused"].get(k, 0) for k, v in end["refused"].items()
+                        if v != opened["refused"].get(k, 0)},
         }
     return result
 
@@ -552,7 +559,8 @@ def markdown(result: dict, command: str) -> str:
     for n in names:
         p = result["phases"][n]
         text = (f"**{n}**: {p['ops_per_s']:.0f} calls/s in all, errors "
-                f"{', '.join(f'{c} {k}' for c, k in sorted(p['errors'].items())) or 'none'}; "
+                f"{', '.join(f'{c} {k}' for c, k in sorted(p['errors'].items())) or 'none'} (during the "
+                f"warm-up, not counted: {_counts(p.get('warmup_errors', {}))}); "
                 f"{p['compose_new_cache_hits']} of {p['ops']['compose_new']['calls']} new class sets were cache hits "
                 "(asked for by another client first, or every set asked for already)")
         server = p.get("server")
@@ -573,7 +581,7 @@ def markdown(result: dict, command: str) -> str:
                      f"{100 * server['rss_growth_besides_caches']:+.1f}%); threads {server['threads']['before']} -> "
                      f"{server['threads']['end']}; template misses {_counts(server['template_misses'])}; calls "
                      f"cancelled for not reading {_counts(server['write_cancels'])}; refused with "
-                     f"RESOURCE_EXHAUSTED {server['refused']}")
+                     f"RESOURCE_EXHAUSTED {_counts(server['refused'])}")
         lines += [text + ".", ""]
     t = result["targets"]
     for n in names:

@@ -35,7 +35,8 @@ def composers(tmp_path_factory, pool_dir):
     with RegistryClient(registry_target) as client:
         client.import_pool(pool_dir)
     hosts = []
-    for name, env in (("first", {}), ("second", {"POE_MAX_CONNECTION_AGE": "0.5", "POE_MAX_CONNECTION_AGE_GRACE": "1"})):
+    short_age = {"POE_MAX_CONNECTION_AGE": "0.5", "POE_MAX_CONNECTION_AGE_GRACE": "1"}
+    for name, env in (("first", {}), ("second", short_age)):
         settings = Settings.from_env({**auth_env(), "POE_HOME": str(root / name), "POE_DEFAULT_POOL": "test-pool",
                                       **env})
         host = create_server("127.0.0.1:0", settings, ("composer",), registry_target=registry_target, warm=False)

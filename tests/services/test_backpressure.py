@@ -20,6 +20,7 @@ from testenv import auth_env
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
+from poe.engine import hierarchy
 from poe.engine.config import Settings
 from poe.engine.errors import InvalidArgument
 from poe.engine.pool import save as save_pool
@@ -115,9 +116,10 @@ def test_clients_that_stop_reading_are_moved_aside_then_cancelled(server):
     overload, timeout = cancels("overload"), cancels("timeout")
     stuck_channel = grpc.insecure_channel(target, options=STUCK_OPTIONS)
     stuck = composer_grpc.ComposerStub(stuck_channel)
-    everything = composer_pb2.ComposeModelRequest(classes=list(random_pool_classes()))
+    # Every class: the largest model (160 KB), far beyond the 1 KiB the stuck channel accepts.
+    everything = composer_pb2.ComposeModelRequest(classes=list(hierarchy.builtin("fashion-mnist").classes))
     try:
-        calls = [stuck.ComposeModel(everything) for _ in range(STREAMS)]  # no deadline, never read
+        calls = [stuck.ComposeModel(everything, timeout=60) for _ in range(STREAMS)]  # never read
         # Each write waits for the client; after SLOW_WRITE the call counts as a stream.
         assert eventually(lambda: in_use(host, "poe.v1.Composer") == (0, STREAMS))
         started = time.monotonic()
@@ -129,7 +131,7 @@ def test_clients_that_stop_reading_are_moved_aside_then_cancelled(server):
 
         # One more stuck reader finds every stream taken: the one stuck longest (past half the
         # timeout, here) is cancelled to make room for it.
-        extra = stuck.ComposeModel(everything)
+        extra = stuck.ComposeModel(everything, timeout=60)
         assert eventually(lambda: cancels("overload") == overload + 1, 3)
         assert eventually(lambda: in_use(host, "poe.v1.Composer") == (0, STREAMS))
 
@@ -145,12 +147,6 @@ def test_clients_that_stop_reading_are_moved_aside_then_cancelled(server):
             assert ended.value.code() == grpc.StatusCode.CANCELLED
     finally:
         stuck_channel.close()
-
-
-def random_pool_classes() -> tuple[str, ...]:
-    from poe.engine import hierarchy
-
-    return tuple(hierarchy.builtin("fashion-mnist").classes)  # every class: the largest model
 
 
 @pytest.mark.parametrize("env, message", [
