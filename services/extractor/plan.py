@@ -106,12 +106,14 @@ def _numbers(p: pb.ExtractionParams) -> dict:
             raise field_error(f"params.{name}", f"must be in [{lo}, {hi}], got {out[name]}")
     if out["stem_stride"] not in (1, 2):
         raise field_error("params.stem_stride", f"must be 1 or 2, got {out['stem_stride']}")
+    # Finite too: an infinite rate or weight would train NaN weights (and a stored spec with one is
+    # refused on resume by check_spec).
     for name in ("lr", "temperature"):
-        if not out[name] > 0 or out[name] != out[name]:
-            raise field_error(f"params.{name}", f"must be > 0, got {out[name]}")
+        if not (math.isfinite(out[name]) and out[name] > 0):
+            raise field_error(f"params.{name}", f"must be > 0 and finite, got {out[name]}")
     for name in ("soft_weight", "scale_weight"):
-        if not out[name] >= 0:
-            raise field_error(f"params.{name}", f"must be >= 0, got {out[name]}")
+        if not (math.isfinite(out[name]) and out[name] >= 0):
+            raise field_error(f"params.{name}", f"must be >= 0 and finite, got {out[name]}")
     if out["soft_weight"] == 0 and out["scale_weight"] == 0:
         raise field_error("params.soft_weight", "soft_weight and scale_weight cannot both be 0")
     return out
