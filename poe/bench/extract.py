@@ -44,7 +44,7 @@ def _warm(_i: int) -> int:
 
 
 def job_spec(pool_dir: Path, dataset: str, subset: int, views: int, library_epochs: int, expert_epochs: int,
-             batch_size: int, seed: int):
+             batch_size: int, seed: int, student_depth: int = 16, expert_width: int = 16):
     """A JobSpec as StartExtraction would resolve it for the pool's oracle (registered as id 0)."""
     from poe.engine import hierarchy as hierarchy_mod
     from poe.engine.train import CKDSettings, Schedule
@@ -64,7 +64,7 @@ def job_spec(pool_dir: Path, dataset: str, subset: int, views: int, library_epoc
         request={}, dataset=dataset, subset=subset, seed=seed, views=views, input_shape=[c, h, w],
         num_classes=len(train.classes), train_images=len(train), hierarchy=hier.to_dict(), tasks=list(hier.tasks),
         oracle=RegistryOracle(0, oracles.oracle_config(config, "oracle").to_dict()), base=None,
-        student=StudentShape(16, 1, 1), expert=ExpertShape(16, 2),
+        student=StudentShape(student_depth, 1, 1), expert=ExpertShape(expert_width, (student_depth - 4) // 6),
         library_schedule=Schedule(library_epochs, batch_size, 0.1, seed=seed),
         expert_schedule=Schedule(expert_epochs, batch_size, 0.1, seed=seed), ckd=CKDSettings(), device="cpu",
         pool=PoolTarget("bench", "1", [])), data
@@ -78,22 +78,27 @@ def _digest(run: Path, tasks: list[str]) -> str:
 
 
 def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] = (1, 2), *, quick: bool = False,
-        dataset: str | None = None, subset: int = 12_000, views: int = 2, library_epochs: int = 1,
-        expert_epochs: int = 3, batch_size: int = 128, seed: int = 0, cpus: int = 0,
+        dataset: str | None = None, subset: int = 3_000, views: int = 2, library_epochs: int = 1,
+        expert_epochs: int = 5, batch_size: int = 128, seed: int = 0, cpus: int = 0,
         progress: Progress = _quiet) -> dict:
-    import ray
-
     from poe.engine.config import Settings
     from poe.engine.errors import InvalidArgument
-    from poe_services.extractor.ray_executor import RayCluster, RayRun, start_local_ray, usable_cores
+    from poe_services.extractor.ray_executor import RayCluster, RayRun, require_ray, start_local_ray, usable_cores
+
+    require_ray("poe bench extract")
+    import ray
 
     if not workers or any(w < 1 for w in workers):
         raise InvalidArgument(f"--workers: expected whole numbers >= 1, got {','.join(map(str, workers))}")
+    depth, width = 16, 16  # the extractor's default student and experts
     if quick:
-        subset, views, library_epochs, expert_epochs, batch_size = 300, 1, 1, 1, 50
+        subset, views, library_epochs, expert_epochs, batch_size, depth, width = 300, 1, 1, 1, 50, 10, 4
     pool_dir = Path(pool_dir)
     dataset = dataset or json.loads((pool_dir / "pool.json").read_text())["info"]["dataset"]
-    spec, oracle = job_spec(pool_dir, dataset, subset, views, library_epochs, expert_epochs, batch_size, seed)
+    spec, oracle = job_spec(pool_dir, dataset, subset, views, library_epochs, expert_epochs, batch_size, seed,
+                            depth, width)
+    if quick:  # two experts are enough to see them run side by side
+        spec = replace(spec, tasks=spec.tasks[:2])
     started_here = not ray.is_initialized()
     if started_here:
         progress(f"starting a local Ray with {cpus or usable_cores()} CPUs")

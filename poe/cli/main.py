@@ -675,14 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--workers", type=_int_list, default=(1, 2), help="worker counts, comma-separated (default 1,2)")
     be.add_argument("--pool", default="pools/fashion-mnist", help="pool directory whose oracle and hierarchy to use")
     be.add_argument("--dataset", help="data set (default: the pool's)")
-    be.add_argument("--subset", type=int, default=12_000, help="training images, a stratified subset (default 12000)")
+    be.add_argument("--subset", type=int, default=3_000, help="training images, a stratified subset (default 3000)")
     be.add_argument("--views", type=int, default=2, help="teacher views per image (default 2)")
     be.add_argument("--library-epochs", type=int, default=1, help="KD epochs of the library (default 1)")
-    be.add_argument("--expert-epochs", type=int, default=3, help="CKD epochs of each expert (default 3)")
+    be.add_argument("--expert-epochs", type=int, default=5, help="CKD epochs of each expert (default 5)")
     be.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     be.add_argument("--seed", type=int, default=0, help="seed of the subset and the training (default 0)")
     be.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default 0: this machine's cores)")
-    be.add_argument("--quick", action="store_true", help="300 images, 1 view, 1 epoch each (seconds; for the tests)")
+    be.add_argument("--quick", action="store_true",
+                    help="300 images, 1 view, 1 epoch each, a WRN-10 student, 2 experts (for the tests)")
     be.add_argument("--json-out", help="also write the result to this JSON file")
     be.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     be.add_argument("--update-docs", action="store_true",

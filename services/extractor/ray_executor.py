@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from poe.engine.config import Settings
 from poe.engine.errors import PoeError
-from poe_services.extractor.jobs import JobFailed
 
+# This module is imported by every Ray worker process that runs one of its tasks or the job's
+# channel actor: it imports nothing heavy (torch, gRPC) at its top, so the actor starts in a second.
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -64,8 +65,24 @@ REPORT_INTERVAL = 0.2  # seconds between a task's progress reports (the last ste
 Emit = Callable[[dict], None]
 
 
+def job_failed(message: str) -> PoeError:
+    from poe_services.extractor.jobs import JobFailed
+
+    return JobFailed(message)
+
+
 class Stopped(Exception):  # noqa: N818 - control flow, not an error
     """The job was cancelled or the extractor is stopping; its tasks were cancelled."""
+
+
+def require_ray(what: str) -> None:
+    """InvalidArgument when Ray is not installed (it is the `ray` extra)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from poe.engine.errors import InvalidArgument
+
+        raise InvalidArgument(f"{what} needs Ray, which is not installed: pip install 'poe-suite[ray]'") from None
 
 
 def start_local_ray(num_cpus: int) -> None:
@@ -104,13 +121,13 @@ class RayCluster:
             address = self.settings.ray_address
             try:
                 if address:
-                    ray.init(address=address, include_dashboard=False)
+                    ray.init(address=address)
                 else:
                     start_local_ray(usable_cores())
                     self._owned = True
             except Exception as e:
                 where = f"the Ray cluster at {address}" if address else "a local Ray"
-                raise JobFailed(f"cannot start or reach {where}: {type(e).__name__}: {e}") from None
+                raise job_failed(f"cannot start or reach {where}: {type(e).__name__}: {e}") from None
             log.info("extractor: Ray %s (%s)", "connected" if address else "started",
                      ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                                if k in ("CPU", "GPU")))
@@ -335,7 +352,7 @@ class RayRun:
         """The device the tasks train on: a GPU only where Ray gives them one."""
         gpus = settings.ray_gpus_per_task > 0
         if spec.device.startswith("cuda") and not gpus:
-            raise JobFailed(f"device {spec.device}: Ray tasks get no GPU (set POE_RAY_GPUS_PER_TASK)")
+            raise job_failed(f"device {spec.device}: Ray tasks get no GPU (set POE_RAY_GPUS_PER_TASK)")
         if spec.device == "auto":
             return "cuda" if gpus else "cpu"
         return spec.device
@@ -379,19 +396,19 @@ class RayRun:
         except rex.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, PoeError):
-                raise JobFailed(str(cause)) from None
+                raise job_failed(str(cause)) from None
             log.error("extractor: Ray task %s failed:\n%s", stage, e)
             with contextlib.suppress(OSError):
                 (self.run / "error.log").write_text(str(e))
             what = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-            raise JobFailed(f"{stage}: {what}") from None
+            raise job_failed(f"{stage}: {what}") from None
         except (rex.WorkerCrashedError, rex.NodeDiedError, rex.OutOfMemoryError, rex.ObjectLostError,
                 rex.OwnerDiedError) as e:
             attempts = max(1, self.settings.extractor_max_attempts)
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise JobFailed(f"{stage}: the Ray worker died {attempts} time(s) ({type(e).__name__}: {first})") from None
+            raise job_failed(f"{stage}: the Ray worker died {attempts} time(s) ({type(e).__name__}: {first})") from None
         except rex.RayError as e:
-            raise JobFailed(f"{stage}: Ray: {type(e).__name__}: {str(e).strip()[:300]}") from None
+            raise job_failed(f"{stage}: Ray: {type(e).__name__}: {str(e).strip()[:300]}") from None
 
     def _gather(self, refs: list) -> list:
         """The results of `refs`, in their order."""
@@ -428,7 +445,11 @@ class RayRun:
         if self.channel is None:
             return
         running = set(self._inflight.values())
-        for event in ray.get(self.channel.drain.remote()):
+        try:
+            events = ray.get(self.channel.drain.remote())
+        except ray.exceptions.RayError as e:  # its worker process died: progress and checkpoints are lost
+            raise job_failed(f"the job's Ray channel failed ({type(e).__name__}: {str(e).strip()[:200]})") from None
+        for event in events:
             kind = event.get("event")
             if kind in ("started", "progress") and event["stage"] not in running:
                 continue  # a late report of a task that has finished (or was cancelled)
@@ -472,7 +493,7 @@ class RayRun:
         workers = self.cluster.workers()
         prepared = self._prepared = stages.prepare(spec)
         checkpoints = {p.stem: p.read_bytes() for p in run.glob("*.ckpt")}
-        self.channel = ray.remote(num_cpus=0)(JobChannel).remote(checkpoints)
+        self.channel = _remote(JobChannel).options(num_cpus=0).remote(checkpoints)
         try:
             count, images, logits = self._teacher_views(prepared, workers)
             test = ray.put(prepared.test)
@@ -598,6 +619,11 @@ class RayExecutor:
     """Runs jobs' stages on Ray for the supervisor (one RayRun per running job)."""
 
     def __init__(self, settings: Settings):
+        require_ray("POE_EXTRACTOR_EXECUTOR=ray")
+        if not settings.ray_cpus_per_task > 0:  # Ray would run any number of CPU-less tasks at once
+            from poe.engine.errors import InvalidArgument
+
+            raise InvalidArgument(f"POE_RAY_CPUS_PER_TASK: expected a number > 0, got {settings.ray_cpus_per_task:g}")
         self.settings = settings
         self.cluster = RayCluster(settings)
         self._runs: dict[str, RayRun] = {}

@@ -21,7 +21,7 @@ import kubernetes_validate.utils as kv_utils
 import yaml
 
 K8S_VERSION = "1.30"
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "RayCluster"}  # RayCluster: test_chart_ray.py
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "CronJob", "Pod"}
 POE_COMPONENTS = {"registry": "poe.v1.Registry", "composer": "poe.v1.Composer", "extractor": "poe.v1.Extractor"}
 # The image's health-check script: the exec probe when the services serve TLS, and `helm test`.
@@ -251,6 +251,9 @@ def reference_problems(objs: list[dict], *, external_secrets: Iterable[str] = ()
     for obj in objs:
         if obj["kind"] in WORKLOAD_KINDS:
             pods.append((obj, pod_template(obj)["metadata"].get("labels", {}), pod_spec(obj)))
+        elif obj["kind"] == "RayCluster":  # KubeRay makes a pod of each group's template
+            for group in [obj["spec"]["headGroupSpec"], *obj["spec"].get("workerGroupSpecs", [])]:
+                pods.append((obj, group["template"]["metadata"].get("labels", {}), group["template"]["spec"]))
     for obj, labels, spec in pods:
         sa = spec.get("serviceAccountName", "default")
         if sa not in accounts:

@@ -24,13 +24,25 @@ RAY = {"POE_EXTRACTOR_EXECUTOR": "ray", "POE_RAY_WORKERS": "2", "POE_RAY_CPUS_PE
 VIEWS = 4
 
 
+def warm_up() -> int:
+    """In a Ray worker: the imports of the stage tasks and of a first optimizer step (torch._dynamo)."""
+    from poe_services.extractor import stages  # noqa: F401
+
+    layer = torch.nn.Linear(2, 1)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    return os.getpid()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     import ray
 
     before = os.environ.get(LOOPBACK_ENV)
     start_local_ray(2)
+    # Not waited for: the workers import while the registry and extractors start (one worker per CPU).
+    warming = [ray.remote(warm_up).options(num_cpus=1).remote() for _ in range(2)]
     yield
+    del warming
     ray.shutdown()
     if before is None:
         os.environ.pop(LOOPBACK_ENV, None)
@@ -78,11 +90,38 @@ def test_shards_cover_everything_in_aligned_order():
         assert all(b == a2 for (_, b), (a2, _) in zip(got, got[1:], strict=False))
 
 
-def test_ray_extraction_matches_the_local_one(extractors, registry, params, settings, tmp_path, fmnist_test):
+def test_ray_settings_are_checked():
+    from poe.engine.config import Settings
+    from poe.engine.errors import InvalidArgument
+
+    s = Settings.from_env({"POE_EXTRACTOR_EXECUTOR": "Ray", "POE_RAY_ADDRESS": " ray://head:10001 ",
+                           "POE_RAY_WORKERS": "3", "POE_RAY_CPUS_PER_TASK": "2", "POE_RAY_GPUS_PER_TASK": "0.5"})
+    assert (s.extractor_executor, s.ray_address, s.ray_workers, s.ray_cpus_per_task, s.ray_gpus_per_task) == \
+        ("ray", "ray://head:10001", 3, 2.0, 0.5)
+    d = Settings.from_env({})
+    assert (d.extractor_executor, d.ray_address, d.ray_workers, d.ray_cpus_per_task, d.ray_gpus_per_task) == \
+        ("local", "", 0, 1.0, 0.0)
+    for name, value, expected in (("POE_EXTRACTOR_EXECUTOR", "k8s", "local or ray"),
+                                  ("POE_RAY_WORKERS", "-1", "a whole number >= 0"),
+                                  ("POE_RAY_CPUS_PER_TASK", "-2", "a number >= 0"),
+                                  ("POE_RAY_GPUS_PER_TASK", "nan", "a number >= 0")):
+        with pytest.raises(InvalidArgument, match=f"^{name}: expected {expected}"):
+            Settings.from_env({name: value})
+    # Zero CPUs per task is a valid number but no way to run stages: the extractor refuses to start.
+    from poe_services.extractor.ray_executor import RayExecutor
+
+    with pytest.raises(InvalidArgument, match="^POE_RAY_CPUS_PER_TASK: expected a number > 0, got 0$"):
+        RayExecutor(Settings.from_env({"POE_EXTRACTOR_EXECUTOR": "ray", "POE_RAY_CPUS_PER_TASK": "0"}))
+
+
+def test_ray_extraction_matches_the_local_one(extractors, registry, params, oracle, settings, tmp_path,
+                                              fmnist_test):
     """The same job through both executors at once (two extractors, one registry): identical teacher
     views, library and experts (same seeds, one torch thread each), so the composed models are
-    equally accurate."""
-    job_params = params(views=VIEWS)
+    equally accurate. The TorchScript oracle travels to the Ray tasks as the bytes checked at the
+    start (and runs in fp32: bf16 is slow on CPUs without native support); the other tests use the
+    registered safetensors oracle."""
+    job_params = params(views=VIEWS, oracle={"path": oracle["torchscript"]})
     _host, local, _runtime = extractors.start()
     _host, client, runtime = extractors.start(**RAY)  # both have looked for jobs to resume: none
     local_job = local.start({**job_params, "pool_name": "local"})
@@ -128,7 +167,7 @@ def test_killed_ray_worker_is_retried_and_a_restarted_extractor_resumes(extracto
     epoch checkpoint. Then the extractor stops mid-expert; the next one skips the finished experts
     and resumes the unfinished one from its checkpoint."""
     host, client, runtime = extractors.start(**{**RAY, "POE_RAY_WORKERS": "1"})
-    job = client.start(params(tasks=["tops", "footwear", "bags"], expert_epochs=4, batch_size=10))
+    job = client.start(params(tasks=["tops", "footwear", "bags"], expert_epochs=4, batch_size=3))  # slow epochs
     pids = runtime.supervisor.ray.task_pids
     assert _follow_until(client, job.id, lambda u: u.progress.phase == "experts" and u.progress.task == "tops"
                          and u.progress.epoch >= 2 and "expert-tops" in pids(job.id))
@@ -176,3 +215,57 @@ def test_cancel_stops_every_ray_task(extractors, registry, params, settings, pol
     assert poll(lambda: runtime.jobs.get(job.id) is None and not run.exists())
     assert list(registry.client.list_pools()) == []
     assert registry.client.get_job(job.id).state == CANCELLED
+
+
+def test_an_error_in_a_task_fails_the_job(extractors, registry, params, oracle, tmp_path):
+    """An oracle that passes the start-up check (two images) but fails on a real batch, in a Ray task:
+    the job fails at once (no retry) with the task's message, and publishes nothing."""
+    from poe.engine.export import quiet_jit
+
+    class Picky(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 2:
+                raise RuntimeError("picky oracle: at most 2 images per batch")
+            return self.inner(x)
+
+    path = tmp_path / "picky.pt"
+    with quiet_jit():
+        torch.jit.script(Picky(torch.jit.trace(oracle["model"], torch.rand(2, 1, 28, 28)))).save(str(path))
+    _host, client, _runtime = extractors.start(**RAY)
+    final = client.wait(client.start(params(oracle={"path": str(path)})).id, timeout=WAIT)
+    assert final.state == c.EXTRACTION_STATE_FAILED
+    assert final.error.startswith("teacher-0: ") and "picky oracle" in final.error, final.error
+    assert list(registry.client.list_pools()) == []
+
+
+def test_bench_extract_quick(pool_dir, tmp_path):
+    """`poe bench extract --quick` on the test pool (its tiny oracle), in the tests' Ray: every stage
+    timed for 1 and 2 workers, with the same trained bytes."""
+    from poe.bench import extract
+
+    result = extract.run(pool_dir, (1, 2), quick=True)
+    rows = result["rows"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert all(r["seconds"][k] > 0 for r in rows for k in extract.STAGES)
+    assert all(r["same_result"] for r in rows)
+    text = extract.markdown({**result, "hardware": {"cpu": "cpu", "cores": 2, "torch": "t", "torch_threads": 1,
+                                                    "python": "3.11"}, "date": "today"}, "poe bench extract --quick")
+    assert "| 2 | " in text and "same result" in text
+
+
+@pytest.mark.parametrize("args", [["bench", "extract", "--quick"], ["serve", "extractor", "--port", "0"]])
+def test_without_ray_installed_the_commands_say_so(args, tmp_path):
+    """Ray hidden from a fresh interpreter (as when the `ray` extra is not installed): one line, exit 4."""
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.modules['ray'] = None; from poe.cli.main import main; sys.exit(main({args!r}))"
+    env = {**os.environ, "POE_EXTRACTOR_EXECUTOR": "ray", "POE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("needs Ray, which is not installed: pip install "
+                                                         "'poe-suite[ray]'"), proc.stderr
