@@ -9,6 +9,9 @@ Tests of authentication itself build their own files and tokens.
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 AUTH_KEYS = ("POE_TOKENS_FILE", "POE_SERVICE_TOKEN")
 
@@ -16,3 +19,33 @@ AUTH_KEYS = ("POE_TOKENS_FILE", "POE_SERVICE_TOKEN")
 def auth_env() -> dict[str, str]:
     """The POE_* variables a test server needs to accept the run's tokens."""
     return {k: os.environ[k] for k in AUTH_KEYS if k in os.environ}
+
+
+PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@contextmanager
+def own_postgres_database(prefix: str) -> Iterator[tuple[object, str, str]]:
+    """(admin connection, name, SQLAlchemy URL) of a new, empty database on the test server
+    (POE_TEST_POSTGRES_URL), dropped afterwards. Skips when the server is unreachable; in CI fails."""
+    import psycopg
+    import pytest
+    from sqlalchemy.engine import make_url
+
+    base = make_url(PG_URL)
+    try:
+        admin = psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False),
+                                autocommit=True, connect_timeout=3)
+    except psycopg.Error as e:
+        reason = str(e).strip().splitlines()[0]
+        if IN_CI:
+            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL not reachable ({reason}); set POE_TEST_POSTGRES_URL (CI fails instead)")
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin, name, base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

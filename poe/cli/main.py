@@ -314,15 +314,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
                        formats=tuple(args.formats), seed=args.seed,
                        progress=lambda m: print(f"bench load: {m}", file=sys.stderr, flush=True))
     result = report.stamp(result, quick=quick, hw=report.hardware(), command=_bench_command(args), started=started)
-    text = bench.markdown(result, result["command"])
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    if args.update_docs:
-        path = report.update_docs(args.docs, "load", text, bench.TITLE)
-        print(f"bench load: wrote section load of {path}", file=sys.stderr)
-    print(json.dumps(result) if args.json else text)
-    return 0
+    return _write_bench_result(args, "load", result, bench)
 
 
 def cmd_bench_extract(args: argparse.Namespace) -> int:
@@ -336,13 +328,21 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
                        progress=lambda m: print(f"bench extract: {m}", file=sys.stderr, flush=True))
     result = report.stamp(result, quick=args.quick, hw=report.hardware(), command=_bench_command(args),
                           started=started)
+    return _write_bench_result(args, "extract", result, bench)
+
+
+def _write_bench_result(args: argparse.Namespace, name: str, result: dict, bench) -> int:
+    """A stamped benchmark result: to --json-out, into its section of the docs (--update-docs), and
+    printed as Markdown (or JSON with --json)."""
+    from poe.bench import report
+
     text = bench.markdown(result, result["command"])
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     if args.update_docs:
-        path = report.update_docs(args.docs, "extract", text, bench.TITLE)
-        print(f"bench extract: wrote section extract of {path}", file=sys.stderr)
+        path = report.update_docs(args.docs, name, text, bench.TITLE)
+        print(f"bench {name}: wrote section {name} of {path}", file=sys.stderr)
     print(json.dumps(result) if args.json else text)
     return 0
 

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
-from testenv import auth_env
+from testenv import auth_env, own_postgres_database
 
 from poe.engine.config import Settings
 from poe_services.registry import db
 from poe_services.registry.blobstore import FileBlobStore, S3BlobStore
 from poe_services.registry.models import Base
 
-PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 S3_KEYS = {"POE_S3_ACCESS_KEY": "test-access", "POE_S3_SECRET_KEY": "test-secret"}
 
@@ -151,27 +150,13 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="session")
 def pg_database():
     """URL of a fresh database for this session, migrated to head; dropped afterwards."""
-    import psycopg
-
-    base = make_url(PG_URL)
-    conninfo = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        admin = psycopg.connect(conninfo, autocommit=True, connect_timeout=3)
-    except psycopg.Error as e:
-        _unavailable(str(e).strip().splitlines()[0])
-    name = f"poe_registry_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = base.set(database=name).render_as_string(hide_password=False)
-    engine = db.make_engine(url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
-    try:
+    with own_postgres_database("poe_registry_test") as (_admin, _name, url):
+        engine = db.make_engine(url)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
         yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _truncate(url: str) -> None:

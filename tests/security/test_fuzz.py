@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testenv import auth_env
+from testenv import auth_env, own_postgres_database
 
 from poe.engine.config import Settings
 from poe.v1 import common_pb2, composer_pb2, extractor_pb2, registry_pb2
@@ -45,8 +44,6 @@ from poe_services import auth
 from poe_services.host import MAX_MESSAGE_BYTES, create_server
 
 POOL_DIR = Path(__file__).resolve().parents[2] / "pools" / "fashion-mnist"
-PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 LONG_RUN = int(os.environ.get("POE_FUZZ_EXAMPLES", "0"))
 FUZZ_EXAMPLES = LONG_RUN or 100
@@ -495,40 +492,24 @@ def target(tmp_path_factory) -> Iterator[Target]:
 @pytest.fixture(scope="module")
 def pg_target(tmp_path_factory) -> Iterator[Target]:
     """The registry alone on one loopback server, on a PostgreSQL database of its own."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    base = make_url(PG_URL)
-    try:
-        admin = psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False),
-                                autocommit=True, connect_timeout=3)
-    except psycopg.Error as e:
-        reason = str(e).strip().splitlines()[0]
-        if IN_CI:
-            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL not reachable ({reason}); set POE_TEST_POSTGRES_URL (CI fails instead)")
-    name = f"poe_fuzz_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    database_url = base.set(database=name).render_as_string(hide_password=False)
-    home = tmp_path_factory.mktemp("fuzz-pg") / "home"
-    host = None
-    channel = None
-    try:
-        # The composer too: the set-up composes a model to have a real composed-model record.
-        host = create_server("127.0.0.1:0", _settings(home, database_url), ("registry", "composer"), migrate=True,
-                             warm=False)
-        host.start()
-        channel = _channel(host.port)
-        t = _setup_target(channel, home / "blobs", database_url)
-        yield t
-        t.database.close()
-    finally:
-        if channel is not None:
-            channel.close()
-        if host is not None:
-            host.stop(None).wait(30)
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with own_postgres_database("poe_fuzz_test") as (_admin, _name, database_url):
+        home = tmp_path_factory.mktemp("fuzz-pg") / "home"
+        host = None
+        channel = None
+        try:
+            # The composer too: the set-up composes a model to have a real composed-model record.
+            host = create_server("127.0.0.1:0", _settings(home, database_url), ("registry", "composer"),
+                                 migrate=True, warm=False)
+            host.start()
+            channel = _channel(host.port)
+            t = _setup_target(channel, home / "blobs", database_url)
+            yield t
+            t.database.close()
+        finally:
+            if channel is not None:
+                channel.close()
+            if host is not None:
+                host.stop(None).wait(30)
 
 
 # -- requests -----------------------------------------------------------------------------------------

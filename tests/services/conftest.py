@@ -3,21 +3,15 @@ database of the test's own (POE_TEST_POSTGRES_URL) that can refuse connections f
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
-from testenv import auth_env
+from testenv import auth_env, own_postgres_database
 
 from poe.engine.config import Settings
-
-PG_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
@@ -73,29 +67,12 @@ class ClosableDatabase:
 
 @pytest.fixture
 def closable_database():
-    import psycopg
-
     from poe_services.registry import db
 
-    base = make_url(PG_URL)
-    try:
-        admin = psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False),
-                                autocommit=True, connect_timeout=3)
-    except psycopg.Error as e:
-        reason = str(e).strip().splitlines()[0]
-        if IN_CI:
-            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL not reachable ({reason}); set POE_TEST_POSTGRES_URL (CI fails instead)")
-    name = f"poe_host_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = base.set(database=name).render_as_string(hide_password=False)
-    try:
+    with own_postgres_database("poe_host_test") as (admin, name, url):
         engine = db.make_engine(url)
         try:
             db.upgrade(engine)
         finally:
             engine.dispose()
         yield ClosableDatabase(url, name, admin)
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
