@@ -34,15 +34,6 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _warm(_i: int) -> int:
-    """Runs in a Ray worker: the imports every stage task makes."""
-    import os
-
-    from poe_services.extractor import stages  # noqa: F401  (torch and the engine)
-
-    return os.getpid()
-
-
 def job_spec(pool_dir: Path, dataset: str, subset: int, views: int, library_epochs: int, expert_epochs: int,
              batch_size: int, seed: int, student_depth: int = 16, expert_width: int = 16):
     """A JobSpec as StartExtraction would resolve it for the pool's oracle (registered as id 0)."""
@@ -81,12 +72,11 @@ def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] =
         dataset: str | None = None, subset: int = 3_000, views: int = 2, library_epochs: int = 1,
         expert_epochs: int = 5, batch_size: int = 128, seed: int = 0, cpus: int = 0,
         progress: Progress = _quiet) -> dict:
+    import ray
+
     from poe.engine.config import Settings
     from poe.engine.errors import InvalidArgument
-    from poe_services.extractor.ray_executor import RayCluster, RayRun, require_ray, start_local_ray, usable_cores
-
-    require_ray("poe bench extract")
-    import ray
+    from poe_services.extractor.ray_executor import RayCluster, RayRun, start_local_ray, usable_cores, warm_worker
 
     if not workers or any(w < 1 for w in workers):
         raise InvalidArgument(f"--workers: expected whole numbers >= 1, got {','.join(map(str, workers))}")
@@ -104,11 +94,11 @@ def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] =
         progress(f"starting a local Ray with {cpus or usable_cores()} CPUs")
         start_local_ray(cpus or usable_cores())
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    base = replace(Settings.from_env({}), extractor_executor="ray", ray_cpus_per_task=1.0, ray_gpus_per_task=0.0)
+    base = replace(Settings.from_env({}), ray_cpus_per_task=1.0, ray_gpus_per_task=0.0)
     rows = []
     try:
         progress("warming the Ray workers (torch and the stages imported once)")
-        ray.get([ray.remote(_warm).options(num_cpus=1).remote(i) for i in range(cluster_cpus)])
+        ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cluster_cpus)])
         for n in workers:
             settings = replace(base, ray_workers=n)
             with tempfile.TemporaryDirectory(prefix="poe-bench-extract-") as tmp:

@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "through the Ray executor's stages once per worker count, on a local Ray "
                                      "started with this machine's cores: seconds of the teacher views, the library, "
                                      "the features and the experts, and the speed-up over the first count "
-                                     "(docs/BENCHMARKS.md). Needs the `ray` extra.")
+                                     "(docs/BENCHMARKS.md).")
     be.add_argument("--workers", type=_int_list, default=(1, 2), help="worker counts, comma-separated (default 1,2)")
     be.add_argument("--pool", default="pools/fashion-mnist", help="pool directory whose oracle and hierarchy to use")
     be.add_argument("--dataset", help="data set (default: the pool's)")

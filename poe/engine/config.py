@@ -189,7 +189,6 @@ def _default_pools_dir() -> Path:
 
 ROLES = ("reader", "publisher", "admin", "service")
 LB_POLICIES = ("pick_first", "round_robin")
-EXECUTORS = ("local", "ray")  # where extraction jobs train
 # Who a caller without a token is: auto = reader while the server listens on loopback only, else nobody.
 ANONYMOUS_ROLES = ("auto", "none", "reader", "publisher", "admin")
 
@@ -244,19 +243,16 @@ class Settings:
     # default pool counts as ready, the others right after, in the background (pt2 and onnx cost
     # about a second of CPU per tensor layout, torchscript a twentieth).
     composer_warm_formats: tuple[str, ...] = ("torchscript",)
-    # Extractor: jobs training at once; torch threads per worker (0: OMP_NUM_THREADS or the cores, over
-    # max jobs); worker deaths before a job fails; seconds between progress writes to the registry and
-    # between health probes.
+    # Extractor: jobs driven at once; attempts of a Ray task whose worker process dies; seconds between
+    # progress writes to the registry and between health probes.
     extractor_max_jobs: int = 1
-    extractor_threads: int = 0
     extractor_max_attempts: int = 3
     extractor_progress_interval: float = 2.0
     extractor_health_interval: float = 5.0
-    # Extractor: where jobs train ("local": a worker process per job on this machine; "ray": Ray tasks);
-    # the Ray cluster ("": a local Ray started with the first job); Ray workers per stage (shards of
-    # the sharded stages, experts at once; 0: the cluster's CPUs over the CPUs per task); Ray
-    # resources per task (CPUs are also the task's torch threads; GPUs may be fractions).
-    extractor_executor: str = "local"
+    # Extractor: the Ray cluster jobs train on ("": a local Ray started with the first job); Ray
+    # workers per stage (shards of the sharded stages, experts at once; 0: the cluster's CPUs over
+    # the CPUs per task); Ray resources per task (CPUs are also the task's torch threads; GPUs may
+    # be fractions).
     ray_address: str = ""
     ray_workers: int = 0
     ray_cpus_per_task: float = 1.0
@@ -357,11 +353,9 @@ class Settings:
             composer_ready_timeout=_float(env, "POE_COMPOSER_READY_TIMEOUT", 60.0),
             composer_warm_formats=_list(env, "POE_COMPOSER_WARM_FORMATS", ("torchscript",)),
             extractor_max_jobs=_int(env, "POE_EXTRACTOR_MAX_JOBS", 1),
-            extractor_threads=_int(env, "POE_EXTRACTOR_THREADS", 0),
             extractor_max_attempts=_int(env, "POE_EXTRACTOR_MAX_ATTEMPTS", 3),
             extractor_progress_interval=_float(env, "POE_EXTRACTOR_PROGRESS_INTERVAL", 2.0),
             extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
-            extractor_executor=_choice(env, "POE_EXTRACTOR_EXECUTOR", "local", EXECUTORS),
             ray_address=_raw(env, "POE_RAY_ADDRESS") or "",
             ray_workers=_count(env, "POE_RAY_WORKERS", 0),
             ray_cpus_per_task=_amount(env, "POE_RAY_CPUS_PER_TASK", 1.0),

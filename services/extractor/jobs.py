@@ -1,6 +1,7 @@
 """The extractor's jobs in memory: the Job record, the queue, cancel, and what Get/Watch/List read.
 
-At most `POE_EXTRACTOR_MAX_JOBS` jobs run at once; the others wait in the queue (PENDING). A job
+At most `POE_EXTRACTOR_MAX_JOBS` jobs are driven at once (a thread pool's threads, each driving
+one job's Ray tasks); the others wait in the pool's queue (PENDING). A job
 that runs here is read with this extractor's live progress; any other job is read from the
 registry. One lock (`JobBoard.lock`) guards the board and every job's live fields; `changed` is
 notified on every change, which is what Watch streams wait on.
@@ -9,12 +10,12 @@ notified on every change, which is what Watch streams wait on.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,6 @@ class Job:
     eta: float | None = None
     cancelled: bool = False
     finished: bool = False
-    process: mp.process.BaseProcess | None = None
-    thread: threading.Thread | None = None
     attempt: int = 0
     device: str = ""
     started: float = 0.0
@@ -65,10 +64,10 @@ class Job:
 
 
 class JobBoard:
-    """Jobs this extractor knows, the queue and the running set. `run(job)` is called (under the
-    lock) for every job that may start; it must return at once (it starts a supervisor thread)."""
+    """Jobs this extractor knows, queued and running. `run(job)` drives a job to its end on one of
+    the pool's threads and calls `finish` when it is done."""
 
-    def __init__(self, registry: RegistryClient, max_jobs: int, run: Callable[[Job], threading.Thread],
+    def __init__(self, registry: RegistryClient, max_jobs: int, run: Callable[[Job], None],
                  stopping: threading.Event, closing: threading.Event):
         self.registry = registry
         self.max_jobs = max(1, max_jobs)
@@ -78,8 +77,8 @@ class JobBoard:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._jobs: dict[str, Job] = {}
-        self._queue: deque[str] = deque()
-        self._running: set[str] = set()
+        self._futures: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="extract")
 
     # -- the queue ---------------------------------------------------------------------------------
 
@@ -94,41 +93,39 @@ class JobBoard:
 
     def running(self) -> list[Job]:
         with self.lock:
-            return [self._jobs[j] for j in self._running if j in self._jobs]
+            return [self._jobs[j] for j, f in self._futures.items() if f.running() and j in self._jobs]
 
     def enqueue(self, job: Job) -> bool:
-        """Queue `job` (not scheduled yet: call schedule()); False when the id is known already or
-        the extractor closes."""
+        """Queue `job`; it starts as soon as fewer than max_jobs run. False when the id is known
+        already or the extractor closes."""
         with self.lock:
             if job.id in self._jobs or self._closing.is_set():
                 return False
             self._jobs[job.id] = job
-            self._queue.append(job.id)
+            self._futures[job.id] = self._pool.submit(self._run, job)
+            self.update_gauges()
             return True
 
-    def schedule(self) -> None:
-        """Start queued jobs while fewer than max_jobs run."""
-        with self.lock:
-            while self._queue and len(self._running) < self.max_jobs and not self._closing.is_set():
-                job = self._jobs.get(self._queue.popleft())
-                if job is None or job.cancelled:
-                    continue
-                self._running.add(job.id)
-                job.thread = self._run(job)
-            self.update_gauges()
-
     def finish(self, job: Job, outcome: str | None) -> None:
-        """The job's supervisor is done (outcome "succeeded", "failed", "cancelled", or None when
-        the extractor stopped it); the next queued job may start."""
+        """The job's driver is done (outcome "succeeded", "failed", "cancelled", or None when the
+        extractor stopped it); the next queued job may start."""
         with self.lock:
-            self._running.discard(job.id)
             if self._jobs.get(job.id) is job:
                 del self._jobs[job.id]
+                self._futures.pop(job.id, None)
             if outcome:
                 metrics.EXTRACTION_JOBS_FINISHED.labels(outcome).inc()
             job.finished = True
             self.changed.notify_all()
-        self.schedule()
+            self.update_gauges()
+
+    def close(self, timeout: float) -> None:
+        """Drop the queued jobs (they stay PENDING in the registry for the next extractor) and wait
+        up to `timeout` s for the running ones to stop (`closing` is set: their drivers stop)."""
+        with self.lock:
+            running = [f for f in self._futures.values() if not f.cancel()]
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        wait_futures(running, timeout=timeout)
 
     def notify(self) -> None:
         """Wake every Watch (a job changed, a client went away, the extractor shuts down)."""
@@ -138,7 +135,7 @@ class JobBoard:
     # -- cancel ------------------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> c.ExtractionJob:
-        """CANCELLED in the registry first, then the worker is stopped (its supervisor removes the
+        """CANCELLED in the registry first, then the job's tasks are stopped (its driver removes the
         run directory); a queued job simply leaves the queue."""
         job = self.get(job_id)
         if job is None:
@@ -153,14 +150,14 @@ class JobBoard:
                 raise FailedPrecondition(f"job {job_id} is already {state}")
             rec = self.registry.update_job(job_id, state="cancelled", stage=job.progress.get("phase", ""),
                                            message="cancelled")
-            job.cancelled = True
-            proc = job.process
+            job.cancelled = True  # a running job's driver stops its tasks and removes the run directory
         log.info("extractor: job %s cancelled", job_id)
         queued = False
         with self.lock:
             job.record, job.progress, job.message = rec, {"phase": "cancelled"}, "cancelled"
-            if job_id in self._queue:  # never started: nothing else will clean up after it
-                self._queue.remove(job_id)
+            future = self._futures.get(job_id)
+            if future is not None and future.cancel():  # never started: nothing else will clean up after it
+                self._futures.pop(job_id, None)
                 self._jobs.pop(job_id, None)
                 metrics.EXTRACTION_JOBS_FINISHED.labels("cancelled").inc()
                 queued = True
@@ -168,8 +165,6 @@ class JobBoard:
             self.update_gauges()
         if queued:
             shutil.rmtree(job.run, ignore_errors=True)
-        if proc is not None and proc.is_alive():
-            proc.terminate()  # the supervisor reaps it and removes the run directory
         return rec
 
     # -- reading -----------------------------------------------------------------------------------
@@ -239,15 +234,9 @@ class JobBoard:
                 jobs.append(self.live_record(job) if job is not None else rec)
         return jobs, resp.next_page_token
 
-    def worker_pid(self, job_id: str) -> int | None:
-        with self.lock:
-            job = self._jobs.get(job_id)
-            proc = job.process if job is not None else None
-            return proc.pid if proc is not None and proc.is_alive() else None
-
     def update_gauges(self) -> None:
         with self.lock:
-            running = [self._jobs[j] for j in self._running if j in self._jobs]
-            metrics.EXTRACTION_JOBS.labels("queued").set(len(self._queue))
+            running = self.running()
+            metrics.EXTRACTION_JOBS.labels("queued").set(len(self._jobs) - len(running))
             metrics.EXTRACTION_JOBS.labels("running").set(len(running))
             metrics.EXTRACTION_PROGRESS.set(sum(j.fraction for j in running) / len(running) if running else 0.0)

@@ -1,11 +1,10 @@
-"""The Ray executor: an extraction job's stages as Ray tasks (POE_EXTRACTOR_EXECUTOR=ray).
+"""The executor: an extraction job's stages as Ray tasks.
 
-The extractor process is the Ray driver. For each running job its supervisor thread (see
-`supervision.py`) places the inputs in the run directory as for the local executor, then `RayRun`
-submits the stages of `stages.py` as Ray tasks, follows them, and hands the same reports a local
-worker sends (phase, progress, library, expert) to the supervisor, which registers the library and
-experts and publishes the pool. Nothing else changes for the job: its gRPC API, records,
-all-or-nothing publishing, cancel and resume are the extractor's.
+The extractor process is the Ray driver: it connects to the cluster at POE_RAY_ADDRESS, or starts a
+local Ray with this machine's cores (on loopback) when the first job needs it. For each running job
+its driver thread (`driver.py`) places the inputs in the run directory, then `RayRun` submits the
+stages of `stages.py` as Ray tasks, follows them, and hands their reports (phase, progress,
+library, expert) to the driver, which registers the library and experts and publishes the pool.
 
 The stages on Ray (`POE_RAY_WORKERS` = W, 0: the cluster's CPUs over `POE_RAY_CPUS_PER_TASK`):
 
@@ -73,16 +72,6 @@ def job_failed(message: str) -> PoeError:
 
 class Stopped(Exception):  # noqa: N818 - control flow, not an error
     """The job was cancelled or the extractor is stopping; its tasks were cancelled."""
-
-
-def require_ray(what: str) -> None:
-    """InvalidArgument when Ray is not installed (it is the `ray` extra)."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        from poe.engine.errors import InvalidArgument
-
-        raise InvalidArgument(f"{what} needs Ray, which is not installed: pip install 'poe-suite[ray]'") from None
 
 
 def start_local_ray(num_cpus: int) -> None:
@@ -226,6 +215,19 @@ class TaskRelay:
 
 
 # -- the tasks (plain functions, wrapped by ray.remote when submitted) -----------------------------
+
+def warm_worker() -> int:
+    """A task that makes a Ray worker process import what the stage tasks import (torch, the engine)
+    and take a first optimizer step (torch._dynamo), so that the first real task does not pay for it;
+    returns its pid."""
+    import torch
+
+    from poe_services.extractor import stages  # noqa: F401
+
+    layer = torch.nn.Linear(2, 1)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    return os.getpid()
+
 
 def _setup(threads: int) -> None:
     import torch
@@ -616,10 +618,9 @@ class RayRun:
 
 
 class RayExecutor:
-    """Runs jobs' stages on Ray for the supervisor (one RayRun per running job)."""
+    """Runs jobs' stages on Ray for the job driver (one RayRun per running job)."""
 
     def __init__(self, settings: Settings):
-        require_ray("POE_EXTRACTOR_EXECUTOR=ray")
         if not settings.ray_cpus_per_task > 0:  # Ray would run any number of CPU-less tasks at once
             from poe.engine.errors import InvalidArgument
 

@@ -1,20 +1,20 @@
-"""The extractor as a running service: wires the job board, supervisors and registry records
+"""The extractor as a running service: wires the job board, the job driver and registry records
 together, resumes unfinished jobs, reports health.
 
 Life of a job (docs/EXTRACTOR.md):
 
 1. StartExtraction: `plan.Planner` checks the request and resolves it into a `spec.JobSpec`; the
    job is recorded PENDING in the registry and queued (`jobs.JobBoard`).
-2. At most `POE_EXTRACTOR_MAX_JOBS` jobs run at once. A supervisor thread per running job
-   (`supervision.Supervisor`) runs its worker process and hands what the worker reports to
-   `recording.Recorder`: progress (kept in memory for Watch, written to the registry every
+2. At most `POE_EXTRACTOR_MAX_JOBS` jobs are driven at once. `driver.JobDriver` runs a job's
+   stages as Ray tasks (`ray_executor`) and hands what they report to `recording.Recorder`:
+   progress (kept in memory for Watch, written to the registry every
    `POE_EXTRACTOR_PROGRESS_INTERVAL` s), the library and each expert as they finish (registered
    at once).
-3. When the worker has trained everything, the pool version is published (one atomic PublishPool)
-   and the job marked SUCCEEDED. Cancel and publish exclude each other (the job's lock), so a
-   cancelled job never publishes.
-4. A worker that dies is started again and resumes from the run directory's checkpoints (up to
-   `POE_EXTRACTOR_MAX_ATTEMPTS` deaths). On shutdown workers are stopped and their jobs stay
+3. When every stage is done, the pool version is published (one atomic PublishPool) and the job
+   marked SUCCEEDED. Cancel and publish exclude each other (the job's lock), so a cancelled job
+   never publishes.
+4. Ray runs a task whose worker process died again (up to `POE_EXTRACTOR_MAX_ATTEMPTS` attempts),
+   from the stage's last epoch checkpoint. On shutdown every task is stopped and the jobs stay
    RUNNING; the next extractor on the same registry resumes RUNNING and PENDING jobs.
 
 One extractor per registry: the jobs a registry lists as RUNNING are taken to be this extractor's
@@ -52,11 +52,11 @@ from poe.v1 import extractor_pb2 as pb
 from poe.v1 import registry_pb2 as r
 from poe_services import metrics
 from poe_services.auth import OWNER_KEY
+from poe_services.extractor.driver import JobDriver
 from poe_services.extractor.jobs import Job, JobBoard
 from poe_services.extractor.plan import Planner, check_job_id, check_spec, request_dict
 from poe_services.extractor.recording import Recorder
 from poe_services.extractor.spec import FORMAT, JobSpec
-from poe_services.extractor.supervision import Supervisor
 
 if TYPE_CHECKING:
     from poe_services.host import HealthReporter
@@ -75,7 +75,7 @@ REGISTRY_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE
 
 
 class ExtractorRuntime:
-    """Job queue, supervisors and health of one extractor. `registry` is a RegistryClient (kept
+    """Job queue, job driver and health of one extractor. `registry` is a RegistryClient (kept
     open by its owner), or the address of the registry (default settings.registry_addr)."""
 
     def __init__(self, settings: Settings, registry: RegistryClient | str | None = None):
@@ -88,11 +88,11 @@ class ExtractorRuntime:
         self.runs_dir = settings.home / "extractions"
         self.planner = Planner(settings, self.registry)
         self._stop = threading.Event()  # begin_shutdown: no new jobs, NOT_SERVING
-        self._closing = threading.Event()  # close: workers are being stopped
-        self.jobs = JobBoard(self.registry, settings.extractor_max_jobs, lambda job: self.supervisor.start(job),
+        self._closing = threading.Event()  # close: the jobs' tasks are being stopped
+        self.jobs = JobBoard(self.registry, settings.extractor_max_jobs, lambda job: self.driver.run(job),
                              self._stop, self._closing)
         self.recorder = Recorder(settings, self.registry, self.jobs, self._closing)
-        self.supervisor = Supervisor(settings, self.registry, self.jobs, self.recorder, self._closing)
+        self.driver = JobDriver(settings, self.registry, self.jobs, self.recorder, self._closing)
         self._start_lock = threading.Lock()  # one start at a time: idempotent job ids, staging directories
         self._wake = threading.Event()
         self.recovered = threading.Event()
@@ -127,7 +127,7 @@ class ExtractorRuntime:
         self.jobs.notify()
 
     def close(self) -> None:
-        """begin_shutdown(), then stop the workers (their jobs stay RUNNING in the registry and are
+        """begin_shutdown(), then stop the jobs' tasks (the jobs stay RUNNING in the registry and are
         resumed by the next extractor) and release the registry connection."""
         self.begin_shutdown()
         with self.jobs.lock:
@@ -135,15 +135,8 @@ class ExtractorRuntime:
                 return
             self._closed = True
             self._closing.set()
-            running = self.jobs.running()
-        for job in running:
-            proc = job.process
-            if proc is not None and proc.is_alive():
-                proc.terminate()
-        for job in running:
-            if job.thread is not None:
-                job.thread.join(timeout=20)
-        self.supervisor.close()
+        self.jobs.close(timeout=20)
+        self.driver.close()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         if self._own_registry:
@@ -226,7 +219,6 @@ class ExtractorRuntime:
                     resumed += 1
         if resumed:
             log.info("extractor: resuming %d unfinished job(s)", resumed)
-        self.jobs.schedule()
 
     def _resumable(self, rec: c.ExtractionJob) -> Job | None:
         """The job to resume from a registry record; None for a job of another format (left alone)."""
@@ -305,7 +297,6 @@ class ExtractorRuntime:
             job = Job(job_id, spec, run, rec)
             self.jobs.enqueue(job)
         log.info("extractor: job %s queued: %s, tasks %s", job_id, job.ref, ", ".join(spec.tasks))
-        self.jobs.schedule()
         return self.jobs.live_record(job)
 
     def _same_job(self, job_id: str, params: pb.ExtractionParams) -> c.ExtractionJob | None:
@@ -341,6 +332,7 @@ class ExtractorRuntime:
     def list_jobs(self, state: int = 0, page_size: int = 0, page_token: str = "") -> tuple[list, str]:
         return self.jobs.list_jobs(state, page_size, page_token)
 
-    def worker_pid(self, job_id: str) -> int | None:
-        """The pid of the job's worker process while it runs here (for operators and tests)."""
-        return self.jobs.worker_pid(job_id)
+    def task_pids(self, job_id: str) -> dict[str, int]:
+        """stage -> pid of the Ray worker process running it, for the job's tasks running now (for
+        operators and tests)."""
+        return self.driver.executor.task_pids(job_id)

@@ -1,11 +1,9 @@
-"""The stages of an extraction job as plain functions, shared by both executors.
+"""The stages of an extraction job as plain functions, run as Ray tasks by `ray_executor.py`.
 
-The local executor (`worker.py`: one worker process per job on the extractor's machine) and the
-Ray executor (`ray_executor.py`: Ray tasks on a cluster) compute the same things with these
-functions; only where they run and how inputs and results travel differ. Inputs and outputs are
-tensors, modules, bytes and JSON-able dicts. The functions that read or write a run directory say
-so in their name (`save_*`, `load_*`, `*_done`) or take it as `run`; `workdir` is a scratch
-directory for checkpoints and the training log (the run directory itself in the local executor).
+Inputs and outputs are tensors, modules, bytes and JSON-able dicts, so they travel through Ray's
+object store. The functions that read or write a run directory (on the extractor's machine, which
+drives the job) say so in their name (`save_*`, `load_*`, `*_done`) or take it as `run`; `workdir`
+is a task's scratch directory for checkpoints and the training log.
 
 1. `prepare`: the data set, the hierarchy and the amount of work.
 2. Teacher views: fixed views of the training images (`view_images`) and the oracle's logits for
@@ -80,10 +78,6 @@ class Prepared:
     @property
     def units_total(self) -> int:
         return self.library_units + self.expert_units * len(self.tasks)
-
-    def expert_base_units(self, index: int) -> int:
-        """Units done before the expert at `index` (0-based) when experts train one after another."""
-        return self.library_units + index * self.expert_units
 
 
 def prepare(spec: JobSpec) -> Prepared:

@@ -61,9 +61,9 @@ def test_off_by_default():
     objs = render({})
     assert not [o for o in objs if o["kind"] == "RayCluster"]
     config = one(objs, "ConfigMap", f"{RELEASE}-config")["data"]
-    assert not [k for k in config if k.startswith("POE_RAY") or k == "POE_EXTRACTOR_EXECUTOR"]
+    assert not [k for k in config if k.startswith("POE_RAY")]
     assert "RAY_AUTH_TOKEN" not in {e["name"] for e in extractor_container(objs).get("env", [])}
-    assert Settings.from_env(config).extractor_executor == "local"
+    assert Settings.from_env(config).ray_address == ""  # the extractor's own local Ray
 
 
 def test_raycluster_follows_the_v1_api():
@@ -71,7 +71,7 @@ def test_raycluster_follows_the_v1_api():
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["metadata"]["name"] == f"{RELEASE}-ray"
     spec = cluster["spec"]
     assert set(spec) <= SPEC_FIELDS, set(spec) - SPEC_FIELDS
-    # The pods run the Ray that the `ray` extra pins.
+    # The pods run the Ray that pyproject.toml pins.
     pinned = re.search(r'"ray\[train\]==([\d.]+)"', (Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert spec["rayVersion"] == pinned.group(1)
     assert spec["enableInTreeAutoscaling"] is False
@@ -145,8 +145,7 @@ def test_the_extractor_runs_on_the_cluster():
     # KubeRay names the head's Service CLUSTER-head-svc; the extractor is a Ray Client of its port 10001.
     assert config["POE_RAY_ADDRESS"] == f"ray://{one(objs, 'RayCluster')['metadata']['name']}-head-svc:10001"
     settings = Settings.from_env(config)  # what `poe serve extractor` reads
-    assert (settings.extractor_executor, settings.ray_workers, settings.ray_cpus_per_task,
-            settings.ray_gpus_per_task) == ("ray", 4, 2.0, 0.5)
+    assert (settings.ray_workers, settings.ray_cpus_per_task, settings.ray_gpus_per_task) == (4, 2.0, 0.5)
 
 
 def test_network_policies_let_the_extractor_reach_the_head_only():

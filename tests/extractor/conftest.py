@@ -5,7 +5,9 @@
 - An oracle: a tiny WRN-10-1 really trained on that subset (seconds), as a safetensors state dict
   with its config beside it (as `poe train` writes it) and as TorchScript.
 - A real registry server on port 0 (SQLite from a migrated template + file blobs in tmp_path) and
-  real extractor servers on port 0 talking to it; workers train with one thread.
+  real extractor servers on port 0 talking to it.
+- A real one-node Ray on loopback with 2 CPUs, started once for the session: the extractors run
+  their jobs' stages on it as tasks of one torch thread each.
 """
 
 from __future__ import annotations
@@ -78,6 +80,27 @@ def data(tmp_path_factory, fmnist_train, fmnist_test) -> dict:
     return {"idx": str(idx), "npz": str(npz), "rgb3": str(rgb), "train": train, "test": test}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_cluster():
+    """The Ray every extractor of the session uses (one that this process started is used as it is,
+    and not shut down by the extractors)."""
+    import ray
+
+    from poe_services.extractor.ray_executor import LOOPBACK_ENV, start_local_ray, warm_worker
+
+    before = os.environ.get(LOOPBACK_ENV)
+    start_local_ray(2)
+    # Not waited for: the workers import while the first test's registry and extractor start.
+    warming = [ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(2)]
+    yield
+    del warming
+    ray.shutdown()
+    if before is None:
+        os.environ.pop(LOOPBACK_ENV, None)
+    else:
+        os.environ[LOOPBACK_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory, data) -> dict:
     """A WRN-10-1 trained for 3 epochs on the subset: {"safetensors", "torchscript", "model"}."""
@@ -120,7 +143,7 @@ def make_settings(tmp_path: Path, registry_target: str = "", **env: str) -> Sett
     return Settings.from_env({**auth_env(), "POE_EXTRACTOR_ORACLE_DIR": str(tmp_path.parent),
         "POE_HOME": str(tmp_path / "home"), "POE_DATABASE_URL": f"sqlite:///{tmp_path / 'registry.sqlite3'}",
         "POE_BLOB_URL": f"file://{tmp_path / 'blobs'}", "POE_REGISTRY_ADDR": registry_target,
-        "POE_REGISTRY_HEALTH_INTERVAL": "0.2", "POE_EXTRACTOR_THREADS": "1", "POE_EXTRACTOR_MAX_JOBS": "1",
+        "POE_REGISTRY_HEALTH_INTERVAL": "0.2", "POE_RAY_CPUS_PER_TASK": "1", "POE_EXTRACTOR_MAX_JOBS": "1",
         "POE_EXTRACTOR_PROGRESS_INTERVAL": "0.1", "POE_EXTRACTOR_HEALTH_INTERVAL": "0.2", "POE_DEVICE": DEVICE,
         **env})
 

@@ -28,8 +28,8 @@ from poe.engine.errors import NotFound, Unavailable
 from poe.engine.pool import Pool
 from poe.engine.pool import save as save_pool
 from poe.v1 import common_pb2
+from poe_services.extractor.driver import clean_run_dir
 from poe_services.extractor.jobs import Job
-from poe_services.extractor.supervision import clean_run_dir
 from poe_services.host import create_server
 from poe_services.registry import entities as e
 from poe_services.registry.blobstore import FileBlobStore, blob_path
