@@ -33,7 +33,8 @@ from poe.engine.errors import InvalidArgument, PoeError
 
 EMBEDDED = "embedded"
 NUMERIC = ("student_depth", "student_width", "stem_stride", "expert_width", "library_epochs", "expert_epochs",
-           "batch_size", "lr", "temperature", "soft_weight", "scale_weight", "views", "seed", "subset")
+           "batch_size", "lr", "temperature", "soft_weight", "scale_weight", "views", "seed", "subset",
+           "ray_workers", "ray_cpus_per_task", "ray_gpus_per_task", "library_workers")
 
 
 def _default_target() -> str:
@@ -360,7 +361,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             ("--soft-weight", float, "CKD soft-loss weight (default 1)"),
             ("--scale-weight", float, "CKD scale-loss weight (default 0.3)"),
             ("--views", int, "fixed augmented views of the training set (default 4)"),
-            ("--seed", int, "default 0"), ("--subset", int, "train on about this many images (quick runs)")):
+            ("--seed", int, "default 0"), ("--subset", int, "train on about this many images (quick runs)"),
+            ("--ray-workers", int, "Ray tasks per stage: shards, experts at once (default: the extractor's)"),
+            ("--ray-cpus-per-task", float, "CPUs (torch threads) of each Ray task (default: the extractor's)"),
+            ("--ray-gpus-per-task", float, "GPUs of each Ray task, fractions share one (default: the extractor's)"),
+            ("--library-workers", int, "data-parallel workers of the library's KD (default: the extractor's)")):
         ex.add_argument(flag, type=kind, help=text)
     ex.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the extractor's POE_DEVICE)")
     ex.add_argument("--job-id", help="choose the job id (a retry with the same id and flags is idempotent)")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from poe.v1 import common_pb2 as poe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poe/v1/extractor.proto\x12\x06poe.v1\x1a\x13poe/v1/common.proto\"T\n\x0cOracleSource\x12\x15\n\x0bregistry_id\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\tB\x08\n\x06source\"\x8a\x06\n\x10\x45xtractionParams\x12$\n\x06oracle\x18\x01 \x01(\x0b\x32\x14.poe.v1.OracleSource\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x11\n\thierarchy\x18\x03 \x01(\t\x12\x16\n\x0ehierarchy_text\x18\x04 \x01(\t\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x11\n\tbase_pool\x18\x06 \x01(\t\x12\x11\n\tpool_name\x18\x07 \x01(\t\x12\x14\n\x0cpool_version\x18\x08 \x01(\t\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x1a\n\rstudent_depth\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rstudent_width\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bstem_stride\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0c\x65xpert_width\x18\r \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0elibrary_epochs\x18\x0e \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rexpert_epochs\x18\x0f \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nbatch_size\x18\x10 \x01(\x05H\x06\x88\x01\x01\x12\x0f\n\x02lr\x18\x11 \x01(\x01H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\x12 \x01(\x01H\x08\x88\x01\x01\x12\x18\n\x0bsoft_weight\x18\x13 \x01(\x01H\t\x88\x01\x01\x12\x19\n\x0cscale_weight\x18\x14 \x01(\x01H\n\x88\x01\x01\x12\x12\n\x05views\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x11\n\x04seed\x18\x16 \x01(\x05H\x0c\x88\x01\x01\x12\x13\n\x06subset\x18\x17 \x01(\x05H\r\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x18 \x01(\tB\x10\n\x0e_student_depthB\x10\n\x0e_student_widthB\x0e\n\x0c_stem_strideB\x0f\n\r_expert_widthB\x11\n\x0f_library_epochsB\x10\n\x0e_expert_epochsB\r\n\x0b_batch_sizeB\x05\n\x03_lrB\x0e\n\x0c_temperatureB\x0e\n\x0c_soft_weightB\x0f\n\r_scale_weightB\x08\n\x06_viewsB\x07\n\x05_seedB\t\n\x07_subset\"\xa0\x02\n\x12\x45xtractionProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x10\n\x08\x66raction\x18\n \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0f\x65lapsed_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x0c\n\x04live\x18\x0f \x01(\x08\x42\x0e\n\x0c_eta_seconds\"R\n\x16StartExtractionRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.poe.v1.ExtractionParams\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"=\n\x17StartExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\"(\n\x16WatchExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x17WatchExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.poe.v1.ExtractionProgress\"&\n\x14GetExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"i\n\x15GetExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.poe.v1.ExtractionProgress\"g\n\x16ListExtractionsRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.poe.v1.ExtractionState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x17ListExtractionsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.poe.v1.ExtractionJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17\x43\x61ncelExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x18\x43\x61ncelExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob2\xae\x03\n\tExtractor\x12R\n\x0fStartExtraction\x12\x1e.poe.v1.StartExtractionRequest\x1a\x1f.poe.v1.StartExtractionResponse\x12T\n\x0fWatchExtraction\x12\x1e.poe.v1.WatchExtractionRequest\x1a\x1f.poe.v1.WatchExtractionResponse0\x01\x12L\n\rGetExtraction\x12\x1c.poe.v1.GetExtractionRequest\x1a\x1d.poe.v1.GetExtractionResponse\x12R\n\x0fListExtractions\x12\x1e.poe.v1.ListExtractionsRequest\x1a\x1f.poe.v1.ListExtractionsResponse\x12U\n\x10\x43\x61ncelExtraction\x12\x1f.poe.v1.CancelExtractionRequest\x1a .poe.v1.CancelExtractionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poe/v1/extractor.proto\x12\x06poe.v1\x1a\x13poe/v1/common.proto\"T\n\x0cOracleSource\x12\x15\n\x0bregistry_id\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\tB\x08\n\x06source\"\xd2\x07\n\x10\x45xtractionParams\x12$\n\x06oracle\x18\x01 \x01(\x0b\x32\x14.poe.v1.OracleSource\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x11\n\thierarchy\x18\x03 \x01(\t\x12\x16\n\x0ehierarchy_text\x18\x04 \x01(\t\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x11\n\tbase_pool\x18\x06 \x01(\t\x12\x11\n\tpool_name\x18\x07 \x01(\t\x12\x14\n\x0cpool_version\x18\x08 \x01(\t\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x1a\n\rstudent_depth\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rstudent_width\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bstem_stride\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0c\x65xpert_width\x18\r \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0elibrary_epochs\x18\x0e \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rexpert_epochs\x18\x0f \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nbatch_size\x18\x10 \x01(\x05H\x06\x88\x01\x01\x12\x0f\n\x02lr\x18\x11 \x01(\x01H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\x12 \x01(\x01H\x08\x88\x01\x01\x12\x18\n\x0bsoft_weight\x18\x13 \x01(\x01H\t\x88\x01\x01\x12\x19\n\x0cscale_weight\x18\x14 \x01(\x01H\n\x88\x01\x01\x12\x12\n\x05views\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x11\n\x04seed\x18\x16 \x01(\x05H\x0c\x88\x01\x01\x12\x13\n\x06subset\x18\x17 \x01(\x05H\r\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x18 \x01(\t\x12\x18\n\x0bray_workers\x18\x19 \x01(\x05H\x0e\x88\x01\x01\x12\x1e\n\x11ray_cpus_per_task\x18\x1a \x01(\x01H\x0f\x88\x01\x01\x12\x1e\n\x11ray_gpus_per_task\x18\x1b \x01(\x01H\x10\x88\x01\x01\x12\x1c\n\x0flibrary_workers\x18\x1c \x01(\x05H\x11\x88\x01\x01\x42\x10\n\x0e_student_depthB\x10\n\x0e_student_widthB\x0e\n\x0c_stem_strideB\x0f\n\r_expert_widthB\x11\n\x0f_library_epochsB\x10\n\x0e_expert_epochsB\r\n\x0b_batch_sizeB\x05\n\x03_lrB\x0e\n\x0c_temperatureB\x0e\n\x0c_soft_weightB\x0f\n\r_scale_weightB\x08\n\x06_viewsB\x07\n\x05_seedB\t\n\x07_subsetB\x0e\n\x0c_ray_workersB\x14\n\x12_ray_cpus_per_taskB\x14\n\x12_ray_gpus_per_taskB\x12\n\x10_library_workers\"\xa0\x02\n\x12\x45xtractionProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x10\n\x08\x66raction\x18\n \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0f\x65lapsed_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x0c\n\x04live\x18\x0f \x01(\x08\x42\x0e\n\x0c_eta_seconds\"R\n\x16StartExtractionRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.poe.v1.ExtractionParams\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"=\n\x17StartExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\"(\n\x16WatchExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x17WatchExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.poe.v1.ExtractionProgress\"&\n\x14GetExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"i\n\x15GetExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.poe.v1.ExtractionProgress\"g\n\x16ListExtractionsRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.poe.v1.ExtractionState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x17ListExtractionsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.poe.v1.ExtractionJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17\x43\x61ncelExtractionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x18\x43\x61ncelExtractionResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.poe.v1.ExtractionJob2\xae\x03\n\tExtractor\x12R\n\x0fStartExtraction\x12\x1e.poe.v1.StartExtractionRequest\x1a\x1f.poe.v1.StartExtractionResponse\x12T\n\x0fWatchExtraction\x12\x1e.poe.v1.WatchExtractionRequest\x1a\x1f.poe.v1.WatchExtractionResponse0\x01\x12L\n\rGetExtraction\x12\x1c.poe.v1.GetExtractionRequest\x1a\x1d.poe.v1.GetExtractionResponse\x12R\n\x0fListExtractions\x12\x1e.poe.v1.ListExtractionsRequest\x1a\x1f.poe.v1.ListExtractionsResponse\x12U\n\x10\x43\x61ncelExtraction\x12\x1f.poe.v1.CancelExtractionRequest\x1a .poe.v1.CancelExtractionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORACLESOURCE']._serialized_start=55
   _globals['_ORACLESOURCE']._serialized_end=139
   _globals['_EXTRACTIONPARAMS']._serialized_start=142
-  _globals['_EXTRACTIONPARAMS']._serialized_end=920
-  _globals['_EXTRACTIONPROGRESS']._serialized_start=923
-  _globals['_EXTRACTIONPROGRESS']._serialized_end=1211
-  _globals['_STARTEXTRACTIONREQUEST']._serialized_start=1213
-  _globals['_STARTEXTRACTIONREQUEST']._serialized_end=1295
-  _globals['_STARTEXTRACTIONRESPONSE']._serialized_start=1297
-  _globals['_STARTEXTRACTIONRESPONSE']._serialized_end=1358
-  _globals['_WATCHEXTRACTIONREQUEST']._serialized_start=1360
-  _globals['_WATCHEXTRACTIONREQUEST']._serialized_end=1400
-  _globals['_WATCHEXTRACTIONRESPONSE']._serialized_start=1402
-  _globals['_WATCHEXTRACTIONRESPONSE']._serialized_end=1509
-  _globals['_GETEXTRACTIONREQUEST']._serialized_start=1511
-  _globals['_GETEXTRACTIONREQUEST']._serialized_end=1549
-  _globals['_GETEXTRACTIONRESPONSE']._serialized_start=1551
-  _globals['_GETEXTRACTIONRESPONSE']._serialized_end=1656
-  _globals['_LISTEXTRACTIONSREQUEST']._serialized_start=1658
-  _globals['_LISTEXTRACTIONSREQUEST']._serialized_end=1761
-  _globals['_LISTEXTRACTIONSRESPONSE']._serialized_start=1763
-  _globals['_LISTEXTRACTIONSRESPONSE']._serialized_end=1850
-  _globals['_CANCELEXTRACTIONREQUEST']._serialized_start=1852
-  _globals['_CANCELEXTRACTIONREQUEST']._serialized_end=1893
-  _globals['_CANCELEXTRACTIONRESPONSE']._serialized_start=1895
-  _globals['_CANCELEXTRACTIONRESPONSE']._serialized_end=1957
-  _globals['_EXTRACTOR']._serialized_start=1960
-  _globals['_EXTRACTOR']._serialized_end=2390
+  _globals['_EXTRACTIONPARAMS']._serialized_end=1120
+  _globals['_EXTRACTIONPROGRESS']._serialized_start=1123
+  _globals['_EXTRACTIONPROGRESS']._serialized_end=1411
+  _globals['_STARTEXTRACTIONREQUEST']._serialized_start=1413
+  _globals['_STARTEXTRACTIONREQUEST']._serialized_end=1495
+  _globals['_STARTEXTRACTIONRESPONSE']._serialized_start=1497
+  _globals['_STARTEXTRACTIONRESPONSE']._serialized_end=1558
+  _globals['_WATCHEXTRACTIONREQUEST']._serialized_start=1560
+  _globals['_WATCHEXTRACTIONREQUEST']._serialized_end=1600
+  _globals['_WATCHEXTRACTIONRESPONSE']._serialized_start=1602
+  _globals['_WATCHEXTRACTIONRESPONSE']._serialized_end=1709
+  _globals['_GETEXTRACTIONREQUEST']._serialized_start=1711
+  _globals['_GETEXTRACTIONREQUEST']._serialized_end=1749
+  _globals['_GETEXTRACTIONRESPONSE']._serialized_start=1751
+  _globals['_GETEXTRACTIONRESPONSE']._serialized_end=1856
+  _globals['_LISTEXTRACTIONSREQUEST']._serialized_start=1858
+  _globals['_LISTEXTRACTIONSREQUEST']._serialized_end=1961
+  _globals['_LISTEXTRACTIONSRESPONSE']._serialized_start=1963
+  _globals['_LISTEXTRACTIONSRESPONSE']._serialized_end=2050
+  _globals['_CANCELEXTRACTIONREQUEST']._serialized_start=2052
+  _globals['_CANCELEXTRACTIONREQUEST']._serialized_end=2093
+  _globals['_CANCELEXTRACTIONRESPONSE']._serialized_start=2095
+  _globals['_CANCELEXTRACTIONRESPONSE']._serialized_end=2157
+  _globals['_EXTRACTOR']._serialized_start=2160
+  _globals['_EXTRACTOR']._serialized_end=2590
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ class OracleSource(_message.Message):
     def __init__(self, registry_id: _Optional[int] = ..., path: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ExtractionParams(_message.Message):
-    __slots__ = ("oracle", "dataset", "hierarchy", "hierarchy_text", "tasks", "base_pool", "pool_name", "pool_version", "aliases", "student_depth", "student_width", "stem_stride", "expert_width", "library_epochs", "expert_epochs", "batch_size", "lr", "temperature", "soft_weight", "scale_weight", "views", "seed", "subset", "device")
+    __slots__ = ("oracle", "dataset", "hierarchy", "hierarchy_text", "tasks", "base_pool", "pool_name", "pool_version", "aliases", "student_depth", "student_width", "stem_stride", "expert_width", "library_epochs", "expert_epochs", "batch_size", "lr", "temperature", "soft_weight", "scale_weight", "views", "seed", "subset", "device", "ray_workers", "ray_cpus_per_task", "ray_gpus_per_task", "library_workers")
     ORACLE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     HIERARCHY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,10 @@ class ExtractionParams(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SUBSET_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RAY_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RAY_CPUS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    RAY_GPUS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    LIBRARY_WORKERS_FIELD_NUMBER: _ClassVar[int]
     oracle: OracleSource
     dataset: str
     hierarchy: str
@@ -67,7 +71,11 @@ class ExtractionParams(_message.Message):
     seed: int
     subset: int
     device: str
-    def __init__(self, oracle: _Optional[_Union[OracleSource, _Mapping]] = ..., dataset: _Optional[str] = ..., hierarchy: _Optional[str] = ..., hierarchy_text: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., base_pool: _Optional[str] = ..., pool_name: _Optional[str] = ..., pool_version: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., student_depth: _Optional[int] = ..., student_width: _Optional[int] = ..., stem_stride: _Optional[int] = ..., expert_width: _Optional[int] = ..., library_epochs: _Optional[int] = ..., expert_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., temperature: _Optional[float] = ..., soft_weight: _Optional[float] = ..., scale_weight: _Optional[float] = ..., views: _Optional[int] = ..., seed: _Optional[int] = ..., subset: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    ray_workers: int
+    ray_cpus_per_task: float
+    ray_gpus_per_task: float
+    library_workers: int
+    def __init__(self, oracle: _Optional[_Union[OracleSource, _Mapping]] = ..., dataset: _Optional[str] = ..., hierarchy: _Optional[str] = ..., hierarchy_text: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., base_pool: _Optional[str] = ..., pool_name: _Optional[str] = ..., pool_version: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., student_depth: _Optional[int] = ..., student_width: _Optional[int] = ..., stem_stride: _Optional[int] = ..., expert_width: _Optional[int] = ..., library_epochs: _Optional[int] = ..., expert_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., temperature: _Optional[float] = ..., soft_weight: _Optional[float] = ..., scale_weight: _Optional[float] = ..., views: _Optional[int] = ..., seed: _Optional[int] = ..., subset: _Optional[int] = ..., device: _Optional[str] = ..., ray_workers: _Optional[int] = ..., ray_cpus_per_task: _Optional[float] = ..., ray_gpus_per_task: _Optional[float] = ..., library_workers: _Optional[int] = ...) -> None: ...
 
 class ExtractionProgress(_message.Message):
     __slots__ = ("phase", "expert", "experts", "task", "epoch", "epochs", "step", "steps", "loss", "fraction", "eta_seconds", "elapsed_seconds", "attempt", "device", "live")

@@ -45,6 +45,7 @@ from poe_services.extractor.spec import (
     JobSpec,
     Oracle,
     PoolTarget,
+    RayResources,
     RegistryOracle,
     ReusedExpert,
     StudentShape,
@@ -92,6 +93,11 @@ def task_seed(seed: int, task: str) -> int:
 
 
 # -- hyperparameters -----------------------------------------------------------------------------
+
+# Bounds of the Ray resources a job may ask for (0: the extractor's settings).
+MAX_RAY_WORKERS = 4096
+MAX_CPUS_PER_TASK = 1024.0
+MAX_GPUS_PER_TASK = 64.0
 
 # Integer bounds of a request's hyperparameters (and of a stored spec's).
 RANGES = {"library_epochs": (1, 100_000), "expert_epochs": (1, 100_000), "batch_size": (1, 1 << 16),
@@ -164,6 +170,7 @@ class Planner:
         """The job spec; `staging` receives files the job needs (a TorchScript oracle); `busy` maps
         "name@version" targets of unfinished jobs to their job ids."""
         n = _numbers(p)
+        resources = _resources(p)
         device = p.device or self.settings.device
         try:
             resolve_device(device)
@@ -266,7 +273,7 @@ class Planner:
             hierarchy=hier.to_dict(), tasks=to_train, oracle=oracle, base=base_spec, student=student,
             expert=expert_cfg, library_schedule=None if base is not None else lib_schedule,
             expert_schedule=exp_schedule, ckd=CKDSettings(n["temperature"], n["soft_weight"], n["scale_weight"]),
-            device=device, pool=PoolTarget(pool_name, version, list(p.aliases)))
+            device=device, pool=PoolTarget(pool_name, version, list(p.aliases)), resources=resources)
 
     # -- pieces ----------------------------------------------------------------------------------
 
@@ -374,6 +381,20 @@ def _float_in(field: str, value: object, lo: float, hi: float = math.inf, lo_ope
     return float(value)
 
 
+def _resources(p: pb.ExtractionParams) -> RayResources:
+    r = RayResources(p.ray_workers, p.ray_cpus_per_task, p.ray_gpus_per_task, p.library_workers)
+    _check_resources(r, "params.", ("ray_workers", "ray_cpus_per_task", "ray_gpus_per_task", "library_workers"))
+    return r
+
+
+def _check_resources(r: RayResources, prefix: str = "resources.",
+                     names: tuple[str, ...] = ("workers", "cpus_per_task", "gpus_per_task", "library_workers")) -> None:
+    limits.check_int_range(prefix + names[0], r.workers, 0, MAX_RAY_WORKERS)
+    _float_in(prefix + names[1], r.cpus_per_task, 0.0, MAX_CPUS_PER_TASK)
+    _float_in(prefix + names[2], r.gpus_per_task, 0.0, MAX_GPUS_PER_TASK)
+    limits.check_int_range(prefix + names[3], r.library_workers, 0, MAX_RAY_WORKERS)
+
+
 def _schedule(field: str, s: Schedule, epochs_key: str) -> None:
     limits.check_int_range(f"{field}.epochs", s.epochs, *RANGES[epochs_key])
     limits.check_int_range(f"{field}.batch_size", s.batch_size, *RANGES["batch_size"])
@@ -469,6 +490,8 @@ def check_spec(spec: JobSpec, files: InputFiles) -> None:
             torch.device(spec.device)
         except (RuntimeError, ValueError):
             raise field_error("device", f"not a device: {limits.quote(spec.device)}") from None
+
+    _check_resources(spec.resources)
 
     # The pool version to publish.
     limits.check_name("pool.name", spec.pool.name, "pool name")

@@ -121,14 +121,14 @@ class RayCluster:
                      ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                                if k in ("CPU", "GPU")))
 
-    def workers(self) -> int:
-        """Tasks per stage: POE_RAY_WORKERS, else as many as the cluster's CPUs hold."""
-        if self.settings.ray_workers:
-            return self.settings.ray_workers
+    def workers(self, resources) -> int:
+        """Tasks per stage: the job's or POE_RAY_WORKERS, else as many as the cluster's CPUs hold."""
+        if resources.workers:
+            return resources.workers
         import ray
 
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        return max(1, int(cpus // max(self.settings.ray_cpus_per_task, 0.01)))
+        return max(1, int(cpus // max(resources.cpus_per_task, 0.01)))
 
     def close(self) -> None:
         with self._lock:
@@ -340,8 +340,9 @@ class RayRun:
         self.spec, self.run, self.cluster, self.settings = spec, run, cluster, settings
         self.emit, self.stopped = emit, stopped
         self.spec_dict = spec.to_dict()
+        self.resources = self.job_resources(spec, settings)
         self.device = self.task_device(spec, settings)
-        self.threads = max(1, int(settings.ray_cpus_per_task))
+        self.threads = max(1, int(self.resources.cpus_per_task))
         self.timings: dict[str, float] = {}
         self.pids: dict[str, int] = {}  # stage -> pid of the worker process that runs it now
         self._inflight: dict[Any, str] = {}  # object ref -> stage
@@ -350,11 +351,24 @@ class RayRun:
         self.channel = None
 
     @staticmethod
+    def job_resources(spec: JobSpec, settings: Settings):
+        """The job's Ray resources, the extractor's settings where the job leaves them at 0 (workers
+        may stay 0: as many as the cluster's CPUs hold)."""
+        from dataclasses import replace
+
+        r = spec.resources
+        return replace(r, workers=r.workers or settings.ray_workers,
+                       cpus_per_task=r.cpus_per_task or settings.ray_cpus_per_task,
+                       gpus_per_task=r.gpus_per_task or settings.ray_gpus_per_task,
+                       library_workers=r.library_workers or getattr(settings, "ray_library_workers", 0) or 1)
+
+    @staticmethod
     def task_device(spec: JobSpec, settings: Settings) -> str:
         """The device the tasks train on: a GPU only where Ray gives them one."""
-        gpus = settings.ray_gpus_per_task > 0
+        gpus = RayRun.job_resources(spec, settings).gpus_per_task > 0
         if spec.device.startswith("cuda") and not gpus:
-            raise job_failed(f"device {spec.device}: Ray tasks get no GPU (set POE_RAY_GPUS_PER_TASK)")
+            raise job_failed(f"device {spec.device}: Ray tasks get no GPU (set POE_RAY_GPUS_PER_TASK or the "
+                             "job's ray_gpus_per_task)")
         if spec.device == "auto":
             return "cuda" if gpus else "cpu"
         return spec.device
@@ -362,8 +376,8 @@ class RayRun:
     # -- submitting and following tasks --------------------------------------------------------------
 
     def _options(self, stage: str, gpu: bool = True) -> dict:
-        return {"num_cpus": self.settings.ray_cpus_per_task,
-                "num_gpus": self.settings.ray_gpus_per_task if gpu else 0,
+        return {"num_cpus": self.resources.cpus_per_task,
+                "num_gpus": self.resources.gpus_per_task if gpu else 0,
                 "max_retries": max(0, self.settings.extractor_max_attempts - 1), "retry_exceptions": False,
                 "name": f"poe-{stage}"}
 
@@ -492,7 +506,7 @@ class RayRun:
 
         self.cluster.connect()
         spec, run = self.spec, self.run
-        workers = self.cluster.workers()
+        workers = self.cluster.workers(self.resources)
         prepared = self._prepared = stages.prepare(spec)
         checkpoints = {p.stem: p.read_bytes() for p in run.glob("*.ckpt")}
         self.channel = _remote(JobChannel).options(num_cpus=0).remote(checkpoints)

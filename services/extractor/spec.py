@@ -35,6 +35,16 @@ def _flat(cls, data, where: str):
 
 
 @dataclass(frozen=True)
+class RayResources:
+    """What the job's Ray tasks ask for; 0 everywhere: the extractor's POE_RAY_* settings."""
+
+    workers: int = 0  # tasks per stage (shards, experts at once)
+    cpus_per_task: float = 0.0  # also the task's torch threads
+    gpus_per_task: float = 0.0
+    library_workers: int = 0  # data-parallel workers of the library's KD
+
+
+@dataclass(frozen=True)
 class PoolTarget:
     """The pool version a job publishes."""
 
@@ -153,6 +163,7 @@ class JobSpec:
     ckd: CKDSettings
     device: str
     pool: PoolTarget
+    resources: RayResources = RayResources()
 
     @property
     def ref(self) -> str:
@@ -175,6 +186,8 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data, where: str = "job spec") -> JobSpec:
+        if isinstance(data, dict) and "resources" not in data:  # stored before jobs had their own
+            data = {**data, "resources": asdict(RayResources())}
         d = _keys(cls, data, where, extra=("format",))
         if d.pop("format") != FORMAT:
             raise InvalidArgument(f"{where}: format {data['format']!r}, expected {FORMAT!r}")
@@ -187,6 +200,7 @@ class JobSpec:
         d["expert_schedule"] = _flat(Schedule, d["expert_schedule"], f"{where}: expert_schedule")
         d["ckd"] = _flat(CKDSettings, d["ckd"], f"{where}: ckd")
         d["pool"] = _flat(PoolTarget, d["pool"], f"{where}: pool")
+        d["resources"] = _flat(RayResources, d["resources"], f"{where}: resources")
         for name in ("request", "hierarchy"):
             if not isinstance(d[name], dict):
                 raise InvalidArgument(f"{where}: {name}: expected an object, got {type(d[name]).__name__}")

@@ -138,8 +138,10 @@ def test_killed_ray_worker_is_retried_and_a_restarted_extractor_resumes(extracto
     """SIGKILL of the Ray worker training an expert: Ray runs the task again, from the expert's last
     epoch checkpoint. Then the extractor stops mid-expert; the next one skips the finished experts
     and resumes the unfinished one from its checkpoint."""
-    host, client, runtime = extractors.start(**{**RAY, "POE_RAY_WORKERS": "1"})
-    job = client.start(params(tasks=["tops", "footwear", "bags"], expert_epochs=4, batch_size=3))  # slow epochs
+    host, client, runtime = extractors.start(**RAY)
+    # One expert at a time: the job's own ray_workers wins over the extractor's POE_RAY_WORKERS=2.
+    job = client.start(params(tasks=["tops", "footwear", "bags"], expert_epochs=4, batch_size=3,  # slow epochs
+                              ray_workers=1))
     pids = runtime.task_pids
     assert _follow_until(client, job.id, lambda u: u.progress.phase == "experts" and u.progress.task == "tops"
                          and u.progress.epoch >= 2 and "expert-tops" in pids(job.id))

@@ -11,7 +11,7 @@ import pytest
 from poe.engine.errors import InvalidArgument
 from poe.engine.hierarchy import builtin
 from poe.engine.train import Schedule
-from poe_services.extractor.spec import FORMAT, JobSpec, RegistryOracle, TorchScriptOracle
+from poe_services.extractor.spec import FORMAT, JobSpec, RayResources, RegistryOracle, TorchScriptOracle
 
 SCHEDULE = {"epochs": 1, "batch_size": 50, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005,
             "warmup_epochs": 1.0, "seed": 0}
@@ -44,14 +44,27 @@ STORED_INCREMENTAL = {
                                 "loss": {"temperature": 4.0}}}},
     "student": None, "library_schedule": None, "expert": {"width": 8, "blocks": 1},
     "pool": {"name": "test-pool", "version": "2", "aliases": ["stable"]},
+    "resources": {"workers": 8, "cpus_per_task": 2.0, "gpus_per_task": 0.5, "library_workers": 4},
 }
 
 
 @pytest.mark.parametrize("stored", [STORED_FULL, STORED_INCREMENTAL], ids=["full", "incremental"])
 def test_stored_specs_load_and_serialise_to_the_same_dict(stored):
     spec = JobSpec.from_dict(json.loads(json.dumps(stored)))
-    assert spec.to_dict() == stored
+    assert spec.to_dict() == {"resources": {"workers": 0, "cpus_per_task": 0.0, "gpus_per_task": 0.0,
+                                            "library_workers": 0}, **stored}
     assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_a_spec_stored_before_jobs_had_their_own_ray_resources_uses_the_extractors():
+    """STORED_FULL has no "resources" key (specs stored before it existed): zeros, which mean the
+    extractor's POE_RAY_* settings; it is written out with the key from then on."""
+    assert "resources" not in STORED_FULL
+    spec = JobSpec.from_dict(json.loads(json.dumps(STORED_FULL)))
+    assert spec.resources == RayResources()
+    assert spec.to_dict()["resources"] == {"workers": 0, "cpus_per_task": 0.0, "gpus_per_task": 0.0,
+                                           "library_workers": 0}
+    assert JobSpec.from_dict(STORED_INCREMENTAL).resources == RayResources(8, 2.0, 0.5, 4)
 
 
 def test_typed_fields():
@@ -87,6 +100,7 @@ def _changed(path: tuple[str, ...], value=None, delete: bool = False) -> dict:
     (_changed(("oracle", "kind"), "pickle"), "job spec: oracle: kind must be one of registry, torchscript"),
     (_changed(("oracle", "id"), 3), "job spec: oracle: unknown key(s) id"),
     (_changed(("student",), [10, 1, 1]), "job spec: student: expected an object, got list"),
+    (_changed(("resources", "gpus"), 1), "job spec: resources: unknown key(s) gpus"),
     ([STORED_FULL], "job spec: expected an object, got list"),
 ])
 def test_bad_dicts_are_refused_with_the_key_they_are_about(bad, message):

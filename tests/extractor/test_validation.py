@@ -85,6 +85,11 @@ def test_bad_oracle_and_data_combinations(extractor, registry, params, data, ora
         (params(pool_name="Bad Name"), InvalidArgument, "params.pool_name"),
         (params(aliases=["latest"]), InvalidArgument, "params.aliases"),
         (params(base_pool="nothing-here"), NotFound, "nothing-here"),
+        (params(ray_workers=-1), InvalidArgument, "params.ray_workers: must be in [0, 4096], got -1"),
+        (params(ray_cpus_per_task=5000.0), InvalidArgument, "params.ray_cpus_per_task: must be a finite number in"),
+        (params(ray_gpus_per_task=-0.5), InvalidArgument, "params.ray_gpus_per_task: must be a finite number in "
+                                                          "[0.0, 64.0], got -0.5"),
+        (params(library_workers=5000), InvalidArgument, "params.library_workers: must be in [0, 4096]"),
     ]
     if not torch.cuda.is_available():
         cases.append((params(device="cuda"), InvalidArgument, "params.device: device 'cuda' requested but CUDA"))

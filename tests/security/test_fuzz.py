@@ -711,9 +711,11 @@ def test_undecodable_requests_are_invalid_argument(target):
         assert e.value.details() == f"request: not a valid {desc.input_type.full_name} message"
 
 
-@pytest.mark.parametrize("name", ["lr", "temperature", "soft_weight", "scale_weight"])
+@pytest.mark.parametrize("name", ["lr", "temperature", "soft_weight", "scale_weight", "ray_cpus_per_task",
+                                  "ray_gpus_per_task"])
 def test_start_extraction_refuses_numbers_that_are_not_finite(target, name):
-    """An infinite learning rate or loss weight would train NaN weights into a published pool."""
+    """An infinite learning rate or loss weight would train NaN weights into a published pool; an
+    infinite or NaN resource would reach Ray's scheduler."""
     for value in (float("inf"), float("-inf"), float("nan")):
         params = extractor_pb2.ExtractionParams(dataset="fashion-mnist", subset=100, **{name: value})
         request = extractor_pb2.StartExtractionRequest(params=params).SerializeToString()
