@@ -250,6 +250,11 @@ def _make_runtime(name: str, settings: Settings, registry_target: str | None, mi
     return ExtractorRuntime(settings, registry_target)
 
 
+# Seconds a publication (or alias move) on a server that also hosts the composer waits for the
+# composer to warm what changed: about 1 s for the shipped pool on 2 cores; a pool too large to
+# warm in this time finishes warming in the background.
+PUBLISH_WARM_WAIT = 10.0
+
 SERVER_TLS_SETTINGS = ("POE_TLS_CLIENT_CA", "POE_TLS_SERVER_CERT", "POE_TLS_SERVER_KEY")
 
 
@@ -399,6 +404,12 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
             runtimes[name] = _make_runtime(name, settings, registry_target, migrate, warm)
         for runtime in runtimes.values():
             runtime.attach(server, server_health)
+        if in_process and "composer" in runtimes:
+            # Without this the composer would learn of a pool imported here only at its next poll, and
+            # the first requests for it would wait for TorchScript. The publication's answer waits for
+            # the warm-up (bounded), so that `poe registry import` returns with the pool warm.
+            composer = runtimes["composer"]
+            runtimes["registry"].on_pools_changed(lambda: composer.look_now(wait=PUBLISH_WARM_WAIT))
     except BaseException:
         for runtime in reversed(runtimes.values()):
             runtime.close()

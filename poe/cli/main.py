@@ -331,6 +331,30 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
     return _write_bench_result(args, "extract", result, bench)
 
 
+def cmd_bench_growth(args: argparse.Namespace) -> int:
+    from poe.bench import growth as bench
+    from poe.bench import report
+    from poe.engine.errors import InvalidArgument
+
+    quick = args.quick
+    for flag, value in (("--requests", args.requests), ("--per-query-size", args.per_query_size),
+                        ("--read-repeats", args.read_repeats)):
+        if value < 1:
+            raise InvalidArgument(f"{flag}: must be at least 1, got {value}")
+    if not args.sizes or min(args.sizes) < 2 or max(args.sizes) > 100_000:
+        raise InvalidArgument("--sizes: expected numbers of experts from 2 to 100000")
+    if not args.experts_per_query or min(args.experts_per_query) < 1:
+        raise InvalidArgument("--experts-per-query: expected numbers of experts of at least 1")
+    started = time.time()
+    result = bench.run(bench.QUICK_SIZES if quick else args.sizes,
+                       bench.QUICK_EXPERTS_PER_QUERY if quick else args.experts_per_query,
+                       requests=10 if quick else args.requests, per_query_size=5 if quick else args.per_query_size,
+                       read_repeats=5 if quick else args.read_repeats, record=args.record, seed=args.seed,
+                       progress=lambda m: print(f"bench growth: {m}", file=sys.stderr, flush=True))
+    result = report.stamp(result, quick=quick, hw=report.hardware(), command=_bench_command(args), started=started)
+    return _write_bench_result(args, "growth", result, bench)
+
+
 def _write_bench_result(args: argparse.Namespace, name: str, result: dict, bench) -> int:
     """A stamped benchmark result: to --json-out, into its section of the docs (--update-docs), and
     printed as Markdown (or JSON with --json)."""
@@ -690,6 +714,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the table between this benchmark's markers in --docs (section extract)")
     be.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     be.set_defaults(func=cmd_bench_extract)
+    bg = bsub.add_parser("growth", help="compose latency by registry size and by experts per query; registry reads",
+                         description="Synthetic pools (random weights) in a real registry, a real composer, gRPC on "
+                                     "loopback: ComposeModel p50/p99 with the registry holding each of --sizes "
+                                     "experts, by experts per query (with a fitted line), and GetPool / ListExperts "
+                                     "with the largest registry (docs/BENCHMARKS.md).")
+    bg.add_argument("--sizes", type=_int_list, default=(10, 100, 1_000, 10_000),
+                    help="experts in the registry, comma-separated (default 10,100,1000,10000)")
+    bg.add_argument("--experts-per-query", type=_int_list, default=(1, 2, 5, 10, 20, 50),
+                    help="experts each query needs, on the largest registry (default 1,2,5,10,20,50)")
+    bg.add_argument("--requests", type=int, default=200, help="compositions timed per registry size (default 200)")
+    bg.add_argument("--per-query-size", type=int, default=60,
+                    help="compositions timed per number of experts per query (default 60)")
+    bg.add_argument("--read-repeats", type=int, default=50, help="GetPool and ListExperts calls timed (default 50)")
+    bg.add_argument("--record", action="store_true",
+                    help="record compositions in the registry, as deployed (default off: with pools of 1,000 "
+                         "experts the recordings outlast the run and compete for the CPU)")
+    bg.add_argument("--seed", type=int, default=0, help="seed of the class sets (default 0)")
+    bg.add_argument("--quick", action="store_true",
+                    help="10 and 100 experts, 1-10 experts per query, a few requests (under a minute; for the tests)")
+    bg.add_argument("--json-out", help="also write the result to this JSON file")
+    bg.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    bg.add_argument("--update-docs", action="store_true",
+                    help="write the tables between this benchmark's markers in --docs (section growth)")
+    bg.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
+    bg.set_defaults(func=cmd_bench_growth)
     _add_bench_part_parsers(bsub)  # baselines, cross-expert, inference
 
     pr = sub.add_parser("predict", help="classify image files with a composed model")

@@ -1,7 +1,9 @@
 """The composer as a hosted service (poe_services.host): engine, warm-up of every pool, readiness, shutdown.
 
 Warm-up runs in one background thread for as long as the process does. It looks at the registry's
-pools (ListPools) at start and every `composer_pool_poll` seconds, and warms every published
+pools (ListPools) at start, every `composer_pool_poll` seconds and whenever `look_now` asks (a
+registry in the same process, as in `poe up`, asks on every publication and alias move, so that
+a pool imported there is warm before its first request), and warms every published
 version it has not warmed yet: the default pool's version first, then the largest, as long as the
 template and tensor caches have room. A version a request meets before warm-up did is warmed next,
 whatever the room. Pool versions with a corrupt or missing blob (degraded) are tried again on every
@@ -83,7 +85,11 @@ class ComposerRuntime:
         # warm=False (tests, benchmarks): no warm-up at all; SERVING once the registry is reachable.
         self._warm = warm
         self._stop = threading.Event()
-        self._wake = threading.Event()  # a request met a cold pool version, or shutdown
+        self._wake = threading.Event()  # a request met a cold pool version, a look was asked for, or shutdown
+        self._look_asked = threading.Event()  # look_now(): look before the next poll is due
+        self._looks = threading.Condition()  # look_now() waiting for a look that began after it asked
+        self._looks_asked = 0
+        self._looks_done = 0  # the count of asks that the last completed look covered
         self._lock = threading.Lock()
         self._requested: dict[str, PoolView] = {}  # name@version -> view, met by requests before warm-up
         self._seen: dict[str, tuple[str, ...]] | None = None  # name@version -> aliases, at the last look
@@ -139,6 +145,22 @@ class ComposerRuntime:
         if time.monotonic() - self._started >= self.settings.composer_ready_timeout:
             self._on_ready_timeout()
 
+    def look_now(self, wait: float = 0.0) -> bool:
+        """Look at the registry's pools now instead of at the next poll (any thread). A registry hosted
+        in this process calls it when a pool version is published or an alias moves. With `wait`,
+        returns once a look that began after this call is done (what it warms is then warm, in the
+        first warm format), at most `wait` seconds later; whether it is done."""
+        with self._looks:
+            self._looks_asked += 1
+            asked = self._looks_asked
+        self._look_asked.set()
+        self._wake.set()
+        if not self._warm or wait <= 0:
+            return False
+        with self._looks:
+            return self._looks.wait_for(lambda: self._looks_done >= asked or self._stop.is_set(), wait) \
+                and self._looks_done >= asked
+
     def _request_warm(self, view: PoolView) -> None:
         """On the request path: queue a pool version for warm-up (cheap, once per version)."""
         with self._lock:
@@ -168,8 +190,14 @@ class ComposerRuntime:
             self._wake.clear()  # before the work: a request arriving during it wakes the wait below
             try:
                 self._warm_requested()
-                if time.monotonic() >= self._next_look:
+                if self._look_asked.is_set() or time.monotonic() >= self._next_look:
+                    self._look_asked.clear()  # before the look: a publication during it asks for another
+                    with self._looks:
+                        covered = self._looks_asked
                     self._look()
+                    with self._looks:
+                        self._looks_done = covered
+                        self._looks.notify_all()
                     self._next_look = time.monotonic() + self.settings.composer_pool_poll
                 self._warm_other_formats()
                 delay = FIRST_RETRY_DELAY
@@ -289,7 +317,8 @@ class ComposerRuntime:
 
     def _other_work_waits(self) -> bool:
         """Whether the format pass should yield: shutdown, a request met a cold version, or a look is due."""
-        return self._stop.is_set() or bool(self._requested) or time.monotonic() >= self._next_look
+        return (self._stop.is_set() or bool(self._requested) or self._look_asked.is_set()
+                or time.monotonic() >= self._next_look)
 
     def _warm_other_formats(self) -> None:
         """Make the templates of the other formats of POE_COMPOSER_WARM_FORMATS for every warm
@@ -335,6 +364,8 @@ class ComposerRuntime:
             self._stop.set()
             self._set(NOT_SERVING)
         self._wake.set()
+        with self._looks:
+            self._looks.notify_all()
         if self._ready_timer is not None:
             self._ready_timer.cancel()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -67,6 +68,7 @@ class RegistryRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: int | None = None
+        self._pool_listeners: list[Callable[[], None]] = []
         self.closed = False
 
     def _check_schema(self) -> None:
@@ -101,10 +103,23 @@ class RegistryRuntime:
             self.health.set(SERVICE_NAME, status)
         return status == SERVING
 
+    def on_pools_changed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each publication or alias move, once committed, in the RPC's thread
+        and before its answer (so a listener may hold the answer back until it has acted on it)."""
+        self._pool_listeners.append(listener)
+
+    def _pools_changed(self) -> None:
+        for listener in self._pool_listeners:
+            try:
+                listener()
+            except Exception:  # a listener's failure never fails the publication, which is committed
+                log.exception("registry: a pools-changed listener failed")
+
     def attach(self, server: grpc.Server, health: HealthReporter, /) -> None:
         """Add the Registry servicer to `server`; report "poe.v1.Registry" through `health`."""
         registry_pb2_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.registry, UploadQuota(self.settings.upload_quota_bytes)), server)
+            RegistryServicer(self.registry, UploadQuota(self.settings.upload_quota_bytes), self._pools_changed),
+            server)
         self.health = health
         self.check_health()
 

@@ -157,10 +157,12 @@ def _opt(value):
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry, upload_quota: UploadQuota):
+    def __init__(self, registry: Registry, upload_quota: UploadQuota,
+                 pools_changed: Callable[[], None] = lambda: None):
         self.registry = registry
         self.store = registry.store
         self.upload_quota = upload_quota
+        self.pools_changed = pools_changed  # after a publication or an alias move, once committed
 
     # -- hierarchies -------------------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                           tuple(request.aliases))
         pool, created = self.store.publish_pool(spec, check=lambda p: _check_fits(
             "expert_ids", pool_pb(p), f"pool {p.ref} with its hierarchy, library and {len(p.experts)} experts"))
+        self.pools_changed()
         return r.PublishPoolResponse(pool=pool_pb(pool), created=created)
 
     def GetPool(self, request, context):
@@ -231,7 +234,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return r.ListPoolsResponse(pools=[pool_pb(p) for p in page.items], next_page_token=page.next_page_token)
 
     def SetPoolAlias(self, request, context):
-        return r.SetPoolAliasResponse(pool=pool_pb(self.store.set_alias(request.name, request.alias, request.version)))
+        pool = self.store.set_alias(request.name, request.alias, request.version)
+        self.pools_changed()
+        return r.SetPoolAliasResponse(pool=pool_pb(pool))
 
     def DeletePoolAlias(self, request, context):
         self.store.delete_alias(request.name, request.alias)

@@ -1,0 +1,120 @@
+"""A pool published on a server that hosts the composer too (`poe up`) is warm when the publication
+answers, without waiting for the composer's pool poll (set to an hour here): the README's order
+(`poe up`, `poe registry import`, compose) never makes a request wait for TorchScript. A composer
+on another server learns of it at its poll, as before; a failing listener never fails a publication."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from testenv import auth_env
+
+from poe.client.composer import Composer
+from poe.client.registry import RegistryClient
+from poe.engine.config import Settings
+from poe.engine.nets import make_expert
+from poe.engine.pool import save as save_pool
+from poe_services.host import create_server
+
+HOUR = 3600.0  # POE_COMPOSER_POOL_POLL: no poll happens during these tests
+
+
+def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def composer_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="poe.v1.Composer"),
+                                                    timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def make_settings(tmp_path, **overrides) -> Settings:
+    return dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}), **overrides)
+
+
+def template_misses() -> float:
+    return REGISTRY.get_sample_value("poe_compose_template_misses_total", {"format": "torchscript"}) or 0.0
+
+
+@pytest.fixture(scope="module")
+def second_pool_dir(random_pool, tmp_path_factory):
+    """Another pool, with narrower experts: its structures and tensor layouts are its own."""
+    experts = {}
+    for task, e in random_pool.experts.items():
+        config = dataclasses.replace(e.config, width=4)
+        experts[task] = dataclasses.replace(e, config=config, state=make_expert(config).state_dict())
+    pool = dataclasses.replace(random_pool, name="second-pool", experts=experts)
+    return save_pool(pool, tmp_path_factory.mktemp("pool") / "second-pool")
+
+
+@pytest.fixture
+def hosts():
+    started = []
+
+    def start(settings, services, **kwargs):
+        host = create_server("127.0.0.1:0", settings, services, **kwargs)
+        host.start()
+        started.append(host)
+        return host, f"127.0.0.1:{host.port}"
+
+    yield start
+    for host in reversed(started):
+        host.stop(0).wait(30)
+
+
+def test_import_into_poe_up_returns_with_the_pool_warm(tmp_path, hosts, pool_dir, second_pool_dir):
+    settings = make_settings(tmp_path, default_pool="test-pool", composer_pool_poll=HOUR)
+    host, target = hosts(settings, ("registry", "composer"), migrate=True)
+    engine = host.runtimes["composer"].engine
+    assert eventually(lambda: composer_serving(target), 20)  # its first look is done: no pool yet
+
+    with RegistryClient(target) as reg, Composer(target) as composer:
+        t0 = time.monotonic()
+        reg.import_pool(pool_dir)
+        assert eventually(lambda: engine.is_warm("test-pool@1"), 1.0)
+        assert time.monotonic() - t0 < 30
+        before = (engine.scripts.scripted, engine.scripts.templated, template_misses())
+        for classes in (["Sandal", "Bag"], ["Coat", "Trouser", "Sneaker"], ["T-shirt/top"]):
+            assert not composer.compose(classes).header.cache_hit
+        assert (engine.scripts.scripted, engine.scripts.templated, template_misses()) == before
+
+        reg.import_pool(second_pool_dir)  # not the default pool: warmed because `latest` moved to it
+        assert eventually(lambda: engine.is_warm("second-pool@1"), 1.0)
+        before = (engine.scripts.scripted, engine.scripts.templated, template_misses())
+        assert composer.compose(["Coat", "Trouser"], pool="second-pool").header.pool == "second-pool@1"
+        assert (engine.scripts.scripted, engine.scripts.templated, template_misses()) == before
+
+
+def test_a_composer_on_another_server_waits_for_its_poll(tmp_path, hosts, pool_dir, caplog):
+    registry_host, registry_target = hosts(make_settings(tmp_path / "r"), ("registry",), migrate=True)
+
+    def broken_listener() -> None:
+        raise RuntimeError("listener bug")
+
+    registry_host.runtimes["registry"].on_pools_changed(broken_listener)
+    settings = make_settings(tmp_path / "c", default_pool="test-pool", composer_pool_poll=HOUR)
+    host, target = hosts(settings, ("composer",), registry_target=registry_target)
+    runtime = host.runtimes["composer"]
+    assert eventually(lambda: composer_serving(target), 20)
+
+    with caplog.at_level(logging.ERROR, logger="poe_services.registry.runtime"), RegistryClient(registry_target) as reg:
+        pv, created = reg.import_pool(pool_dir)  # the listener's failure does not fail the publication
+    assert created and pv.name == "test-pool"
+    assert "a pools-changed listener failed" in caplog.text
+    time.sleep(1.0)
+    assert not runtime.engine.is_warm("test-pool@1")  # nothing told it: it would look in an hour
+    assert runtime.look_now(wait=30)  # what the registry calls when it runs in the composer's process
+    assert runtime.engine.is_warm("test-pool@1")
