@@ -1,16 +1,27 @@
 """The composer's core: resolve a request against a pool in the registry, fetch tensors, compose.
 
-Per request, on the hot path (a class set not composed before, experts already in memory): resolve
-(pool reference -> an immutable `PoolView`, aliases cached for `alias_ttl` seconds; plan the experts
-locally), fetch (tensors from a byte-bounded LRU; misses download from the registry,
-sha256-verified), consolidate (`poe.engine.compose.composed_state`: concatenating tensors, no module
-construction), serialize (`poe.engine.export.serialize`: the archive template of the same tensor layout is written
-again with the new tensors, `poe.engine.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on
-the hot path once a layout has been seen, and `warm` sees them all). Composed files are kept in a
-byte-bounded LRU and recorded in the registry in the background (provenance, hit counts, download by
-sha256); concurrent identical requests build once. A memory miss rebuilds instead of fetching the
-registry's copy: measured on this machine, the registry round trip for a lookup alone (about 13 ms)
-costs more than the whole composition (2-4 ms), so the registry record is never on the request path.
+Per request, on the hot path (a class set not composed before, experts already in memory): resolve (pool
+reference -> an immutable `PoolView`, cached as below; plan the experts locally), fetch (tensors from a
+byte-bounded LRU; misses download from the registry, sha256-verified), consolidate
+(`poe.engine.compose.composed_state`: concatenating tensors, no module construction), serialize
+(`poe.engine.export.serialize`: the archive template of the same tensor layout is written again with the
+new tensors, `poe.engine.archive`; neither `torch.jit.script` nor `torch.jit.save` runs on the hot path
+once a layout has been seen, and `warm` sees them all). Composed files are kept in a byte-bounded LRU
+and recorded in the registry in the background (provenance, hit counts, download by sha256); concurrent
+identical requests build once. A memory miss rebuilds instead of fetching the registry's copy: measured
+on this machine, the registry round trip for a lookup alone (about 13 ms) costs more than the whole
+composition (2-4 ms), so the registry record is never on the request path.
+
+A pool reference ("name", "name@alias" or "name@version") is resolved with GetPool on its first
+request only (concurrent first requests share one call). After that, requests get the cached view
+at once, and one at least `alias_ttl` seconds after the last check triggers a check in the
+background (one at a time per reference): GetPool of a large pool takes hundreds of ms, which no
+request waits for. A check that finds an alias moved switches the reference to the new version;
+one that finds the reference gone (a deleted version or alias), or the version unusable, forgets
+it, so that the next request resolves it again and gets the registry's answer (NOT_FOUND). While
+the registry cannot be reached, the cached view keeps being served and the check is retried every
+`alias_ttl` seconds. The requests that arrive while a check runs still get the old view, also
+after a long quiet spell.
 
 A blob the registry reports corrupt or missing marks its pool version degraded (`degraded_tasks`,
 the header's `degraded` fields, poe_compose_degraded_pools): compositions that need it fail with
@@ -36,7 +47,7 @@ from poe.contract import ComposeHeader, hierarchy_from_message
 from poe.engine import limits
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
 from poe.engine.config import Settings
-from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PoeError
 from poe.engine.export import FORMATS, TEMPLATED_FORMATS, ScriptCache, architecture_key, serialize
 from poe.engine.nets import Library, count_flops, make_expert
 from poe.engine.pool import Expert, Pool, expert_config_from_dict, sha256_hex, wrn_config_from_dict
@@ -88,6 +99,15 @@ class PoolView:
     blob_bytes: int = 0  # library and experts, as stored
 
 
+@dataclass
+class _Resolution:
+    """The pool version a reference resolved to, and when to check that with the registry again."""
+
+    key: str  # name@version
+    due: float  # time.monotonic() of the next check
+    checking: bool = False
+
+
 LIBRARY = ""  # the library's key among a pool version's broken blobs (expert blobs are keyed by task)
 
 
@@ -130,7 +150,8 @@ class ComposerEngine:
         self._models: ByteLRU[Composition] = ByteLRU(
             settings.model_cache_bytes, lambda n: metrics.CACHE_BYTES.labels("model").set(n))
         self._views: dict[str, PoolView] = {}  # name@version -> view (immutable)
-        self._aliases: dict[str, tuple[str, float]] = {}  # ref -> (name@version, resolved at)
+        self._resolved: dict[str, _Resolution] = {}  # pool reference -> what it resolved to
+        self._closed = False
         # name@version -> {task, or LIBRARY: sha256} of the blobs whose last fetch failed for good.
         self._broken: dict[str, dict[str, str]] = {}
         self._warmed: set[str] = set()  # name@version warmed by `warm_view`
@@ -146,23 +167,70 @@ class ComposerEngine:
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop recording: what is still queued gets `timeout` s more, the rest is counted as dropped."""
+        self._closed = True  # no more background checks of pool references
         if self.recorder is not None:
             self.recorder.close(timeout)
 
     # -- resolve ---------------------------------------------------------------------------------
     def view(self, ref: str) -> PoolView:
+        """The view `ref` resolves to; the registry is asked only the first time (see the module doc)."""
         ref = (ref or self.settings.default_pool).strip()
         if not ref:
             raise InvalidArgument("pool: empty, and no default pool is configured")
-        now = time.monotonic()
         with self._lock:
-            pinned = self._aliases.get(ref)
-            if pinned and now - pinned[1] < self.settings.alias_ttl and pinned[0] in self._views:
-                return self._views[pinned[0]]
+            res = self._resolved.get(ref)
+            view = self._views.get(res.key) if res else None
+            check = view is not None and not res.checking and not self._closed and time.monotonic() >= res.due
+            if check:
+                res.checking = True
+        if view is None:
+            return self._flight.do(("pool", ref), lambda: self._resolve(ref))[0]
+        if check:
+            try:
+                threading.Thread(target=self._check, args=(ref, res), name="composer-pool-check", daemon=True).start()
+            except RuntimeError:  # no thread now (the interpreter is exiting): the next request tries again
+                with self._lock:
+                    res.checking = False
+        return view
+
+    def _resolve(self, ref: str) -> PoolView:
+        asked = time.monotonic()
         view = self.view_of(self.registry.get_pool(ref))
         with self._lock:
-            self._aliases[ref] = (view.ref, now)
+            self._resolved[ref] = _Resolution(view.ref, asked + self.settings.alias_ttl)
         return view
+
+    def _check(self, ref: str, res: _Resolution) -> None:
+        """In the background: ask the registry again what `ref` resolves to."""
+        asked = time.monotonic()
+        try:
+            view = self.view_of(self.registry.get_pool(ref))
+        except Exception as e:
+            # Errors about the reference or its version are for the next request to report.
+            gone = isinstance(e, (NotFound, FailedPrecondition, InvalidArgument))
+            with self._lock:
+                current = self._resolved.get(ref) is res
+                if current and gone:
+                    del self._resolved[ref]
+                    if ref == res.key and isinstance(e, NotFound):  # deleted: its name may be published again
+                        self._views.pop(ref, None)
+                        self._warmed.discard(ref)
+                elif current:
+                    res.due, res.checking = time.monotonic() + self.settings.alias_ttl, False
+            if self._closed:
+                return
+            if gone:
+                log.info("composer: pool %s no longer resolves to %s: %s", ref, res.key, e)
+            elif isinstance(e, PoeError):
+                log.info("composer: pool %s cannot be checked (still serving %s): %s", ref, res.key, e)
+            else:
+                log.exception("composer: checking pool %s failed (still serving %s)", ref, res.key)
+            return
+        with self._lock:
+            if self._resolved.get(ref) is res:
+                self._resolved[ref] = _Resolution(view.ref, asked + self.settings.alias_ttl)
+        if view.ref != res.key:
+            log.info("composer: pool %s now resolves to %s (was %s)", ref, view.ref, res.key)
 
     def view_of(self, pv) -> PoolView:
         """The view of a published version (a `poe.v1.PoolVersion` from GetPool or ListPools)."""
@@ -306,7 +374,10 @@ class ComposerEngine:
             else 0.0
         flops = view.flops_library + sum(view.flops_expert_convs[t] + view.pool.experts[t].config.width * n
                                          for t, n in kept.items())
-        key = f"{view.ref}|{','.join(map(str, p.class_ids))}|{req.format}|{req.execution}"
+        # The weights' sha256s too: a version deleted and published again with other weights is
+        # another model, never the cached one.
+        weights = ",".join([view.library_sha256, *(view.expert_sha256[t] for t in p.tasks)])
+        key = f"{view.ref}|{','.join(map(str, p.class_ids))}|{req.format}|{req.execution}|{weights}"
         return ComposeHeader(model_id=hashlib.sha256(key.encode()).hexdigest()[:16], pool=view.ref,
                              classes=p.class_names, class_ids=p.class_ids, tasks=p.tasks,
                              expert_ids=tuple(view.expert_ids[t] for t in p.tasks),

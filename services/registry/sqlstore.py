@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, false, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from poe.engine import limits
 from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
@@ -392,13 +392,18 @@ class SqlRegistryStore(RegistryStore):
     @classmethod
     def _expert_task(cls, s: Session, spec: e.ExpertSpec) -> tuple[LibraryRow, TaskRow]:
         lib = cls._row(s, LibraryRow, spec.library_id, "library_id", "library")
-        h = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == lib.dataset_id,
-                                                HierarchyRow.version == spec.hierarchy_version))
-        if h is None:
-            raise NotFound(f"hierarchy_version: data set {lib.dataset.name!r} has no hierarchy version "
-                           f"{spec.hierarchy_version}")
-        task = next((t for t in h.tasks if t.name == spec.task), None)
+        # One indexed row, not the hierarchy's every task and class (hundreds of rows in a large one).
+        task = s.scalar(select(TaskRow).join(TaskRow.hierarchy)
+                        .where(HierarchyRow.dataset_id == lib.dataset_id,
+                               HierarchyRow.version == spec.hierarchy_version, TaskRow.name == spec.task)
+                        .options(contains_eager(TaskRow.hierarchy).lazyload(HierarchyRow.tasks),
+                                 contains_eager(TaskRow.hierarchy).lazyload(HierarchyRow.dataset)))
         if task is None:
+            h = s.scalar(select(HierarchyRow).where(HierarchyRow.dataset_id == lib.dataset_id,
+                                                    HierarchyRow.version == spec.hierarchy_version))
+            if h is None:
+                raise NotFound(f"hierarchy_version: data set {lib.dataset.name!r} has no hierarchy version "
+                               f"{spec.hierarchy_version}")
             raise field_error("task", f"hierarchy {lib.dataset.name} v{h.version} has no task {spec.task!r} "
                                       f"(tasks: {limits.listing(t.name for t in h.tasks)})")
         expected = sorted(c.label for c in task.classes)
@@ -411,9 +416,17 @@ class SqlRegistryStore(RegistryStore):
                    before_commit: BeforeCommit = None) -> tuple[e.Expert, bool]:
         v.check_expert_spec(spec)
         ids = tuple(spec.class_ids)
+        # existing() and new_row() run in one session: look the task up once per session. The rows
+        # held here also stay in the session's (weak) identity map for to_entity().
+        looked_up: dict[Session, tuple[LibraryRow, TaskRow]] = {}
+
+        def lib_task(s: Session) -> tuple[LibraryRow, TaskRow]:
+            if s not in looked_up:
+                looked_up[s] = self._expert_task(s, spec)
+            return looked_up[s]
 
         def existing(s: Session) -> ExpertRow | None:
-            lib, task = self._expert_task(s, spec)
+            lib, task = lib_task(s)
             row = s.scalar(select(ExpertRow).where(ExpertRow.library_id == lib.id, ExpertRow.task_id == task.id,
                                                    ExpertRow.blob_sha256 == blob.sha256))
             if row is not None and (tuple(row.class_ids) != ids or row.config != spec.config):
@@ -422,7 +435,7 @@ class SqlRegistryStore(RegistryStore):
             return row
 
         def new_row(s: Session) -> ExpertRow:
-            lib, task = self._expert_task(s, spec)
+            lib, task = lib_task(s)
             return ExpertRow(library_id=lib.id, task_id=task.id, class_ids=list(ids), config=spec.config,
                              params=spec.params, val_accuracy=spec.val_accuracy, metrics=spec.metrics,
                              loss=spec.loss, blob_sha256=blob.sha256)
