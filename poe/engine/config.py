@@ -252,9 +252,11 @@ class Settings:
     # Extractor: the Ray cluster jobs train on ("": a local Ray started with the first job); Ray
     # workers per stage (shards of the sharded stages, experts at once; 0: the cluster's CPUs over
     # the CPUs per task); Ray resources per task (CPUs are also the task's torch threads; GPUs may
-    # be fractions).
+    # be fractions); the library KD's data-parallel workers on Ray Train, each with a task's
+    # resources (0 or 1: one task).
     ray_address: str = ""
     ray_workers: int = 0
+    ray_library_workers: int = 0
     ray_cpus_per_task: float = 1.0
     ray_gpus_per_task: float = 0.0
     # Shutdown: seconds a server keeps serving after turning NOT_SERVING, so that probes and balancers
@@ -358,6 +360,7 @@ class Settings:
             extractor_health_interval=_float(env, "POE_EXTRACTOR_HEALTH_INTERVAL", 5.0),
             ray_address=_raw(env, "POE_RAY_ADDRESS") or "",
             ray_workers=_count(env, "POE_RAY_WORKERS", 0),
+            ray_library_workers=_count(env, "POE_RAY_LIBRARY_WORKERS", 0),
             ray_cpus_per_task=_amount(env, "POE_RAY_CPUS_PER_TASK", 1.0),
             ray_gpus_per_task=_amount(env, "POE_RAY_GPUS_PER_TASK", 0.0),
             shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),

@@ -103,14 +103,19 @@ def teacher_stage(run: Path, oracle: WideResNet, train: Dataset, views: int = 4,
 
 def library_stage(run: Path, views: TeacherViews, test: Dataset | None, student_cfg: WRNConfig,
                   schedule: Schedule, device: str = "cpu", progress: ProgressFn | None = None,
-                  progress_every: int = 20, on_checkpoint: Callable[[Path], None] | None = None) -> WideResNet:
+                  progress_every: int = 20, on_checkpoint: Callable[[Path], None] | None = None,
+                  shard: tuple[int, int] | None = None) -> WideResNet:
+    """The KD student: read from `run`, or trained and written there. `shard=(rank, world)`: one rank
+    of a data-parallel run (see `train_library`); only rank 0 writes the student's files."""
     if _done(run, "student"):
         state, meta = _load_meta(run, "student")
         m = WideResNet(wrn_config_from_dict(meta["config"]))
         m.load_state_dict(state)
         return m.eval()
     student = train_library(student_cfg, views, test, schedule, run, device, progress=progress,
-                            progress_every=progress_every, on_checkpoint=on_checkpoint)
+                            progress_every=progress_every, on_checkpoint=on_checkpoint, shard=shard)
+    if shard is not None and shard[0] != 0:
+        return student
     meta = {"config": config_to_dict(student_cfg), "params": count_params(student),
             "library_params": count_params(student.library), "schedule": schedule.__dict__}
     if test is not None:

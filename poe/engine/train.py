@@ -70,6 +70,7 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     progress_every: int = 20,
     on_checkpoint: Callable[[Path], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """Train `modules` with SGD for `schedule.epochs` epochs.
 
@@ -77,6 +78,12 @@ def fit(
     Resumes from `checkpoint` when it exists; writes it atomically after every epoch, then calls
     `on_checkpoint(checkpoint)` (a remote worker sends it to the machine that keeps its run).
     `progress` is called every `progress_every` steps (and for the first step of each epoch).
+
+    `shard=(rank, world)`: one of `world` data-parallel processes (torch.distributed initialised,
+    the gradients averaged by the caller's DistributedDataParallel). Every rank draws the same
+    order and takes its slice of each global batch, so a global batch holds the examples of the
+    single-process run. Every rank resumes from `checkpoint`; only rank 0 logs, reports progress
+    and writes checkpoints.
     """
     from tqdm import tqdm
 
@@ -84,6 +91,8 @@ def fit(
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum,
                           weight_decay=schedule.weight_decay, nesterov=True)
     steps_per_epoch = num_examples // schedule.batch_size
+    rank, world = shard or (0, 1)
+    lead = rank == 0
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
@@ -91,7 +100,8 @@ def fit(
             m.load_state_dict(state["modules"][name])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
-        _log_line(log, {"stage": stage, "event": "resumed", "epoch": start_epoch})
+        if lead:
+            _log_line(log, {"stage": stage, "event": "resumed", "epoch": start_epoch})
     for epoch in range(start_epoch, schedule.epochs):
         for m in modules.values():
             m.train()
@@ -100,27 +110,40 @@ def fit(
         t0, total, count = time.time(), 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"{stage} {epoch + 1}/{schedule.epochs}",
                    file=sys.stderr, mininterval=2.0, leave=False,
-                   disable=os.environ.get("POE_NO_PROGRESS") == "1")
+                   disable=os.environ.get("POE_NO_PROGRESS") == "1" or not lead)
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = schedule.lr_at(step, steps_per_epoch)
             idx = order[i * schedule.batch_size:(i + 1) * schedule.batch_size]
-            loss = train_step(idx, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if shard is None:
+                loss = train_step(idx, g)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                local = torch.tensor_split(idx, world)[rank]
+                loss = train_step(local, g)
+                opt.zero_grad(set_to_none=True)
+                # DDP averages the ranks' gradients; weighting by the slice's size makes that the
+                # gradient of the global batch's mean loss when the slices differ in size.
+                weight = len(local) * world / len(idx)
+                (loss if weight == 1.0 else loss * weight).backward()
             opt.step()
             total += float(loss.detach())
             count += 1
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
             if i % max(1, progress_every) == 0:
-                if progress:
+                if progress and lead:
                     progress({"stage": stage, "epoch": epoch + 1, "epochs": schedule.epochs,
                               "step": i + 1, "steps": steps_per_epoch, "loss": total / count})
             if should_stop and should_stop():
                 return
         bar.close()
+        if shard is not None and world > 1:
+            total, count = _sum_over_ranks(total, count, params[0].device)
+        if not lead:
+            continue
         record = {"stage": stage, "epoch": epoch + 1, "epochs": schedule.epochs,
                   "loss": round(total / max(1, count), 5), "seconds": round(time.time() - t0, 1)}
         if evaluate is not None:
@@ -133,6 +156,15 @@ def fit(
             os.replace(tmp, checkpoint)
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint)
+
+
+def _sum_over_ranks(total: float, count: int, device: torch.device) -> tuple[float, int]:
+    """The epoch's loss sum and step count over every data-parallel rank (for its log line)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1])
 
 
 @functools.cache
@@ -243,19 +275,29 @@ def train_library(
     student_cfg: WRNConfig, views: TeacherViews, test: Dataset | None, schedule: Schedule,
     out_dir: Path, device: str = "cpu", temperature: float = 4.0, progress: ProgressFn | None = None,
     bf16: bool = True, progress_every: int = 20, on_checkpoint: Callable[[Path], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> WideResNet:
     """Plain KD of a whole student; its front (stem + two groups) becomes the library.
 
     bf16 autocast (on by default) only speeds up the convolutions during training; the library is
-    stored and run in fp32, and the experts are trained on its fp32 features."""
+    stored and run in fp32, and the experts are trained on its fp32 features.
+
+    `shard=(rank, world)`: this process is one rank of a data-parallel run (torch.distributed
+    initialised): the student is wrapped in DistributedDataParallel (BatchNorm per rank) and `fit`
+    trains on the rank's slice of every batch; only rank 0 evaluates, logs and checkpoints."""
     torch.manual_seed(schedule.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     student = WideResNet(student_cfg).to(device)
+    net: nn.Module = student
+    lead = shard is None or shard[0] == 0
+    if shard is not None and shard[1] > 1:
+        # Only rank 0's BatchNorm running statistics are saved and evaluated: no buffer broadcasts.
+        net = nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
 
     def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = _batch(views.images, idx, device)
         with _autocast(device, bf16):
-            logits = student(x)
+            logits = net(x)
         return kd_loss(logits.float(), views.logits[idx].to(device), temperature)
 
     def evaluate() -> dict:
@@ -264,7 +306,8 @@ def train_library(
         return {"test_acc": round(accuracy(predict_logits(student, test.images, device), test.labels), 4)}
 
     fit("library", {"student": student}, step, len(views), schedule, out_dir / "library.ckpt",
-        evaluate, out_dir / "train.log", progress, progress_every=progress_every, on_checkpoint=on_checkpoint)
+        evaluate if lead else None, out_dir / "train.log" if lead else None, progress if lead else None,
+        progress_every=progress_every, on_checkpoint=on_checkpoint if lead else None, shard=shard)
     return student.eval()
 
 

@@ -10,7 +10,9 @@ The stages on Ray (`POE_RAY_WORKERS` = W, 0: the cluster's CPUs over `POE_RAY_CP
 
 - Teacher views: the driver makes the view images (cheap), W tasks compute the oracle's logits of
   contiguous shards, which the driver joins in order: the same logits as one pass (stages.shards).
-- Library (KD): one task, resumable from its epoch checkpoints.
+- Library (KD): one task, resumable from its epoch checkpoints; or, with library workers > 1
+  (POE_RAY_LIBRARY_WORKERS or the job's library_workers), data-parallel on Ray Train
+  (`ray_train.py`).
 - Library features: W shard tasks, joined into one object that every expert task on a node reads
   from Ray's object store without a copy.
 - Experts: one task per primitive task, at most W at once.
@@ -348,6 +350,7 @@ class RayRun:
         self._inflight: dict[Any, str] = {}  # object ref -> stage
         self._done_units: dict[str, int] = {}
         self._prepared = None
+        self._ddp = None  # the library's data-parallel run while it trains
         self.channel = None
 
     @staticmethod
@@ -440,6 +443,12 @@ class RayRun:
         """Stop every task of the job now (their worker processes are killed) and its channel."""
         import ray
 
+        if self._ddp is not None:  # Ray Train's own abort frees its workers' placement group too
+            ddp, self._ddp = self._ddp, None
+            with contextlib.suppress(Exception):
+                ddp.cancel()
+            self._inflight.pop(ddp.ref, None)
+            ddp.close()
         refs = list(self._inflight)
         for ref in refs:
             with contextlib.suppress(Exception):
@@ -570,15 +579,39 @@ class RayRun:
             t0 = time.monotonic()
             self.emit({"event": "phase", "phase": "library", "units_total": prepared.units_total})
             cfg = stages.student_config(spec, prepared.train)
-            ref = self._submit(library_task, "library", self.spec_dict, self.device, self.threads, self.channel,
-                               config_to_dict(cfg), images, logits, test)
-            data, meta = self._gather([ref])[0]
+            if self.resources.library_workers > 1:
+                data, meta = self._library_ddp(config_to_dict(cfg), images, logits, test)
+            else:
+                ref = self._submit(library_task, "library", self.spec_dict, self.device, self.threads, self.channel,
+                                   config_to_dict(cfg), images, logits, test)
+                data, meta = self._gather([ref])[0]
             stages.save_student(run, data, meta)
             self.timings["library"] = time.monotonic() - t0
         student = stages.load_student(run)
         _library, report = stages.save_library(run, student, spec)
         self.emit({"event": "library", **report})
         return config_to_dict(student.cfg), tensors_to_bytes(library_state_from_student(student))
+
+    def _library_ddp(self, student_config: dict, images, logits, test) -> tuple[bytes, dict]:
+        """The student's KD data-parallel on Ray Train (`ray_train.py`), followed like a task."""
+        from poe_services.extractor.ray_train import LibraryDDP
+
+        r = self.resources
+        self._ddp = LibraryDDP(self.spec_dict, self.device, self.threads, self.channel, student_config, images,
+                               logits, test, workers=r.library_workers, cpus_per_worker=r.cpus_per_task,
+                               gpus_per_worker=r.gpus_per_task,
+                               max_failures=max(0, self.settings.extractor_max_attempts - 1))
+        ref = self._ddp.start()
+        self._inflight[ref] = "library"
+        try:
+            result = self._gather([ref])[0]
+            if result is None:  # Ray Train aborted the run without this driver asking
+                raise job_failed("library: the data-parallel run was aborted")
+            return result
+        finally:
+            if self._ddp is not None:
+                self._ddp.close()
+                self._ddp = None
 
     def _features(self, library_config: dict, library: bytes, count: int, images, workers: int):
         """An object ref of the library's features of every view (shards joined in the object store)."""

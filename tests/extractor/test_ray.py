@@ -231,3 +231,30 @@ def test_bench_extract_quick(pool_dir, tmp_path):
     text = extract.markdown({**result, "hardware": {"cpu": "cpu", "cores": 2, "torch": "t", "torch_threads": 1,
                                                     "python": "3.11"}, "date": "today"}, "poe bench extract --quick")
     assert "| 2 | " in text and "same result" in text
+
+
+def test_a_job_with_a_data_parallel_library(extractors, registry, params, settings, poll):
+    """library_workers=2: the library's KD runs on two Ray Train workers (rank 0 reports), the job
+    publishes a pool; a second such job cancelled mid-KD stops both ranks within 10 s and gives their
+    CPUs back."""
+    import ray
+
+    _host, client, runtime = extractors.start(**RAY)
+    job = client.start(params(library_workers=2, library_epochs=2, tasks=["bags"], pool_name="ddp"))
+    final = client.wait(job.id, timeout=WAIT)
+    assert final.state == SUCCEEDED, final.error
+    run = settings.home / "extractions" / job.id
+    assert epochs_of(log_lines(run, "library")) == [1, 2]  # rank 0's log, once per epoch
+    assert [x.task for x in registry.client.get_pool("ddp@1").experts] == ["bags"]
+
+    slow = client.start(params(library_workers=2, library_epochs=50, batch_size=10, tasks=["bags"],
+                               pool_name="ddp-cancelled"))
+    assert _follow_until(client, slow.id, lambda u: u.progress.phase == "library" and u.progress.epoch >= 1
+                         and "library" in runtime.task_pids(slow.id))
+    rank0 = runtime.task_pids(slow.id)["library"]
+    t0 = time.monotonic()
+    assert client.cancel(slow.id).state == CANCELLED
+    assert poll(lambda: not alive(rank0), timeout=10), "a data-parallel rank outlived the cancel"
+    assert time.monotonic() - t0 <= 10
+    assert poll(lambda: ray.available_resources().get("CPU", 0) >= 2, timeout=10)  # placement group gone
+    assert [p.name for p in registry.client.list_pools()] == ["ddp"]
