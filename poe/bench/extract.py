@@ -61,17 +61,19 @@ def job_spec(pool_dir: Path, dataset: str, subset: int, views: int, library_epoc
         pool=PoolTarget("bench", "1", [])), data
 
 
-def _digest(run: Path, tasks: list[str]) -> str:
+def _digest(run: Path, tasks: list[str]) -> dict:
+    """sha256 of the teacher views, and of the library with every expert."""
     h = hashlib.sha256((run / "library.safetensors").read_bytes())
     for task in tasks:
         h.update((run / "experts" / f"{task}.safetensors").read_bytes())
-    return h.hexdigest()
+    views = hashlib.sha256((run / "teacher_views.safetensors").read_bytes()).hexdigest()
+    return {"teacher": views, "trained": h.hexdigest()}
 
 
 def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] = (1, 2), *, quick: bool = False,
         dataset: str | None = None, subset: int = 3_000, views: int = 2, library_epochs: int = 1,
         expert_epochs: int = 5, batch_size: int = 128, seed: int = 0, cpus: int = 0,
-        progress: Progress = _quiet) -> dict:
+        data_parallel_library: bool = False, progress: Progress = _quiet) -> dict:
     import ray
 
     from poe.engine.config import Settings
@@ -100,7 +102,8 @@ def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] =
         progress("warming the Ray workers (torch and the stages imported once)")
         ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cluster_cpus)])
         for n in workers:
-            settings = replace(base, ray_workers=n)
+            # With data_parallel_library the library's KD runs on n Ray Train workers (one task for n = 1).
+            settings = replace(base, ray_workers=n, ray_library_workers=n if data_parallel_library else 1)
             with tempfile.TemporaryDirectory(prefix="poe-bench-extract-") as tmp:
                 run_dir = Path(tmp)
                 (run_dir / "oracle.safetensors").write_bytes(oracle)
@@ -110,8 +113,10 @@ def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] =
                 stage_run = RayRun(spec, run_dir, RayCluster(settings), settings, emit=lambda _msg: None)
                 stage_run.run_all()
                 total = time.monotonic() - t0
+                student = json.loads((run_dir / "student.json").read_text())
                 rows.append({"workers": n, "seconds": {k: round(stage_run.timings.get(k, 0.0), 2) for k in STAGES},
-                             "total": round(total, 2), "digest": _digest(run_dir, spec.tasks)})
+                             "total": round(total, 2), "digest": _digest(run_dir, spec.tasks),
+                             "library_test_acc": student.get("test_acc")})
                 progress(f"{n} worker(s): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[-1]["seconds"].items()))
                 shutil.rmtree(run_dir / "experts", ignore_errors=True)
     finally:
@@ -123,26 +128,35 @@ def run(pool_dir: str | Path = "pools/fashion-mnist", workers: tuple[int, ...] =
                           for k in STAGES}
         row["speedup"]["total"] = round(first["total"] / row["total"], 2)
         row["same_result"] = row["digest"] == first["digest"]
+        row["same_teacher_views"] = row["digest"]["teacher"] == first["digest"]["teacher"]
     return {"part": "extract", "pool": str(pool_dir), "ray_cpus": cluster_cpus,
             "settings": {"dataset": dataset, "train_images": spec.train_images, "views": views,
                          "library_epochs": library_epochs, "expert_epochs": expert_epochs, "batch_size": batch_size,
-                         "tasks": len(spec.tasks), "seed": seed, "device": "cpu", "cpus_per_task": 1},
+                         "tasks": len(spec.tasks), "seed": seed, "device": "cpu", "cpus_per_task": 1,
+                         "data_parallel_library": data_parallel_library},
             "rows": rows}
 
 
 def markdown(result: dict, command: str) -> str:
     s = result["settings"]
     lines = report.header({**result, "command": command})
+    ddp = s.get("data_parallel_library", False)
+    library = ("the library's KD data-parallel on as many Ray Train workers (DDP, gloo)" if ddp
+               else "the library's KD one task")
     lines += ["", f"A local Ray with {result['ray_cpus']} CPUs, one CPU (one torch thread) per task; "
               f"{s['train_images']} training images x {s['views']} views, {s['library_epochs']} KD epoch(s), "
-              f"{s['tasks']} experts x {s['expert_epochs']} CKD epoch(s), batch {s['batch_size']}. "
-              "Seconds of wall time per stage (speed-up over 1 worker):", "",
-              "| workers | teacher views | library (KD) | features | experts | total | same result |",
-              "|---:|---:|---:|---:|---:|---:|:---|"]
+              f"{s['tasks']} experts x {s['expert_epochs']} CKD epoch(s), batch {s['batch_size']}; {library}. "
+              "Seconds of wall time per stage (speed-up over 1 worker); \"same result\": the same bytes "
+              "of the library and every expert as with 1 worker (with a data-parallel library only the teacher "
+              "views can be); the library's student's test accuracy:", "",
+              "| workers | teacher views | library (KD) | features | experts | total | same result | library acc |",
+              "|---:|---:|---:|---:|---:|---:|:---|---:|"]
     for row in result["rows"]:
         cells = [f"{row['seconds'][k]:.1f} ({row['speedup'][k]:.2f}x)" if row["speedup"][k] else
                  f"{row['seconds'][k]:.1f}" for k in STAGES]
+        same = "yes" if row["same_result"] else "teacher views" if row.get("same_teacher_views") else "no"
+        acc = row.get("library_test_acc")
         lines.append(f"| {row['workers']} | " + " | ".join(cells) +
-                     f" | {row['total']:.1f} ({row['speedup']['total']:.2f}x) | "
-                     f"{'yes' if row['same_result'] else 'no'} |")
+                     f" | {row['total']:.1f} ({row['speedup']['total']:.2f}x) | {same} | "
+                     f"{'' if acc is None else f'{acc:.3f}'} |")
     return "\n".join(lines) + "\n"

@@ -325,6 +325,7 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
     result = bench.run(args.pool, tuple(args.workers), quick=args.quick, dataset=args.dataset, subset=args.subset,
                        views=args.views, library_epochs=args.library_epochs, expert_epochs=args.expert_epochs,
                        batch_size=args.batch_size, seed=args.seed, cpus=args.cpus,
+                       data_parallel_library=args.data_parallel_library,
                        progress=lambda m: print(f"bench extract: {m}", file=sys.stderr, flush=True))
     result = report.stamp(result, quick=args.quick, hw=report.hardware(), command=_bench_command(args),
                           started=started)
@@ -706,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     be.add_argument("--seed", type=int, default=0, help="seed of the subset and the training (default 0)")
     be.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default 0: this machine's cores)")
+    be.add_argument("--data-parallel-library", action="store_true",
+                    help="train the library on as many Ray Train workers as the row's count (default: one task)")
     be.add_argument("--quick", action="store_true",
                     help="300 images, 1 view, 1 epoch each, a WRN-10 student, 2 experts (for the tests)")
     be.add_argument("--json-out", help="also write the result to this JSON file")
