@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import math
 import os
 import re
@@ -101,6 +102,20 @@ def _raw(env: Mapping[str, str], name: str) -> str | None:
 
 def _bad(name: str, expected: str, value: str) -> InvalidArgument:
     return InvalidArgument(f"{name}: expected {expected}, got {value!r}")
+
+
+def _json_object(env: Mapping[str, str], name: str) -> str:
+    """A JSON object, kept as its canonical text ("" when unset)."""
+    value = _raw(env, name)
+    if value is None:
+        return ""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise _bad(name, 'a JSON object such as {"env_vars": {"OMP_NUM_THREADS": "1"}}', value)
+    return json.dumps(data, sort_keys=True)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -257,6 +272,9 @@ class Settings:
     ray_address: str = ""
     ray_workers: int = 0
     ray_library_workers: int = 0
+    # The runtime environment of the extractor's Ray job (a JSON object, `ray.init(runtime_env=...)`:
+    # env_vars, pip, container, ...), for every task of every job; "": none.
+    ray_runtime_env: str = ""
     ray_cpus_per_task: float = 1.0
     ray_gpus_per_task: float = 0.0
     # Shutdown: seconds a server keeps serving after turning NOT_SERVING, so that probes and balancers
@@ -361,6 +379,7 @@ class Settings:
             ray_address=_raw(env, "POE_RAY_ADDRESS") or "",
             ray_workers=_count(env, "POE_RAY_WORKERS", 0),
             ray_library_workers=_count(env, "POE_RAY_LIBRARY_WORKERS", 0),
+            ray_runtime_env=_json_object(env, "POE_RAY_RUNTIME_ENV"),
             ray_cpus_per_task=_amount(env, "POE_RAY_CPUS_PER_TASK", 1.0),
             ray_gpus_per_task=_amount(env, "POE_RAY_GPUS_PER_TASK", 0.0),
             shutdown_drain=_float(env, "POE_SHUTDOWN_DRAIN", None),

@@ -76,14 +76,14 @@ class Stopped(Exception):  # noqa: N818 - control flow, not an error
     """The job was cancelled or the extractor is stopping; its tasks were cancelled."""
 
 
-def start_local_ray(num_cpus: int) -> None:
+def start_local_ray(num_cpus: int, runtime_env: dict | None = None) -> None:
     """A one-node Ray on this machine, on loopback only, without the dashboard."""
     os.environ[LOOPBACK_ENV] = "0"
     import ray
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # in this process too, when ray was imported earlier
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env)
 
 
 def usable_cores() -> int:
@@ -110,11 +110,12 @@ class RayCluster:
             if ray.is_initialized():
                 return
             address = self.settings.ray_address
+            runtime_env = json.loads(self.settings.ray_runtime_env) if self.settings.ray_runtime_env else None
             try:
                 if address:
-                    ray.init(address=address)
+                    ray.init(address=address, runtime_env=runtime_env)
                 else:
-                    start_local_ray(usable_cores())
+                    start_local_ray(usable_cores(), runtime_env)
                     self._owned = True
             except Exception as e:
                 where = f"the Ray cluster at {address}" if address else "a local Ray"

@@ -74,9 +74,13 @@ def test_ray_settings_are_checked():
         ("ray://head:10001", 3, 2.0, 0.5)
     d = Settings.from_env({})
     assert (d.ray_address, d.ray_workers, d.ray_cpus_per_task, d.ray_gpus_per_task) == ("", 0, 1.0, 0.0)
+    assert Settings.from_env({"POE_RAY_RUNTIME_ENV": ' {"env_vars": {"A": "1"}} '}).ray_runtime_env == \
+        '{"env_vars": {"A": "1"}}'
     for name, value, expected in (("POE_RAY_WORKERS", "-1", "a whole number >= 0"),
                                   ("POE_RAY_CPUS_PER_TASK", "-2", "a number >= 0"),
-                                  ("POE_RAY_GPUS_PER_TASK", "nan", "a number >= 0")):
+                                  ("POE_RAY_GPUS_PER_TASK", "nan", "a number >= 0"),
+                                  ("POE_RAY_RUNTIME_ENV", "[1]", "a JSON object"),
+                                  ("POE_RAY_RUNTIME_ENV", "{env_vars", "a JSON object")):
         with pytest.raises(InvalidArgument, match=f"^{name}: expected {expected}"):
             Settings.from_env({name: value})
     # Zero CPUs per task is a valid number but no way to run stages: the extractor refuses to start.
@@ -84,6 +88,35 @@ def test_ray_settings_are_checked():
 
     with pytest.raises(InvalidArgument, match="^POE_RAY_CPUS_PER_TASK: expected a number > 0, got 0$"):
         RayExecutor(Settings.from_env({"POE_RAY_CPUS_PER_TASK": "0"}))
+
+
+def _runtime_env_reaches_the_tasks(home: str) -> None:
+    """In a fresh interpreter: the extractor's own local Ray (POE_RAY_RUNTIME_ENV set) runs a task
+    that sees the runtime environment's variable, then stops with the extractor."""
+    import ray
+
+    from poe.engine.config import Settings
+    from poe_services.extractor.ray_executor import RayCluster
+
+    cluster = RayCluster(Settings.from_env({"POE_HOME": home,
+                                            "POE_RAY_RUNTIME_ENV": '{"env_vars": {"POE_MARK": "from-env"}}'}))
+    cluster.connect()
+    try:
+        assert ray.get(ray.remote(lambda: os.environ.get("POE_MARK")).options(num_cpus=1).remote()) == "from-env"
+    finally:
+        cluster.close()
+    assert not ray.is_initialized()
+
+
+def test_the_runtime_env_setting_reaches_the_tasks(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests/extractor'); import test_ray; "
+            f"test_ray._runtime_env_reaches_the_tasks({str(tmp_path)!r}); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_sharded_extraction_matches_the_one_worker_one(extractors, registry, params, oracle, settings, tmp_path,
