@@ -24,6 +24,7 @@ _SIZE = re.compile(r"(\d+)\s*(Ki|Mi|Gi)?B?")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+_EXTRACTOR_ID = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62})?")
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
 _URL_FIELDS = ("database_url", "blob_url", "s3_endpoint")
 
@@ -102,6 +103,15 @@ def _raw(env: Mapping[str, str], name: str) -> str | None:
 
 def _bad(name: str, expected: str, value: str) -> InvalidArgument:
     return InvalidArgument(f"{name}: expected {expected}, got {value!r}")
+
+
+def _extractor_id(env: Mapping[str, str]) -> str:
+    value = _raw(env, "POE_EXTRACTOR_ID")
+    if value is None:
+        return ""
+    if not _EXTRACTOR_ID.fullmatch(value):
+        raise _bad("POE_EXTRACTOR_ID", "1-63 lower-case letters, digits, '.', '_' or '-' (such as a pod name)", value)
+    return value
 
 
 def _json_object(env: Mapping[str, str], name: str) -> str:
@@ -320,6 +330,9 @@ class Settings:
     # Extractor: the only directory TorchScript oracles may be loaded from (files on the extractor,
     # named by path; loading one runs its code). None: no TorchScript oracle at all.
     extractor_oracle_dir: Path | None = None
+    # Extractor: its name among the extractors that serve one registry. Every job records the name of
+    # the extractor that started it, and an extractor resumes only the unfinished jobs of its name.
+    extractor_id: str = ""
 
     def without_server_tls(self) -> Settings:
         """These settings for a server that a command starts on loopback only for itself."""
@@ -403,6 +416,7 @@ class Settings:
             tls_key=_path(env, "POE_TLS_KEY"),
             tls_server_name=_raw(env, "POE_TLS_SERVER_NAME") or "",
             extractor_oracle_dir=_path(env, "POE_EXTRACTOR_ORACLE_DIR"),
+            extractor_id=_extractor_id(env),
         )
 
 

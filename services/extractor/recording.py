@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
-from poe.engine.errors import PoeError, Unavailable
+from poe.engine.errors import FailedPrecondition, PoeError, Unavailable
 from poe.v1 import common_pb2 as c
 from poe_services.extractor.jobs import Job, JobBoard, JobFailed
 from poe_services.extractor.spec import ReusedExpert
@@ -79,6 +79,16 @@ class Recorder:
 
         try:
             rec = self.retry(call) if critical else call()
+        except FailedPrecondition as e:
+            if critical:
+                raise
+            # The registry refuses to change a finished job: it was cancelled elsewhere (through
+            # another extractor, or the registry's own API). Stop it as a cancel here would.
+            log.info("extractor: job %s was finished elsewhere (%s); stopping it", job.id, e)
+            with job.lock:
+                job.cancelled = True
+            self.board.notify()
+            return
         except PoeError as e:
             if critical:
                 raise

@@ -17,8 +17,11 @@ Life of a job (docs/EXTRACTOR.md):
    from the stage's last epoch checkpoint. On shutdown every task is stopped and the jobs stay
    RUNNING; the next extractor on the same registry resumes RUNNING and PENDING jobs.
 
-One extractor per registry: the jobs a registry lists as RUNNING are taken to be this extractor's
-to resume. A lock file in each run directory keeps two processes off the same job.
+Several extractors may serve one registry, each with its own POE_EXTRACTOR_ID and POE_HOME: a job
+records the id of the extractor that started it, and an extractor resumes only its own unfinished
+jobs. A job cancelled through another extractor is noticed at the next progress write (the
+registry refuses to change a finished job), and its tasks stop. A lock file in each run directory
+keeps two processes off the same job.
 
 A stored job is input like a request: before it is resumed its spec is read strictly and checked
 with `plan.check_spec` (bounds, allowed paths, TorchScript only from the oracle directory), and its
@@ -56,7 +59,7 @@ from poe_services.extractor.driver import JobDriver
 from poe_services.extractor.jobs import Job, JobBoard
 from poe_services.extractor.plan import Planner, check_job_id, check_spec, request_dict
 from poe_services.extractor.recording import Recorder
-from poe_services.extractor.spec import FORMAT, JobSpec
+from poe_services.extractor.spec import EXTRACTOR_KEY, FORMAT, JobSpec
 
 if TYPE_CHECKING:
     from poe_services.host import HealthReporter
@@ -221,7 +224,8 @@ class ExtractorRuntime:
             log.info("extractor: resuming %d unfinished job(s)", resumed)
 
     def _resumable(self, rec: c.ExtractionJob) -> Job | None:
-        """The job to resume from a registry record; None for a job of another format (left alone)."""
+        """The job to resume from a registry record; None for a job of another format or of another
+        extractor (left alone)."""
         try:
             stored = json.loads(rec.params_json or "{}")
         except (ValueError, RecursionError):
@@ -231,7 +235,11 @@ class ExtractorRuntime:
         if stored.get("format") != FORMAT:
             log.info("extractor: job %s has no %s parameters; left alone", limits.quote(rec.id), FORMAT)
             return None
-        spec = JobSpec.from_dict({k: v for k, v in stored.items() if k != OWNER_KEY})
+        if stored.get(EXTRACTOR_KEY, "") != self.settings.extractor_id:
+            log.info("extractor: job %s belongs to extractor %s; left alone", limits.quote(rec.id),
+                     limits.quote(stored.get(EXTRACTOR_KEY, "")))
+            return None
+        spec = JobSpec.from_dict({k: v for k, v in stored.items() if k not in (OWNER_KEY, EXTRACTOR_KEY)})
         try:
             check_spec(spec, self.planner.files)
         except InvalidArgument as e:
@@ -278,7 +286,9 @@ class ExtractorRuntime:
                 spec = self.planner.plan(params, staging, self.jobs.targets())
                 try:
                     # Who started it, beside the spec: CancelExtraction lets only them (or an admin) stop it.
-                    rec = self.registry.create_job({**spec.to_dict(), OWNER_KEY: owner},
+                    # The extractor's id beside it: only an extractor of that id resumes the job.
+                    rec = self.registry.create_job({**spec.to_dict(), OWNER_KEY: owner,
+                                                    EXTRACTOR_KEY: self.settings.extractor_id},
                                                    oracle_id=spec.registered_oracle_id, job_id=job_id)
                 except AlreadyExists:
                     existing = self._same_job(job_id, params)

@@ -34,6 +34,10 @@ def _flat(cls, data, where: str):
     return cls(**_keys(cls, data, where))
 
 
+# The key beside the spec in a job's stored params: the POE_EXTRACTOR_ID of the extractor that started it.
+EXTRACTOR_KEY = "extractor"
+
+
 @dataclass(frozen=True)
 class RayResources:
     """What the job's Ray tasks ask for; 0 everywhere: the extractor's POE_RAY_* settings."""

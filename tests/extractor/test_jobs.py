@@ -186,3 +186,41 @@ def test_incremental_experts_reuse_library_and_experts(extractor, registry, para
         assert x.blob.sha256 == sha2[x.task] and x.hierarchy_version == 2
     run3 = settings.home / "extractions" / third.id
     assert {r["stage"] for r in log_lines(run3, "expert-")} == {"expert-upper-body"}
+
+
+def test_two_extractors_on_one_registry(extractors, registry, params, settings, poll, tmp_path):
+    """Extractors "a" and "b" serve one registry, each with its own POE_HOME: each resumes only its
+    own jobs, and a job of "a" cancelled through "b" stops on "a" (nothing published)."""
+    home_b = {"POE_EXTRACTOR_ID": "b", "POE_HOME": str(tmp_path / "home-b")}
+    host_a, client_a, runtime_a = extractors.start(POE_EXTRACTOR_ID="a")
+    _host_b, client_b, runtime_b = extractors.start(**home_b)
+    job = client_a.start(params(expert_epochs=40, tasks=["tops"], pool_name="of-a"))
+    for u in client_a.follow(job.id, timeout=WAIT):
+        if u.progress.phase == "experts" and u.progress.epoch >= 1:
+            break
+    assert json.loads(registry.client.get_job(job.id).params_json)["extractor"] == "a"
+    extractors.stop(host_a)  # the job stays RUNNING, on a's run directory
+    assert registry.client.get_job(job.id).state == RUNNING
+
+    # Another "b" looks at the unfinished jobs: not its own, left alone.
+    _host, client_b2, runtime_b2 = extractors.start(**home_b)
+    assert runtime_b2.jobs.get(job.id) is None and registry.client.get_job(job.id).state == RUNNING
+    # "a" again: resumes it; cancelled through "b", it stops on "a".
+    _host, client_a2, runtime_a2 = extractors.start(POE_EXTRACTOR_ID="a")
+    assert poll(lambda: bool(runtime_a2.task_pids(job.id)))
+    pids = list(runtime_a2.task_pids(job.id).values())
+    assert client_b.cancel(job.id).state == CANCELLED  # not b's job: only the record changes
+    assert poll(lambda: runtime_a2.jobs.get(job.id) is None and not any(alive(p) for p in pids), timeout=30)
+    assert not (settings.home / "extractions" / job.id).exists()
+    assert list(registry.client.list_pools()) == []
+    assert client_a2.get(job.id).job.state == CANCELLED
+
+
+def test_extractor_id_is_checked():
+    from poe.engine.config import Settings
+    from poe.engine.errors import InvalidArgument
+
+    assert Settings.from_env({"POE_EXTRACTOR_ID": " extractor-0 "}).extractor_id == "extractor-0"
+    for bad in ("Extractor", "-a", "a/b", "x" * 64):
+        with pytest.raises(InvalidArgument, match="^POE_EXTRACTOR_ID: expected 1-63 lower-case"):
+            Settings.from_env({"POE_EXTRACTOR_ID": bad})
