@@ -9,11 +9,32 @@ Tests of authentication itself build their own files and tokens.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 AUTH_KEYS = ("POE_TOKENS_FILE", "POE_SERVICE_TOKEN")
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
+    """Whether `predicate()` holds within `timeout` seconds (polled every `interval`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def make_settings(tmp_path, **overrides):
+    """The settings of a test's servers: the run's tokens, POE_HOME under `tmp_path`, then `overrides`
+    (Settings fields)."""
+    import dataclasses
+
+    from poe.engine.config import Settings
+
+    return dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}), **overrides)
 
 
 def auth_env() -> dict[str, str]:

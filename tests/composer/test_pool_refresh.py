@@ -9,10 +9,9 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
-from testenv import auth_env
+from testenv import auth_env, eventually
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
@@ -21,15 +20,6 @@ from poe.engine.errors import NotFound
 from poe_services.host import create_server
 
 TTL = 1.0  # POE_ALIAS_TTL for these tests
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture

@@ -5,34 +5,18 @@ on another server learns of it at its poll, as before; a failing listener never 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from testenv import auth_env
+from testenv import eventually, make_settings
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
-from poe.engine.config import Settings
-from poe.engine.nets import make_expert
-from poe.engine.pool import save as save_pool
-from poe_services.host import create_server
 
 HOUR = 3600.0  # POE_COMPOSER_POOL_POLL: no poll happens during these tests
-
-
-def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def composer_serving(target: str) -> bool:
@@ -41,43 +25,13 @@ def composer_serving(target: str) -> bool:
                                                     timeout=5).status == health_pb2.HealthCheckResponse.SERVING
 
 
-def make_settings(tmp_path, **overrides) -> Settings:
-    return dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}), **overrides)
-
-
 def template_misses() -> float:
     return REGISTRY.get_sample_value("poe_compose_template_misses_total", {"format": "torchscript"}) or 0.0
 
 
-@pytest.fixture(scope="module")
-def second_pool_dir(random_pool, tmp_path_factory):
-    """Another pool, with narrower experts: its structures and tensor layouts are its own."""
-    experts = {}
-    for task, e in random_pool.experts.items():
-        config = dataclasses.replace(e.config, width=4)
-        experts[task] = dataclasses.replace(e, config=config, state=make_expert(config).state_dict())
-    pool = dataclasses.replace(random_pool, name="second-pool", experts=experts)
-    return save_pool(pool, tmp_path_factory.mktemp("pool") / "second-pool")
-
-
-@pytest.fixture
-def hosts():
-    started = []
-
-    def start(settings, services, **kwargs):
-        host = create_server("127.0.0.1:0", settings, services, **kwargs)
-        host.start()
-        started.append(host)
-        return host, f"127.0.0.1:{host.port}"
-
-    yield start
-    for host in reversed(started):
-        host.stop(0).wait(30)
-
-
-def test_import_into_poe_up_returns_with_the_pool_warm(tmp_path, hosts, pool_dir, second_pool_dir):
+def test_import_into_poe_up_returns_with_the_pool_warm(tmp_path, host_factory, pool_dir, second_pool_dir):
     settings = make_settings(tmp_path, default_pool="test-pool", composer_pool_poll=HOUR)
-    host, target = hosts(settings, ("registry", "composer"), migrate=True)
+    host, target = host_factory(settings, ("registry", "composer"), migrate=True)
     engine = host.runtimes["composer"].engine
     assert eventually(lambda: composer_serving(target), 20)  # its first look is done: no pool yet
 
@@ -98,15 +52,15 @@ def test_import_into_poe_up_returns_with_the_pool_warm(tmp_path, hosts, pool_dir
         assert (engine.scripts.scripted, engine.scripts.templated, template_misses()) == before
 
 
-def test_a_composer_on_another_server_waits_for_its_poll(tmp_path, hosts, pool_dir, caplog):
-    registry_host, registry_target = hosts(make_settings(tmp_path / "r"), ("registry",), migrate=True)
+def test_a_composer_on_another_server_waits_for_its_poll(tmp_path, host_factory, pool_dir, caplog):
+    registry_host, registry_target = host_factory(make_settings(tmp_path / "r"), ("registry",), migrate=True)
 
     def broken_listener() -> None:
         raise RuntimeError("listener bug")
 
     registry_host.runtimes["registry"].on_pools_changed(broken_listener)
     settings = make_settings(tmp_path / "c", default_pool="test-pool", composer_pool_poll=HOUR)
-    host, target = hosts(settings, ("composer",), registry_target=registry_target)
+    host, target = host_factory(settings, ("composer",), registry_target=registry_target)
     runtime = host.runtimes["composer"]
     assert eventually(lambda: composer_serving(target), 20)
 

@@ -4,38 +4,23 @@ blob degrades its pool version only, and importing the pool again repairs it."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from testenv import auth_env
+from testenv import eventually, make_settings
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
-from poe.engine.config import Settings
 from poe.engine.errors import DataLoss, InvalidArgument
-from poe.engine.nets import make_expert
-from poe.engine.pool import save as save_pool
 from poe_services.host import create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 POLL = 0.2  # POE_COMPOSER_POOL_POLL for these tests
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def composer_health(target: str) -> int:
@@ -46,36 +31,6 @@ def composer_health(target: str) -> int:
 
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def make_settings(tmp_path, **overrides) -> Settings:
-    return dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}), **overrides)
-
-
-@pytest.fixture(scope="module")
-def second_pool_dir(random_pool, tmp_path_factory):
-    """Another pool, with narrower experts: its structures and tensor layouts are its own."""
-    experts = {}
-    for task, e in random_pool.experts.items():
-        config = dataclasses.replace(e.config, width=4)
-        experts[task] = dataclasses.replace(e, config=config, state=make_expert(config).state_dict())
-    pool = dataclasses.replace(random_pool, name="second-pool", experts=experts)
-    return save_pool(pool, tmp_path_factory.mktemp("pool") / "second-pool")
-
-
-@pytest.fixture
-def host_factory():
-    hosts = []
-
-    def make(settings, services, **kwargs):
-        host = create_server("127.0.0.1:0", settings, services, **kwargs)
-        host.start()
-        hosts.append(host)
-        return host, f"127.0.0.1:{host.port}"
-
-    yield make
-    for host in reversed(hosts):
-        host.stop(0).wait(30)
 
 
 def test_pools_imported_after_start_are_warmed(tmp_path, host_factory, pool_dir, second_pool_dir):

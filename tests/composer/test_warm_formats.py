@@ -9,13 +9,12 @@ alike), an ONNX export 3 s more; the pass that makes them does not depend on the
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from testenv import auth_env
+from testenv import auth_env, eventually
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
@@ -26,15 +25,6 @@ from poe_services.host import create_server
 FORMATS = ("torchscript", "pt2")
 # Every fused layout of the pool: its expert keeping 2 classes or 1.
 CLASS_SETS = (["T-shirt/top", "Shirt"], ["Shirt"], ["T-shirt/top"])
-
-
-def eventually(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def misses() -> dict[str, float]:
@@ -60,12 +50,12 @@ def test_no_request_waits_for_an_export_in_the_readme_order(tmp_path, small_pool
         with RegistryClient(target) as registry, Composer(target, retries=0) as composer:
             registry.import_pool(small_pool_dir)
             # Ready as soon as the first format is warm; the others follow without a request.
-            assert eventually(lambda: runtime.warm_formats("small-pool@1")[:1] == ("torchscript",))
+            assert eventually(lambda: runtime.warm_formats("small-pool@1")[:1] == ("torchscript",), 60)
             with grpc.insecure_channel(target) as channel:
                 health = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="poe.v1.Composer"), timeout=5)
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
-            assert eventually(lambda: runtime.warm_formats("small-pool@1") == FORMATS)
+            assert eventually(lambda: runtime.warm_formats("small-pool@1") == FORMATS, 60)
             before, templated = misses(), runtime.engine.scripts.templated
             for fmt in FORMATS:
                 for classes in CLASS_SETS:
