@@ -27,6 +27,15 @@ def eventually(predicate: Callable[[], bool], timeout: float = 20.0, interval: f
     return predicate()
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not reaped yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def make_settings(tmp_path, **overrides):
     """The settings of a test's servers: the run's tokens, POE_HOME under `tmp_path`, then `overrides`
     (Settings fields)."""

@@ -5,10 +5,10 @@ resume after a restart and task errors are in test_ray.py."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from testenv import alive
 
 from poe.engine.errors import AlreadyExists, FailedPrecondition
 from poe.engine.hierarchy import builtin
@@ -18,18 +18,6 @@ PENDING, RUNNING = c.EXTRACTION_STATE_PENDING, c.EXTRACTION_STATE_RUNNING
 SUCCEEDED, FAILED, CANCELLED = c.EXTRACTION_STATE_SUCCEEDED, c.EXTRACTION_STATE_FAILED, c.EXTRACTION_STATE_CANCELLED
 WAIT = 180.0
 TASKS = list(builtin("fashion-mnist").tasks)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not reaped yet) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def log_lines(run, stage_prefix: str) -> list[dict]:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from testenv import alive
 
 from poe.engine import compose, evaluate
 from poe.engine import pool as pool_mod
@@ -22,14 +23,6 @@ WAIT = 180.0
 RAY = {"POE_RAY_WORKERS": "2", "POE_RAY_CPUS_PER_TASK": "1"}
 # 300 images x 4 views: the teacher views come in two shards (500 + 700 images), the features too (1000 + 200).
 VIEWS = 4
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def log_lines(run, stage: str) -> list[dict]:

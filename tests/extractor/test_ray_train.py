@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from testenv import alive
 
 from poe.engine import pipeline
 from poe.engine.nets import WideResNet, WRNConfig
@@ -100,14 +101,6 @@ def finish(run: LibraryDDP, channel, ref) -> tuple[tuple[bytes, dict], dict[int,
 
 def log_records(events: list[dict]) -> list[dict]:
     return [json.loads(line) for e in events if e["event"] == "checkpoint" for line in e["log"]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_two_workers_train_a_student_as_accurate_as_one_process(kd, one_process):
