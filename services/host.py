@@ -354,14 +354,16 @@ def _in_process_tls_error(settings: Settings, side: str, error: ssl.SSLError) ->
 
 
 def create_server(address: str, settings: Settings, services: Iterable[str] = SERVICES, *,
-                  registry_target: str | None = None, migrate: bool | None = None, warm: bool = True) -> Host:
+                  registry_target: str | None = None, migrate: bool | None = None, warm: bool = True,
+                  reuse_port: bool = False) -> Host:
     """A server bound to `address` (port 0 picks a free one) hosting `services`; not started.
 
     Composer and extractor reach the registry at `registry_target`, or on this very server when
     it hosts the registry, else at settings.registry_addr. `migrate` (registry): bring the schema
     to head first (default settings.registry_auto_migrate). `warm` (composer): load the default
     pool before reporting SERVING. Calls and streams at once per service: POE_MAX_CONCURRENT_CALLS
-    and POE_MAX_CONCURRENT_STREAMS; the pool has a thread for each (`Limits.threads`).
+    and POE_MAX_CONCURRENT_STREAMS; the pool has a thread for each (`Limits.threads`). `reuse_port`:
+    the port may be bound by other processes too (SO_REUSEPORT; `run_processes`).
     """
     services = tuple(dict.fromkeys(services))
     unknown = [s for s in services if s not in SERVICES]
@@ -374,7 +376,9 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     limits = Limits((SERVICE_NAMES[s] for s in services), settings.max_concurrent_calls,
                     settings.max_concurrent_streams)
     watchdog = WriteWatchdog(settings.stream_write_timeout)
-    options = server_options(settings)
+    # gRPC turns SO_REUSEPORT on by default (Linux): a second server on a port in use would share it
+    # silently instead of failing to listen.
+    options = server_options(settings) + [("grpc.so_reuseport", 1 if reuse_port else 0)]
     # A thread for every call the budgets admit; gRPC refuses any call beyond that number at once
     # (RESOURCE_EXHAUSTED) instead of queueing it for a thread.
     executor = futures.ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="poe-rpc")
@@ -385,7 +389,10 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
     interceptors = [MetricsInterceptor(), auth, ErrorInterceptor(), BackpressureInterceptor(limits, watchdog)]
     server = grpc.server(executor, interceptors=interceptors, options=options,
                          maximum_concurrent_rpcs=limits.threads)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # "Failed to bind": newer grpcio raises instead of returning 0
+        port = 0
     if not port:
         raise Unavailable(f"cannot listen on {address}")
     servicer = health.HealthServicer()
@@ -423,7 +430,7 @@ def create_server(address: str, settings: Settings, services: Iterable[str] = SE
 
 def run(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None, host: str = "[::]",
         grace: float = 10.0, migrate: bool | None = None, banner: Callable[[str], None] = print,
-        drain: float = 0.0) -> NoReturn:
+        drain: float = 0.0, reuse_port: bool = False) -> NoReturn:
     """Serve until SIGTERM/SIGINT, then stop (`Host.stop`: NOT_SERVING, `drain` s still serving, then
     in-flight calls get up to `grace` s) and end the process with status 0, at most `drain` + `grace`
     + CLOSE_ALLOWANCE s after the signal. What is still running then (a runtime's close, a handler
@@ -433,7 +440,7 @@ def run(settings: Settings, services: Iterable[str], port: int, metrics_port: in
     as gRPC and, when the server has a certificate, over HTTPS with it (client certificates
     required under mutual TLS).
     """
-    hosted = create_server(f"{host}:{port}", settings, services, migrate=migrate)
+    hosted = create_server(f"{host}:{port}", settings, services, migrate=migrate, reuse_port=reuse_port)
     bound_metrics = None
     if metrics_port is not None:
         try:
@@ -483,3 +490,94 @@ def _wait_for_threads(closed: threading.Event, deadline: float) -> list[str]:
     for t in others:
         t.join(max(0.0, deadline - time.monotonic()))
     return pending + [f"thread {t.name}" for t in others if t.is_alive()]
+
+
+def run_processes(settings: Settings, services: Iterable[str], port: int, metrics_port: int | None,
+                  processes: int, host: str = "[::]", grace: float = 10.0, migrate: bool | None = None,
+                  banner: Callable[[str], None] = print, drain: float = 0.0) -> NoReturn:
+    """`processes` servers of `services` on one port, each a process of its own (its own engine,
+    caches, warm-up, health and GIL), until SIGTERM/SIGINT; the composer's way past one Python
+    process's GIL on one machine (`poe serve composer --processes N`).
+
+    The port is shared with SO_REUSEPORT: the kernel spreads *connections* across the processes, so
+    one client (one connection) is served by one process, and many clients by all. Each process
+    reports its own health on the shared port; a probe's connection reaches one of them. /metrics is
+    served here, in the parent, with every process's metrics added up (prometheus_client's
+    multiprocess mode; gauges carry a `pid` label). When a process ends on its own, the others are
+    stopped and this exits with status 1, so that the orchestrator restarts the whole set. On
+    SIGTERM/SIGINT each process stops as `run` does (drain, grace) and this exits with status 0."""
+    import multiprocessing
+    import shutil
+    import socket
+    import tempfile
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from poe_services.metrics import BUILD_INFO
+
+    if processes < 1:
+        raise InvalidArgument(f"--processes: must be >= 1, got {processes}")
+    if port == 0:  # a port of 0 cannot be shared: pick one for all of them
+        family = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family) as s:
+            s.bind((host.strip("[]"), 0))
+            port = s.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="poe-metrics-")
+    # Read by prometheus_client when the children import it: their metrics go to files in metrics_dir.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_run_child, name=f"poe-server-{i}", daemon=False,
+                            args=(settings, tuple(services), port, host, grace, migrate, drain))
+                for i in range(processes)]
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: done.set())
+    code = 0
+    try:
+        for child in children:
+            child.start()
+        bound_metrics = None
+        if metrics_port is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+            registry.register(BUILD_INFO)  # an Info lives in this process only
+            try:
+                bound_metrics = serve_metrics(metrics_port, host, registry, certfile=settings.tls_server_cert,
+                                              keyfile=settings.tls_server_key, client_cafile=settings.tls_client_ca)
+            except OSError as e:
+                raise Unavailable(f"cannot serve /metrics on port {metrics_port}: {e}") from e
+        banner(f"poe: {processes} processes of {', '.join(SERVICE_NAMES[s] for s in services)} sharing {host}:{port} "
+               f"(pids {', '.join(str(c.pid) for c in children)})"
+               + (f"; metrics of all on :{bound_metrics}/metrics" if bound_metrics is not None else ""))
+        while not done.wait(0.5):
+            ended = [c for c in children if c.exitcode is not None]
+            if ended:
+                log.error("poe: server process %s ended (exit code %s): stopping the others",
+                          ended[0].pid, ended[0].exitcode)
+                code = 1
+                break
+    finally:
+        for child in children:
+            if child.pid is not None and child.exitcode is None:
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + drain + grace + CLOSE_ALLOWANCE + 1.0
+        for child in children:
+            if child.pid is not None:
+                child.join(max(0.0, deadline - time.monotonic()))
+                if child.exitcode is None:
+                    log.warning("poe: server process %s did not stop in time: killed", child.pid)
+                    child.kill()
+                    child.join(5)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_child(settings: Settings, services: tuple[str, ...], port: int, host: str, grace: float,
+               migrate: bool | None, drain: float) -> NoReturn:
+    """One process of `run_processes`: `run` on the shared port, without /metrics of its own."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(settings, services, port, None, host=host, grace=grace, migrate=migrate, drain=drain, reuse_port=True,
+        banner=lambda msg: print(f"[pid {os.getpid()}] {msg}", flush=True))

@@ -64,9 +64,12 @@ COMPOSE_REQUESTS = Counter(
     "ComposeModel requests by final gRPC status code.",
     ["grpc_code"],
 )
+# Gauges say how to add up over the processes of `poe serve composer --processes N` (prometheus_client's
+# multiprocess mode; ignored in a single process): livesum over the living ones, max for a flag.
 COMPOSE_IN_FLIGHT = Gauge(
     "poe_compose_in_flight_requests",
     "ComposeModel requests being served right now.",
+    multiprocess_mode="livesum",
 )
 CACHE_HITS = Counter(
     "poe_compose_cache_hits_total",
@@ -82,10 +85,12 @@ CACHE_BYTES = Gauge(
     "poe_compose_cache_bytes",
     "Bytes held by the composer's in-memory caches.",
     ["cache"],  # model | tensor | template
+    multiprocess_mode="livesum",
 )
 COMPOSE_DEGRADED_POOLS = Gauge(
     "poe_compose_degraded_pools",
     "Pool versions with a library or expert blob that failed its last fetch (corrupt or missing).",
+    multiprocess_mode="max",
 )
 COMPOSE_BLOB_ERRORS = Counter(
     "poe_compose_blob_errors_total",
@@ -97,6 +102,7 @@ for _kind in ("data_loss", "not_found"):  # exported at 0, so that increase() se
 COMPOSE_RECORDINGS_QUEUED = Gauge(
     "poe_compose_recordings_queued",
     "Composed files waiting to be recorded in the registry (or being sent now).",
+    multiprocess_mode="livesum",
 )
 COMPOSE_RECORDINGS = Counter(
     "poe_compose_recordings_total",

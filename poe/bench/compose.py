@@ -8,12 +8,15 @@ Cases:
   for that format (its templates made before the first request).
 - cold: the composer's caches emptied before every request, so library and experts are fetched
   from the registry's blob store (an S3 server: moto's, on loopback) and verified: p50 / p99.
-- throughput: distinct compositions per second with N concurrent clients.
+- throughput: distinct compositions per second with N concurrent clients, each on a connection of
+  its own (as N client processes would be), against the composer in this process, or against
+  `processes` composer processes sharing one port (`poe serve composer --processes`).
 
 Three processes, as deployed, talking gRPC over 127.0.0.1: the registry (with its SQL store and
 its blob store: moto's S3 server in the same process, or a folder), the composer (a server in
 this process; the warm and cold cases' single client too) and, for the throughput case, the
-clients. The composer's server CPU time per request is reported with the throughput.
+clients. The composer's server CPU time per request is reported with the throughput (summed over
+its processes).
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def _start_stack(env: dict[str, str], record: bool, pool_dir: Path, s3: bool):
         conn.send("stop")
         registry.join(30)
 
-    return host, f"127.0.0.1:{host.port}", f"{pv.name}@{pv.version}", stop, host.issue_token("reader", "bench")
+    return (host, f"127.0.0.1:{host.port}", f"{pv.name}@{pv.version}", stop, host.issue_token("reader", "bench"),
+            settings, registry_target)
 
 
 def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
@@ -137,11 +141,17 @@ def jit_save_floor(pool, classes: tuple[str, ...]) -> float:
 
 def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]], clients: int,
                        fmt: str = "torchscript", token: str = "") -> tuple[list[float], float]:
-    """`clients` threads with a channel each compose `class_sets` as fast as they can (runs in a
-    process of its own); returns every request's latency and the wall time."""
+    """`clients` threads with a channel and TCP connection each compose `class_sets` as fast as they
+    can (runs in a process of its own); returns every request's latency and the wall time."""
+    import grpc
+
     todo = list(class_sets)
     lock = threading.Lock()
-    channels = [Composer(target, retries=0, token=token) for _ in range(clients)]
+    # gRPC shares one connection among a process's channels to one target unless told otherwise; N
+    # clients in production are N connections (which SO_REUSEPORT spreads over composer processes).
+    options = Composer.channel_options(0) + [("grpc.use_local_subchannel_pool", 1)]
+    channels = [Composer(channel=grpc.insecure_channel(target, options=options), token=token)
+                for _ in range(clients)]
     seconds: list[float] = []
 
     def worker(k: int) -> None:
@@ -159,19 +169,69 @@ def throughput_clients(target: str, ref: str, class_sets: list[tuple[str, ...]],
         list(ex.map(worker, range(clients)))
     wall = time.perf_counter() - t0
     for ch in channels:
-        ch.close()
+        ch.channel.close()
     return seconds, wall
+
+
+def _composer_process(settings: Settings, port: int, registry_target: str, ref: str, fmt: str, conn) -> None:
+    """One of the throughput case's composer processes (spawned): a server on the shared `port`,
+    warmed; reports its CPU time between "start" and "stop"."""
+    from poe_services.host import create_server
+
+    host = create_server(f"127.0.0.1:{port}", settings, ("composer",), registry_target=registry_target, warm=False,
+                         reuse_port=True)
+    host.start()
+    engine = host.runtimes["composer"].engine
+    try:
+        engine.warm(ref, formats=(fmt,) if fmt in TEMPLATED_FORMATS else ())
+        conn.send("ready")
+        conn.recv()
+        t0, templated = os.times(), engine.scripts.templated
+        conn.recv()
+        t1 = os.times()
+        conn.send(((t1.user - t0.user) + (t1.system - t0.system), engine.scripts.templated - templated))
+    finally:
+        host.stop(0).wait()
+
+
+def _start_composers(n: int, settings: Settings, registry_target: str, ref: str, fmt: str):
+    """`n` composer processes sharing a free port of 127.0.0.1, warm: (target, pipes, processes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for i in range(n):
+        conn, child = ctx.Pipe()
+        p = ctx.Process(target=_composer_process, args=(settings, port, registry_target, ref, fmt, child),
+                        name=f"bench-composer-{i}", daemon=True)
+        p.start()
+        pipes.append(conn)
+        procs.append(p)
+    for conn, p in zip(pipes, procs, strict=True):
+        try:
+            if not conn.poll(300):
+                raise EOFError
+            conn.recv()
+        except EOFError:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"the benchmark's composer process {p.pid} did not warm up "
+                               f"(exit code {p.exitcode})") from None
+    return f"127.0.0.1:{port}", pipes, procs
 
 
 def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, clients: int = 16,
         throughput_requests: int = 400, s3: bool = True, seed: int = 0, record: bool = True,
-        progress=lambda msg: None, fmt: str = "torchscript") -> dict:
+        progress=lambda msg: None, fmt: str = "torchscript", processes: int = 1) -> dict:
     pool_dir = Path(pool_dir)
     pool = load_pool(pool_dir, with_oracle=False)
     rng = random.Random(seed)
     env = {"POE_HOME": str(home)}
     # The bench's clients call its own servers with a token only they know (not the caller's POE_TOKEN).
-    host, target, ref, stop_stack, token = _start_stack(env, record, pool_dir, s3)
+    host, target, ref, stop_stack, token, settings, registry_target = _start_stack(env, record, pool_dir, s3)
     engine = host.runtimes["composer"].engine
     result: dict = {"pool": ref, "blob_store": "s3 (moto)" if s3 else "file", "record_compositions": record,
                     "torch_threads": torch.get_num_threads(), "format": fmt, "cases": {}}
@@ -215,19 +275,45 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                 r = c.compose(cs, pool=ref, format=fmt)
                 lat.append(r.seconds)
             result["cases"]["cold"] = _summary(lat)
-        progress(f"throughput: {throughput_requests} distinct compositions, {clients} clients")
+        progress(f"throughput: {throughput_requests} distinct compositions, {clients} clients"
+                 + (f", {processes} composer processes" if processes > 1 else ""))
         todo = [cs for cs in (fresh() for _ in range(throughput_requests)) if cs is not None]
-        templated, cpu0 = engine.scripts.templated, os.times()
-        # The clients run in another process, as they would in production: here they would share
-        # the composer's GIL and measure the benchmark's own Python as much as the service.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients, fmt, token).result()
-        cpu1 = os.times()
-        server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-        result["throughput"] = {"clients": clients, "requests": len(seconds),
+        pipes, procs = [], []
+        try:
+            if processes > 1:
+                # A token every composer process accepts (a memory token is known to one process only).
+                from poe_services import tokens
+
+                tokens_file = home / "bench-composer-tokens.json"
+                _, token = tokens.create(tokens_file, "reader", "bench clients")
+                target, pipes, procs = _start_composers(
+                    processes, dataclasses.replace(settings, tokens_file=tokens_file), registry_target, ref, fmt)
+                for conn in pipes:
+                    conn.send("start")
+            templated, cpu0 = engine.scripts.templated, os.times()
+            # The clients run in another process, as they would in production: here they would share
+            # the composer's GIL and measure the benchmark's own Python as much as the service.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                seconds, wall = ex.submit(throughput_clients, target, ref, todo, clients, fmt, token).result()
+            cpu1 = os.times()
+            server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+            templates_made = engine.scripts.templated - templated
+            if procs:
+                server_cpu = templates_made = 0
+                for conn in pipes:
+                    conn.send("stop")
+                    cpu, made = conn.recv()
+                    server_cpu += cpu
+                    templates_made += made
+        finally:
+            for p in procs:
+                p.join(30)
+                if p.exitcode is None:
+                    p.kill()
+        result["throughput"] = {"clients": clients, "processes": processes, "requests": len(seconds),
                                 "compositions_per_s": round(len(seconds) / wall, 1), **_summary(seconds),
                                 "server_cpu_ms_per_request": round(server_cpu / max(1, len(seconds)) * 1e3, 3),
-                                "archive_templates_made": engine.scripts.templated - templated}
+                                "archive_templates_made": templates_made}
         # The floors last: each scripts a model, and TorchScript's compiled classes pile up in this
         # process (the composer itself scripts only a few structures).
         progress("jit.save floors")
@@ -257,8 +343,11 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {name} | {v['n']} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['mean_ms']:.1f} | "
                      f"{v.get('jit_save_floor_ms', '') and format(v['jit_save_floor_ms'], '.1f')} | "
                      f"{v.get('p50_over_floor', '')} | {v.get('archive_templates_made', '')} |")
+    procs = tput.get("processes", 1)
     lines += ["", f"Throughput: **{tput['compositions_per_s']:.0f} distinct compositions/s** with {tput['clients']} "
-              f"concurrent clients in another process ({tput['requests']} requests; latency under that load p50 "
+              f"concurrent clients (a connection each) in another process"
+              + (f", against {procs} composer processes sharing the port" if procs > 1 else "")
+              + f" ({tput['requests']} requests; latency under that load p50 "
               f"{tput['p50_ms']:.0f} ms, p99 {tput['p99_ms']:.0f} ms); the composer's server spent "
               f"{tput['server_cpu_ms_per_request']:.1f} ms of CPU per request.", ""]
     p50 = max(v["p50_ms"] for v in warm)

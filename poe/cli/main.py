@@ -284,7 +284,7 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         result = bench.run(args.pool, Path(home), per_case=5 if quick else args.per_case,
                            cold=3 if quick else args.cold, clients=4 if quick else args.clients,
                            throughput_requests=20 if quick else args.requests, s3=not args.file_blobs,
-                           record=not args.no_record, fmt=args.format,
+                           record=not args.no_record, fmt=args.format, processes=args.processes,
                            progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
     result["quick"] = quick
     text = json.dumps(result, indent=2)
@@ -293,7 +293,7 @@ def cmd_bench_compose(args: argparse.Namespace) -> int:
         Path(args.json_out).write_text(text + "\n")
     if args.update_docs:
         section = "compose" + ("" if args.format == "torchscript" else f"-{args.format}") + \
-            ("-no-record" if args.no_record else "")
+            ("-no-record" if args.no_record else "") + (f"-processes{args.processes}" if args.processes > 1 else "")
         path = report.update_docs(args.docs, section, bench.markdown(result, _bench_command(args)), bench.TITLE)
         print(f"bench: wrote section {section} of {path}", file=sys.stderr)
     print(text)
@@ -647,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--cold", type=int, default=20, help="requests with empty caches (experts fetched from S3)")
     bc.add_argument("--clients", type=int, default=16, help="concurrent clients for the throughput case")
     bc.add_argument("--requests", type=int, default=400, help="distinct compositions in the throughput case")
+    bc.add_argument("--processes", type=int, default=1,
+                    help="composer processes sharing one port in the throughput case (poe serve composer --processes)")
     bc.add_argument("--file-blobs", action="store_true", help="filesystem blob store instead of S3 (moto)")
     bc.add_argument("--no-record", action="store_true", help="do not record compositions in the registry")
     bc.add_argument("--format", choices=list(_SUFFIXES), default="torchscript",

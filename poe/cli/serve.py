@@ -23,9 +23,10 @@ UP_DRAIN = 0.0
 
 
 def run_services(args: argparse.Namespace, services: tuple[str, ...], migrate: bool | None,
-                 default_drain: float = SERVE_DRAIN) -> int:
-    """Host `services` with the flags of add_serve_flags until SIGTERM/SIGINT."""
-    from poe_services.host import run
+                 default_drain: float = SERVE_DRAIN, processes: int = 1) -> int:
+    """Host `services` with the flags of add_serve_flags until SIGTERM/SIGINT, in `processes`
+    processes sharing the port when more than one."""
+    from poe_services.host import run, run_processes
 
     cfg = _with_server_tls(_settings(args), args)
     drain = args.drain if args.drain is not None else \
@@ -36,6 +37,9 @@ def run_services(args: argparse.Namespace, services: tuple[str, ...], migrate: b
     if grace < 0:
         raise InvalidArgument(f"--grace (POE_SHUTDOWN_GRACE): must be >= 0 seconds, got {grace:g}")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if processes > 1:
+        return run_processes(cfg, services, args.port, args.metrics_port, processes, host=args.host, grace=grace,
+                             drain=drain, migrate=migrate, banner=lambda msg: print(msg, flush=True))
     return run(cfg, services, args.port, args.metrics_port, host=args.host, grace=grace, drain=drain,
                migrate=migrate, banner=lambda msg: print(msg, flush=True))
 
@@ -51,7 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from poe_services.host import SERVICES
 
     services = SERVICES if args.service == "all" else (args.service,)
-    return run_services(args, services, True if args.migrate else None)
+    if args.processes < 1 or (args.processes > 1 and args.service != "composer"):
+        raise InvalidArgument(f"--processes: the composer runs in 1 or more processes, every other service in one; "
+                              f"got {args.processes} for {args.service}")
+    return run_services(args, services, True if args.migrate else None, processes=args.processes)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -102,6 +109,9 @@ def add_serve_flags(p: argparse.ArgumentParser, default_host: str = "[::]") -> N
 def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="run one service (registry, composer, extractor) or all on one port")
     s.add_argument("service", choices=["registry", "composer", "extractor", "all"])
+    s.add_argument("--processes", type=int, default=1,
+                   help="composer only: this many server processes sharing the port (SO_REUSEPORT), each with its "
+                        "own engine and warm-up, /metrics of all served by the parent (default 1)")
     add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 

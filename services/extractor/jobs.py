@@ -102,9 +102,14 @@ class JobBoard:
             if job.id in self._jobs or self._closing.is_set():
                 return False
             self._jobs[job.id] = job
-            self._futures[job.id] = self._pool.submit(self._run, job)
+            self._futures[job.id] = self._pool.submit(self._drive, job)
             self.update_gauges()
             return True
+
+    def _drive(self, job: Job) -> None:
+        """On a pool thread: the job starts (it counts as running from now on)."""
+        self.update_gauges()
+        self._run(job)
 
     def finish(self, job: Job, outcome: str | None) -> None:
         """The job's driver is done (outcome "succeeded", "failed", "cancelled", or None when the

@@ -197,7 +197,7 @@ def probe_problems(objs: list[dict]) -> list[str]:
         args = c.get("args", [])
         if c.get("command") != ["poe"] or args[:2] != ["serve", comp]:
             problems.append(f"{name_of(obj)}: runs {c.get('command')} {args}, not `poe serve {comp}`")
-        if args[2:] != ["--port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])]:
+        if args[2:6] != ["--port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])]:
             problems.append(f"{name_of(obj)}: ports in args {args[2:]} differ from container ports {ports}")
         labels = pod_template(obj)["metadata"].get("labels", {})
         own_services = {s["metadata"]["name"] for s in services

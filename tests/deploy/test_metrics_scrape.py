@@ -11,6 +11,7 @@ import pytest
 from deploy_paths import alert_rules, dashboard_exprs
 from prometheus_client.metrics import MetricWrapperBase
 from promql import exposed_metric_names, unknown_metrics
+from testenv import eventually
 
 from poe_services import metrics
 
@@ -93,15 +94,22 @@ def test_extraction_jobs_live_gauge_and_finished_counter(tmp_path):
         return REGISTRY.get_sample_value("poe_extraction_jobs_finished_total", {"state": state})
 
     before = {s: finished(s) for s in ("succeeded", "failed", "cancelled")}
-    # max_jobs=1 and a runner that starts nothing: the first job "runs", the second waits.
-    board = JobBoard(None, 1, lambda job: threading.Thread(), threading.Event(), threading.Event())
+    # max_jobs=1 and a runner that ends each job when the test says: the first job runs, the second waits.
+    outcomes = {"job-0": "failed", "job-1": "succeeded"}
+    release = {job_id: threading.Event() for job_id in outcomes}
+
+    def run(job) -> None:
+        release[job.id].wait(30)
+        board.finish(job, outcomes[job.id])
+
+    board = JobBoard(None, 1, run, threading.Event(), threading.Event())
     jobs = [Job(f"job-{i}", None, tmp_path / f"run-{i}", common_pb2.ExtractionJob()) for i in range(2)]
     for job in jobs:
         assert board.enqueue(job)
-    board.schedule()
-    assert (live("running"), live("queued")) == (1, 1)
-    board.finish(jobs[0], "failed")  # the queued job starts in its place
-    assert (live("running"), live("queued")) == (1, 0)
-    board.finish(jobs[1], "succeeded")
-    assert (live("running"), live("queued")) == (0, 0)
+    assert eventually(lambda: (live("running"), live("queued")) == (1, 1))
+    release["job-0"].set()  # the queued job starts in its place
+    assert eventually(lambda: (live("running"), live("queued")) == (1, 0))
+    release["job-1"].set()
+    assert eventually(lambda: (live("running"), live("queued")) == (0, 0))
     assert {s: finished(s) - before[s] for s in before} == {"succeeded": 1, "failed": 1, "cancelled": 0}
+    board.close(timeout=5)
