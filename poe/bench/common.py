@@ -169,6 +169,19 @@ def head_logits(head: nn.Module, features: torch.Tensor, batch_size: int = 1000)
 
 # -- summaries -----------------------------------------------------------------------------------
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, nearest rank."""
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def latency_summary(seconds: list[float]) -> dict:
+    """n, p50, p99 and mean in milliseconds of latencies in seconds."""
+    ms = [s * 1e3 for s in seconds]
+    return {"n": len(ms), "p50_ms": round(percentile(ms, 0.5), 3), "p99_ms": round(percentile(ms, 0.99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3)}
+
+
 def mean(values: list[float | None]) -> float | None:
     """The mean of the values that are not None, rounded; None when there are none."""
     present = [v for v in values if v is not None]

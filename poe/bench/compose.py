@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from poe.bench.common import latency_summary
 from poe.bench.report import hardware, hardware_line
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
@@ -44,17 +45,6 @@ from poe.engine.export import TEMPLATED_FORMATS, quiet_jit, script
 from poe.engine.pool import load as load_pool
 
 TITLE = "ComposeModel latency and throughput (gRPC on loopback)"
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
-
-
-def _summary(seconds: list[float]) -> dict:
-    ms = [s * 1e3 for s in seconds]
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 0.5), 3), "p99_ms": round(_pct(ms, 0.99), 3),
-            "mean_ms": round(statistics.fmean(ms), 3)}
 
 
 def class_sets_by_tasks(pool, n_tasks: int, rng: random.Random) -> list[tuple[str, ...]]:
@@ -264,7 +254,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                     lat.append(r.seconds)
                     if i < 5:
                         floor_sets.setdefault(n, []).append(cs)
-                s = _summary(lat)
+                s = latency_summary(lat)
                 s["archive_templates_made"] = engine.scripts.templated - templated
                 result["cases"][f"warm_{n}"] = s
             progress("cold case")
@@ -274,7 +264,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                 cs = fresh()
                 r = c.compose(cs, pool=ref, format=fmt)
                 lat.append(r.seconds)
-            result["cases"]["cold"] = _summary(lat)
+            result["cases"]["cold"] = latency_summary(lat)
         progress(f"throughput: {throughput_requests} distinct compositions, {clients} clients"
                  + (f", {processes} composer processes" if processes > 1 else ""))
         todo = [cs for cs in (fresh() for _ in range(throughput_requests)) if cs is not None]
@@ -311,7 +301,7 @@ def run(pool_dir: str | Path, home: Path, per_case: int = 40, cold: int = 20, cl
                 if p.exitcode is None:
                     p.kill()
         result["throughput"] = {"clients": clients, "processes": processes, "requests": len(seconds),
-                                "compositions_per_s": round(len(seconds) / wall, 1), **_summary(seconds),
+                                "compositions_per_s": round(len(seconds) / wall, 1), **latency_summary(seconds),
                                 "server_cpu_ms_per_request": round(server_cpu / max(1, len(seconds)) * 1e3, 3),
                                 "archive_templates_made": templates_made}
         # The floors last: each scripts a model, and TorchScript's compiled classes pile up in this

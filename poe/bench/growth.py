@@ -52,17 +52,6 @@ LIST_PAGE = 1_000  # ListExperts page size when listing everything (the registry
 INPUT_SHAPE = [1, 28, 28]
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
-
-
-def _summary(seconds: list[float]) -> dict:
-    ms = [s * 1e3 for s in seconds]
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 0.5), 3), "p99_ms": round(_pct(ms, 0.99), 3),
-            "mean_ms": round(statistics.fmean(ms), 3)}
-
-
 def fit_line(xs: list[float], ys: list[float]) -> dict:
     """Least-squares y = slope * x + intercept, with r^2."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -254,6 +243,8 @@ def _prepare(stack: _Stack, view, n_experts: int, requests: int, rng: random.Ran
 def _interleaved(cases: list[tuple[_Stack, object, str, int, list[tuple[str, ...]]]]) -> list[dict]:
     """p50 / p99 of each case's class sets (stack, composer client, pool, experts each needs, sets),
     one request of each case in turn, so that whatever else the machine does weighs on all alike."""
+    from poe.bench.common import latency_summary
+
     seconds: list[list[float]] = [[] for _ in cases]
     templated = [stack.engine.scripts.templated for stack, *_ in cases]
     for i in range(max(len(sets) for *_, sets in cases)):
@@ -265,11 +256,12 @@ def _interleaved(cases: list[tuple[_Stack, object, str, int, list[tuple[str, ...
                                        f"{len(r.header.tasks)} experts, not {n_experts}")
                 seconds[k].append(r.seconds)
     # Stacks shared by several cases count their templates once per case: fine, the expected count is 0.
-    return [{**_summary(sec), "templates_made_while_timed": stack.engine.scripts.templated - t}
+    return [{**latency_summary(sec), "templates_made_while_timed": stack.engine.scripts.templated - t}
             for sec, (stack, *_), t in zip(seconds, cases, templated, strict=True)]
 
 
 def _reads(target: str, token: str, ref: str, repeats: int) -> dict:
+    from poe.bench.common import latency_summary
     from poe.client.registry import RegistryClient
     from poe.v1 import registry_pb2
 
@@ -293,7 +285,7 @@ def _reads(target: str, token: str, ref: str, repeats: int) -> dict:
                     seconds.append(time.perf_counter() - t0)
                 if name != "get_pool":
                     counts[name] = got
-            out[name] = {**_summary(seconds), "experts": counts[name]}
+            out[name] = {**latency_summary(seconds), "experts": counts[name]}
         out["get_pool"]["bytes"] = pv.ByteSize()
     return out
 
