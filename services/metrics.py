@@ -65,7 +65,8 @@ COMPOSE_REQUESTS = Counter(
     ["grpc_code"],
 )
 # Gauges say how to add up over the processes of `poe serve composer --processes N` (prometheus_client's
-# multiprocess mode; ignored in a single process): livesum over the living ones, max for a flag.
+# multiprocess mode; ignored in a single process): livesum over the living ones, max for a count any
+# process sees, all for one series per process.
 COMPOSE_IN_FLIGHT = Gauge(
     "poe_compose_in_flight_requests",
     "ComposeModel requests being served right now.",
@@ -85,7 +86,7 @@ CACHE_BYTES = Gauge(
     "poe_compose_cache_bytes",
     "Bytes held by the composer's in-memory caches.",
     ["cache"],  # model | tensor | template
-    multiprocess_mode="livesum",
+    multiprocess_mode="all",  # one series per process (`pid`): each has caches of its own, each bounded
 )
 COMPOSE_DEGRADED_POOLS = Gauge(
     "poe_compose_degraded_pools",

@@ -83,33 +83,33 @@ def test_ray_settings_are_checked():
         RayExecutor(Settings.from_env({"POE_RAY_CPUS_PER_TASK": "0"}))
 
 
-def _runtime_env_reaches_the_tasks(home: str) -> None:
-    """In a fresh interpreter: the extractor's own local Ray (POE_RAY_RUNTIME_ENV set) runs a task
-    that sees the runtime environment's variable, then stops with the extractor."""
-    import ray
+# Run in a fresh interpreter: the extractor's own local Ray (POE_RAY_RUNTIME_ENV set) runs a task
+# that sees the runtime environment's variable, then stops with the extractor.
+RUNTIME_ENV_CHECK = """
+import os, sys
+import ray
+from poe.engine.config import Settings
+from poe_services.extractor.ray_executor import RayCluster
 
-    from poe.engine.config import Settings
-    from poe_services.extractor.ray_executor import RayCluster
-
-    cluster = RayCluster(Settings.from_env({"POE_HOME": home,
-                                            "POE_RAY_RUNTIME_ENV": '{"env_vars": {"POE_MARK": "from-env"}}'}))
-    cluster.connect()
-    try:
-        assert ray.get(ray.remote(lambda: os.environ.get("POE_MARK")).options(num_cpus=1).remote()) == "from-env"
-    finally:
-        cluster.close()
-    assert not ray.is_initialized()
+cluster = RayCluster(Settings.from_env({"POE_HOME": sys.argv[1],
+                                        "POE_RAY_RUNTIME_ENV": '{"env_vars": {"POE_MARK": "from-env"}}'}))
+cluster.connect()
+try:
+    seen = ray.get(ray.remote(lambda: os.environ.get("POE_MARK")).options(num_cpus=1).remote())
+finally:
+    cluster.close()
+print(seen, ray.is_initialized())
+"""
 
 
 def test_the_runtime_env_setting_reaches_the_tasks(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, 'tests/extractor'); import test_ray; "
-            f"test_ray._runtime_env_reaches_the_tasks({str(tmp_path)!r}); print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ENV_CHECK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "from-env False"
 
 
 def test_sharded_extraction_matches_the_one_worker_one(extractors, registry, params, oracle, settings, tmp_path,
