@@ -21,8 +21,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, declared_attr, mapped_column, relationship
 
 from poe.engine.hierarchy import Hierarchy
 from poe_services.registry import entities as e
@@ -243,12 +244,17 @@ class ComposedModelRow(Base):
     hits: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_hit_at: Mapped[datetime | None]
-    pool_version: Mapped[PoolVersionRow] = relationship(lazy="joined")
+    # Loaded when asked for: a pool version brings its experts and hierarchy along, which recording
+    # a composition (many a second) does not need; "name@version" comes with the row instead.
+    pool_version: Mapped[PoolVersionRow] = relationship(lazy="select")
+    pool_ref: Mapped[str] = column_property(
+        select(PoolRow.name + "@" + PoolVersionRow.version)
+        .where(PoolVersionRow.id == pool_version_id, PoolRow.id == PoolVersionRow.pool_id)
+        .correlate_except(PoolVersionRow, PoolRow).scalar_subquery())
     blob: Mapped[BlobRow] = relationship(lazy="joined")
 
     def to_entity(self) -> e.ComposedModel:
-        pv = self.pool_version
-        return e.ComposedModel(f"{pv.pool.name}@{pv.version}", tuple(int(i) for i in self.class_ids), self.format,
+        return e.ComposedModel(self.pool_ref, tuple(int(i) for i in self.class_ids), self.format,
                                self.blob.to_entity(), self.hits, dict(self.meta), aware(self.created_at),
                                aware(self.last_hit_at))
 

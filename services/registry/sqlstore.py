@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, false, func, select, update
-from sqlalchemy.orm import Session, contains_eager, sessionmaker
+from sqlalchemy.orm import Session, contains_eager, lazyload, sessionmaker
 
 from poe.engine import limits
 from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
@@ -197,18 +197,22 @@ class SqlRegistryStore(RegistryStore):
             raise FailedPrecondition(f"blob {blob.sha256[:12]}... is recorded with {row.size} bytes, not {blob.size}")
 
     @staticmethod
-    def _pool_version(s: Session, ref: str, field: str = "pool") -> PoolVersionRow:
+    def _pool_version(s: Session, ref: str, field: str = "pool", light: bool = False) -> PoolVersionRow:
+        """The pool version `ref` names; `light`: without its experts, hierarchy and aliases loaded
+        up front (they load when touched)."""
         name, tag = v.pool_ref(ref, field)
+        options = (lazyload("*"),) if light else ()
         pool = s.scalar(select(PoolRow).where(PoolRow.name == name))
         if pool is None:
             raise NotFound(f"{field}: no pool named {name!r}")
         if tag is not None:
-            row = s.scalar(select(PoolVersionRow).where(PoolVersionRow.pool_id == pool.id,
-                                                        PoolVersionRow.version == tag))
+            row = s.scalar(select(PoolVersionRow).options(*options).where(PoolVersionRow.pool_id == pool.id,
+                                                                          PoolVersionRow.version == tag))
             if row is not None:
                 return row
         alias_name = tag or LATEST
-        row = s.scalar(select(PoolVersionRow).join(PoolAliasRow, PoolAliasRow.pool_version_id == PoolVersionRow.id)
+        row = s.scalar(select(PoolVersionRow).options(*options)
+                       .join(PoolAliasRow, PoolAliasRow.pool_version_id == PoolVersionRow.id)
                        .where(PoolAliasRow.pool_id == pool.id, PoolAliasRow.alias == alias_name))
         if row is None:
             versions = s.scalars(select(PoolVersionRow.version).where(PoolVersionRow.pool_id == pool.id)).all()
@@ -616,8 +620,10 @@ class SqlRegistryStore(RegistryStore):
         key = class_set_key(ids)
 
         def lookup(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
-            pv = self._pool_version(s, spec.pool)
-            n = len(pv.hierarchy.dataset.classes)
+            pv = self._pool_version(s, spec.pool, light=True)
+            n = s.scalar(select(func.count()).select_from(DatasetClassRow)
+                         .join(HierarchyRow, HierarchyRow.dataset_id == DatasetClassRow.dataset_id)
+                         .where(HierarchyRow.id == pv.hierarchy_id))
             if ids[-1] >= n:
                 raise field_error("class_ids", f"data set {pv.hierarchy.dataset.name!r} has class ids 0..{n - 1}")
             row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
@@ -638,7 +644,7 @@ class SqlRegistryStore(RegistryStore):
         ids = tuple(sorted(v.class_ids(class_ids)))
         limits.check_format("format", fmt)
         with self._session(write=count_hit) as s:
-            pv = self._pool_version(s, ref)
+            pv = self._pool_version(s, ref, light=True)
             row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
                                                           ComposedModelRow.class_set == class_set_key(ids),
                                                           ComposedModelRow.format == fmt))
