@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -159,4 +160,17 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {row['workers']} | " + " | ".join(cells) +
                      f" | {row['total']:.1f} ({row['speedup']['total']:.2f}x) | {same} | "
                      f"{'' if acc is None else f'{acc:.3f}'} |")
+    lines += ["", *projection_lines(result)]
     return "\n".join(lines) + "\n"
+
+
+def projection_lines(result: dict, experts: int = 100, workers: tuple[int, ...] = (8, 32)) -> list[str]:
+    """The expert stage of a larger job projected from the measured time of one expert: experts of
+    equal cost run in ceil(experts / workers) rounds (the data, epochs and device as measured)."""
+    first = result["rows"][0]
+    per_expert = first["seconds"]["experts"] * first["workers"] / max(1, result["settings"]["tasks"])
+    cells = [f"{w} workers: {math.ceil(experts / w)} rounds, about {math.ceil(experts / w) * per_expert:.0f} s"
+             for w in workers]
+    return [f"Projection: one expert took {per_expert:.1f} s here ({first['workers']} worker(s)); "
+            f"{experts} experts would take about {experts * per_expert:.0f} s on one worker, and on "
+            + "; ".join(cells) + " (a GPU changes the time per expert, not the rounds)."]
