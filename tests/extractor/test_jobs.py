@@ -32,7 +32,8 @@ def epochs_of(lines: list[dict]) -> list[int]:
 
 def test_tiny_extraction_end_to_end(extractor, registry, params, data, settings, poll):
     client, runtime = extractor
-    job = client.start(params())
+    # Experts of several epochs: the job lasts long enough for an ETA (measured over at least 0.5 s).
+    job = client.start(params(expert_epochs=6))
     assert job.state == PENDING and job.id
     updates = list(client.follow(job.id, timeout=WAIT))
     final = updates[-1].job
