@@ -5,39 +5,25 @@ about `alias_ttl` seconds later, by a check in the background."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 
 import pytest
-from testenv import auth_env, eventually
+from testenv import eventually, make_settings
 
 from poe.client.composer import Composer
 from poe.client.registry import RegistryClient
-from poe.engine.config import Settings
 from poe.engine.errors import NotFound
-from poe_services.host import create_server
 
 TTL = 1.0  # POE_ALIAS_TTL for these tests
 
 
 @pytest.fixture
-def servers(tmp_path):
+def servers(tmp_path, host_factory):
     """start(services, **kwargs) -> (host, target); every server is stopped after the test."""
-    settings = dataclasses.replace(Settings.from_env({**auth_env(), "POE_HOME": str(tmp_path / "home")}),
-                                   default_pool="test-pool", alias_ttl=TTL)
-    hosts = []
-
-    def start(services, **kwargs):
-        host = create_server("127.0.0.1:0", settings, services, **kwargs)
-        host.start()
-        hosts.append(host)
-        return host, f"127.0.0.1:{host.port}"
-
-    yield start
-    for host in reversed(hosts):
-        host.stop(0).wait(30)
+    settings = make_settings(tmp_path, default_pool="test-pool", alias_ttl=TTL)
+    return lambda services, **kwargs: host_factory(settings, services, **kwargs)
 
 
 def test_a_cached_view_is_served_while_the_registry_is_down(servers, pool_dir, caplog):

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from testenv import auth_env
+from testenv import auth_env, eventually
 
 from poe.client.registry import RegistryClient
 from poe.engine.config import Settings
@@ -42,13 +42,8 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# poll(predicate) in the tests: testenv.eventually with this suite's timeout.
+wait_until = functools.partial(eventually, timeout=WAIT)
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

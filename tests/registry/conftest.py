@@ -12,18 +12,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
-from testenv import auth_env, own_postgres_database
+from testenv import auth_env, eventually, own_postgres_database
 
 from poe.engine.config import Settings
 from poe_services.registry import db
@@ -34,13 +34,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 S3_KEYS = {"POE_S3_ACCESS_KEY": "test-access", "POE_S3_SECRET_KEY": "test-secret"}
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# poll(predicate) in the tests: testenv.eventually with this suite's timeout.
+wait_until = functools.partial(eventually, timeout=10.0)
 
 
 class TcpProxy:

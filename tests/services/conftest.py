@@ -3,24 +3,18 @@ database of the test's own (POE_TEST_POSTGRES_URL) that can refuse connections f
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testenv import auth_env, own_postgres_database
+from testenv import auth_env, eventually, own_postgres_database
 
 from poe.engine.config import Settings
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# poll(predicate) in the tests: testenv.eventually with this suite's timeout.
+wait_until = functools.partial(eventually, timeout=15.0)
 
 
 @pytest.fixture
