@@ -364,7 +364,7 @@ class RayRun:
         return replace(r, workers=r.workers or settings.ray_workers,
                        cpus_per_task=r.cpus_per_task or settings.ray_cpus_per_task,
                        gpus_per_task=r.gpus_per_task or settings.ray_gpus_per_task,
-                       library_workers=r.library_workers or getattr(settings, "ray_library_workers", 0) or 1)
+                       library_workers=r.library_workers or settings.ray_library_workers or 1)
 
     @staticmethod
     def task_device(spec: JobSpec, settings: Settings) -> str:
