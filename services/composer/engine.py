@@ -397,7 +397,12 @@ class ComposerEngine:
     def compose(self, req: ComposeRequest, timer: StageTimer | None = None,
                 check: Callable[[], None] = lambda: None) -> Composition:
         """Header and bytes for a request; `check` raises when the client has gone away."""
-        timer = timer or StageTimer()
+        if self.recorder is None:
+            return self._compose(req, timer or StageTimer(), check)
+        with self.recorder.composing():  # recordings wait for a pause in compositions
+            return self._compose(req, timer or StageTimer(), check)
+
+    def _compose(self, req: ComposeRequest, timer: StageTimer, check: Callable[[], None]) -> Composition:
         view, p = self._plan(req, timer)
         header = self._header(view, p, req)
         model_id = header.model_id

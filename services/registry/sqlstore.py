@@ -619,7 +619,14 @@ class SqlRegistryStore(RegistryStore):
         ids = tuple(sorted(spec.class_ids))
         key = class_set_key(ids)
 
+        looked_up: dict[Session, tuple[PoolVersionRow, ComposedModelRow | None]] = {}
+
         def lookup(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
+            if s not in looked_up:  # existing() and new_row() both ask, in one transaction
+                looked_up[s] = look(s)
+            return looked_up[s]
+
+        def look(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
             pv = self._pool_version(s, spec.pool, light=True)
             n = s.scalar(select(func.count()).select_from(DatasetClassRow)
                          .join(HierarchyRow, HierarchyRow.dataset_id == DatasetClassRow.dataset_id)
