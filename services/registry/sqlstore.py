@@ -9,9 +9,12 @@ with ON CONFLICT DO NOTHING, so any number of artifacts may share one blob.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -52,6 +55,7 @@ R = TypeVar("R")  # an ORM row class
 # int64) names no row, on either database, and never reaches the database as a parameter.
 MAX_ROW_ID = (1 << 31) - 1
 PAGE_BATCH = 32  # rows converted at a time while a page is filled (pages stop early by bytes)
+POOL_CACHE_SIZE = 64  # published pool versions kept as entities (GetPool, ListPools)
 
 
 def class_set_key(class_ids: Sequence[int]) -> str:
@@ -91,6 +95,11 @@ class SqlRegistryStore(RegistryStore):
     def __init__(self, url_or_engine: str | Engine, *, require_current: bool = True):
         self.engine = db.make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        # A published pool version never changes but for its aliases, so its entity is built from
+        # its rows (a dozen queries and most of a GetPool's time) once. Keyed by id and publish
+        # time: SQLite may give a deleted version's id to the next one.
+        self._pools: OrderedDict[tuple[int, Any], e.PoolVersion] = OrderedDict()
+        self._pools_lock = threading.Lock()
         if require_current:
             db.require_current_schema(self.engine)
 
@@ -141,7 +150,8 @@ class SqlRegistryStore(RegistryStore):
             return self._row(s, row_class, key, field, what).to_entity()
 
     def _page(self, query: Callable[[Session], Select], filters: object, page_size: int,
-              page_token: str, item_bytes: Callable[[Any], int] | None = None) -> e.Page:
+              page_token: str, item_bytes: Callable[[Any], int] | None = None,
+              entity: Callable[[Session, Any], Any] | None = None) -> e.Page:
         """A page of the entities of `query`'s rows (in its order); the page token is bound to `filters`.
 
         With `item_bytes` (an entity's size as served) the page also stops before its records
@@ -157,14 +167,14 @@ class SqlRegistryStore(RegistryStore):
                 rows = s.scalars(query(s).offset(offset + len(items)).limit(batch + 1)).unique().all()
                 full = False
                 for row in rows[:batch]:
-                    entity = row.to_entity()
+                    item = row.to_entity() if entity is None else entity(s, row)
                     if item_bytes is not None:
-                        n = item_bytes(entity)
+                        n = item_bytes(item)
                         if items and total + n > limits.MAX_PAGE_BYTES:
                             full = True
                             break
                         total += n
-                    items.append(entity)
+                    items.append(item)
                 more = full or len(rows) > batch
                 if full or len(rows) <= batch:
                     break
@@ -221,6 +231,27 @@ class SqlRegistryStore(RegistryStore):
                            f"(versions: {limits.listing(versions) or 'none'}; "
                            f"aliases: {limits.listing(aliases) or 'none'})")
         return row
+
+    def _pool_entity(self, s: Session, row: PoolVersionRow) -> e.PoolVersion:
+        """The entity of a pool version row (loaded light or not): from the cache of published
+        versions, with its aliases as they are now."""
+        key = (row.id, row.published_at)
+        with self._pools_lock:
+            cached = self._pools.get(key)
+            if cached is not None:
+                self._pools.move_to_end(key)
+        if cached is None:  # loaded again with its relationships in a few queries, not one per expert
+            full = s.scalar(select(PoolVersionRow).where(PoolVersionRow.id == row.id)
+                            .execution_options(populate_existing=True))
+            cached = full.to_entity()
+            with self._pools_lock:
+                self._pools[key] = cached
+                while len(self._pools) > POOL_CACHE_SIZE:
+                    self._pools.popitem(last=False)
+            return cached
+        aliases = s.scalars(select(PoolAliasRow.alias).where(PoolAliasRow.pool_version_id == row.id)
+                            .order_by(PoolAliasRow.alias)).all()
+        return dataclasses.replace(cached, aliases=tuple(aliases))
 
     @staticmethod
     def _check_alias_count(s: Session, pool_id: int, field: str = "aliases") -> None:
@@ -535,14 +566,14 @@ class SqlRegistryStore(RegistryStore):
 
     def get_pool(self, ref: str) -> e.PoolVersion:
         with self._session() as s:
-            return self._pool_version(s, ref).to_entity()
+            return self._pool_entity(s, self._pool_version(s, ref, light=True))
 
     def list_pools(self, flt: e.PoolFilter, page_size: int = 0, page_token: str = "",
                    item_bytes: Callable[[e.PoolVersion], int] | None = None) -> e.Page[e.PoolVersion]:
         _check_filter(flt)
 
         def query(s: Session) -> Select:
-            q = (select(PoolVersionRow).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
+            q = (select(PoolVersionRow).options(lazyload("*")).join(PoolRow, PoolVersionRow.pool_id == PoolRow.id)
                  .join(HierarchyRow, PoolVersionRow.hierarchy_id == HierarchyRow.id)
                  .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
             q = _where_equal(q, (PoolRow.name, flt.name), (DatasetRow.name, flt.dataset))
@@ -554,7 +585,7 @@ class SqlRegistryStore(RegistryStore):
                                             PoolVersionExpertRow.pool_version_id == PoolVersionRow.id))
             return q.order_by(PoolRow.name, PoolVersionRow.id)
 
-        return self._page(query, flt, page_size, page_token, item_bytes)
+        return self._page(query, flt, page_size, page_token, item_bytes, self._pool_entity)
 
     def set_alias(self, name: str, alias: str, version: str) -> e.PoolVersion:
         v.name(name, "name", "pool name")

@@ -161,6 +161,26 @@ def test_aliases_latest_and_delete(seeded):
         store.delete_pool_version("fm", "2")
 
 
+def test_cached_pool_versions_follow_aliases_and_a_republished_version(seeded):
+    """Pool entities are cached; their aliases are read fresh, and a version deleted and published
+    again (SQLite may give it the same row id) is never served from the old entry."""
+    store, _, lib, experts = seeded
+    ids = tuple(x.id for x in experts.values())
+    store.publish_pool(e.PoolSpec("fm", "1", lib.id, ids[:2], description="one"))
+    store.publish_pool(e.PoolSpec("fm", "2", lib.id, ids, description="two"))
+    assert store.get_pool("fm@1").aliases == () and store.get_pool("fm").aliases == ("latest",)
+    store.set_alias("fm", "stable", "1")
+    assert store.get_pool("fm@1").aliases == ("stable",)
+    assert [(p.version, p.aliases) for p in store.list_pools(e.PoolFilter()).items] == \
+        [("1", ("stable",)), ("2", ("latest",))]
+    assert store.delete_pool_version("fm", "2") == 0
+    assert store.get_pool("fm").aliases == ("latest", "stable")
+    store.publish_pool(e.PoolSpec("fm", "2", lib.id, ids[:3], description="two again"))
+    again = store.get_pool("fm@2")
+    assert again.description == "two again" and [x.id for x in again.experts] == list(ids[:3])
+    assert [p.description for p in store.list_pools(e.PoolFilter(name="fm")).items] == ["one", "two again"]
+
+
 def test_list_search_and_paginate(seeded):
     store, _, lib, experts = seeded
     ids = tuple(x.id for x in experts.values())
