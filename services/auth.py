@@ -16,7 +16,7 @@ Roles and what they may do:
 - publisher: read, publish (register, publish, aliases, StartExtraction; CancelExtraction of its own jobs);
 - admin: read, publish, admin (DeletePoolVersion, anyone's jobs);
 - service: read, publish, internal (what the services call on each other: CreateExtractionJob,
-  UpdateExtractionJob, PutComposedModel).
+  UpdateExtractionJob, PutComposedModel, PutComposedModels).
 Health and reflection are open to everyone (probes and tools that know only the protos).
 """
 
@@ -52,7 +52,7 @@ _REGISTRY = {
     "PublishPool": PUBLISH, "GetPool": READ, "ListPools": READ,
     "SetPoolAlias": PUBLISH, "DeletePoolAlias": PUBLISH, "DeletePoolVersion": ADMIN,
     "ResolveClasses": READ, "Download": READ,
-    "PutComposedModel": INTERNAL, "GetComposedModel": READ,
+    "PutComposedModel": INTERNAL, "PutComposedModels": INTERNAL, "GetComposedModel": READ,
     "CreateExtractionJob": INTERNAL, "UpdateExtractionJob": INTERNAL,
     "GetExtractionJob": READ, "ListExtractionJobs": READ,
     "GetLineage": READ,

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,10 +37,29 @@ if TYPE_CHECKING:
     from poe.engine.hierarchy import Hierarchy
 
 CHUNK_SIZE = 1 << 20
+BATCH_BYTES = 6 << 20  # composed models up to this size (in all) go in one PutComposedModels call (of 8 MiB)
+BATCH_MODELS = 64  # and at most this many
 
 
 def _json(d: dict | None) -> str:
     return json.dumps(d, sort_keys=True) if d else ""
+
+
+@dataclass(frozen=True)
+class ComposedUpload:
+    """A composed model to record (`put_composed_models`)."""
+
+    pool: str  # name@version
+    class_ids: tuple[int, ...]
+    format: str
+    data: bytes
+    metadata: dict | None = None
+
+
+def _composed_metadata(m: ComposedUpload) -> r.ComposedModelMetadata:
+    return r.ComposedModelMetadata(pool=m.pool, class_ids=list(m.class_ids), format=m.format,
+                                   metadata_json=_json(m.metadata), sha256=hashlib.sha256(m.data).hexdigest(),
+                                   size=len(m.data))
 
 
 class RegistryClient(GrpcClient):
@@ -187,10 +207,36 @@ class RegistryClient(GrpcClient):
 
     def put_composed_model(self, pool: str, class_ids: Sequence[int], fmt: str, data: bytes, *,
                            metadata: dict | None = None) -> tuple[r.ComposedModel, bool]:
-        meta = r.ComposedModelMetadata(pool=pool, class_ids=list(class_ids), format=fmt, metadata_json=_json(metadata),
-                                       sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        meta = _composed_metadata(ComposedUpload(pool, tuple(class_ids), fmt, data, metadata))
         resp = self._upload(self.stub.PutComposedModel, r.PutComposedModelRequest, meta, data)
         return resp.model, resp.created
+
+    def put_composed_models(self, models: Sequence[ComposedUpload]) -> list[tuple[r.ComposedModel, bool]]:
+        """Record several composed models, in the given order: the small ones in PutComposedModels
+        calls of at most BATCH_BYTES (each call all or none), a larger one with its own upload."""
+        results: list[tuple[r.ComposedModel, bool] | None] = [None] * len(models)
+        batch: list[int] = []
+        size = 0
+
+        def send() -> None:
+            req = r.PutComposedModelsRequest(models=[r.ComposedModelUpload(
+                metadata=_composed_metadata(models[i]), data=models[i].data) for i in batch])
+            for i, res in zip(batch, self._call(self.stub.PutComposedModels, req).results, strict=True):
+                results[i] = (res.model, res.created)
+            batch.clear()
+
+        for i, m in enumerate(models):
+            if len(m.data) > BATCH_BYTES:
+                results[i] = self.put_composed_model(m.pool, m.class_ids, m.format, m.data, metadata=m.metadata)
+                continue
+            if batch and (size + len(m.data) > BATCH_BYTES or len(batch) == BATCH_MODELS):
+                send()
+                size = 0
+            batch.append(i)
+            size += len(m.data)
+        if batch:
+            send()
+        return results  # type: ignore[return-value]
 
     def get_composed_model(self, pool: str, class_ids: Sequence[int], fmt: str) -> r.ComposedModel | None:
         """The cached entry (counting a hit), or None when nothing is cached for the key."""

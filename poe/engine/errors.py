@@ -7,6 +7,9 @@ the class (`poe.cli.output.EXIT_CODES`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class PoeError(Exception):
     """Base class: a failure with a message meant for the user."""
@@ -65,3 +68,16 @@ def field_error(field: str, reason: str) -> InvalidArgument:
     err = InvalidArgument(f"{field}: {reason}")
     err.field = field  # type: ignore[attr-defined]
     return err
+
+
+@contextmanager
+def within(field: str) -> Iterator[None]:
+    """InvalidArgument raised inside names `field` first: `models[2]` turns "sha256: ..." into
+    "models[2].sha256: ..." (and a message without a field into "models[2]: ...")."""
+    try:
+        yield
+    except InvalidArgument as err:
+        inner, message = getattr(err, "field", ""), str(err)
+        if inner and message.startswith(f"{inner}: "):
+            raise field_error(f"{field}.{inner}", message[len(inner) + 2:]) from None
+        raise field_error(field, message) from None

@@ -530,6 +530,26 @@ class PutComposedModelResponse(_message.Message):
     created: bool
     def __init__(self, model: _Optional[_Union[ComposedModel, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
+class ComposedModelUpload(_message.Message):
+    __slots__ = ("metadata", "data")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    metadata: ComposedModelMetadata
+    data: bytes
+    def __init__(self, metadata: _Optional[_Union[ComposedModelMetadata, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutComposedModelsRequest(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ComposedModelUpload]
+    def __init__(self, models: _Optional[_Iterable[_Union[ComposedModelUpload, _Mapping]]] = ...) -> None: ...
+
+class PutComposedModelsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PutComposedModelResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutComposedModelResponse, _Mapping]]] = ...) -> None: ...
+
 class GetComposedModelRequest(_message.Message):
     __slots__ = ("pool", "class_ids", "format")
     POOL_FIELD_NUMBER: _ClassVar[int]

@@ -124,6 +124,11 @@ class RegistryStub:
                 request_serializer=poe_dot_v1_dot_registry__pb2.PutComposedModelRequest.SerializeToString,
                 response_deserializer=poe_dot_v1_dot_registry__pb2.PutComposedModelResponse.FromString,
                 _registered_method=True)
+        self.PutComposedModels = channel.unary_unary(
+                '/poe.v1.Registry/PutComposedModels',
+                request_serializer=poe_dot_v1_dot_registry__pb2.PutComposedModelsRequest.SerializeToString,
+                response_deserializer=poe_dot_v1_dot_registry__pb2.PutComposedModelsResponse.FromString,
+                _registered_method=True)
         self.GetComposedModel = channel.unary_unary(
                 '/poe.v1.Registry/GetComposedModel',
                 request_serializer=poe_dot_v1_dot_registry__pb2.GetComposedModelRequest.SerializeToString,
@@ -273,6 +278,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutComposedModels(self, request, context):
+        """Several small composed models in one call and one transaction: how composers record what they
+        build (internal). All or none: a refused entry fails the call and nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetComposedModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -403,6 +416,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.PutComposedModel,
                     request_deserializer=poe_dot_v1_dot_registry__pb2.PutComposedModelRequest.FromString,
                     response_serializer=poe_dot_v1_dot_registry__pb2.PutComposedModelResponse.SerializeToString,
+            ),
+            'PutComposedModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutComposedModels,
+                    request_deserializer=poe_dot_v1_dot_registry__pb2.PutComposedModelsRequest.FromString,
+                    response_serializer=poe_dot_v1_dot_registry__pb2.PutComposedModelsResponse.SerializeToString,
             ),
             'GetComposedModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetComposedModel,
@@ -921,6 +939,33 @@ class Registry:
             '/poe.v1.Registry/PutComposedModel',
             poe_dot_v1_dot_registry__pb2.PutComposedModelRequest.SerializeToString,
             poe_dot_v1_dot_registry__pb2.PutComposedModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutComposedModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poe.v1.Registry/PutComposedModels',
+            poe_dot_v1_dot_registry__pb2.PutComposedModelsRequest.SerializeToString,
+            poe_dot_v1_dot_registry__pb2.PutComposedModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from poe.client.registry import RegistryClient
+from poe.client.registry import ComposedUpload, RegistryClient
 from poe.contract import ComposeHeader, hierarchy_from_message
 from poe.engine import limits
 from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
@@ -159,7 +159,8 @@ class ComposerEngine:
         self.on_cold_view: Callable[[PoolView], None] | None = None
         self._lock = threading.Lock()
         self._flight = SingleFlight()
-        self.recorder = Recorder(settings.record_queue) if settings.record_compositions else None
+        self.recorder = (Recorder(settings.record_queue, self.registry.put_composed_models)
+                         if settings.record_compositions else None)
 
     def flush_recordings(self, timeout: float) -> bool:
         """Wait (at most `timeout` s) until every recording queued so far is in the registry or failed."""
@@ -445,8 +446,8 @@ class ComposerEngine:
         queue drops it, counted in poe_compose_recordings_total: see poe_services.composer.recorder)."""
         if self.recorder is None:
             return
-        self.recorder.submit(comp.header.model_id, lambda: self.registry.put_composed_model(
-            view.ref, p.class_ids, self._cache_format(req), comp.data, metadata=comp.header.metadata))
+        self.recorder.submit(comp.header.model_id, ComposedUpload(view.ref, tuple(p.class_ids), self._cache_format(req),
+                                                                  comp.data, comp.header.metadata), len(comp.data))
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warm(self, ref: str = "", formats: tuple[str, ...] = ("torchscript",)) -> PoolView:

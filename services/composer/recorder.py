@@ -1,12 +1,13 @@
 """The composer's recordings: every newly built composed file is copied into the registry
 (provenance, hit counts, download by sha256) in the background, never on the request path.
 
-One thread sends them, oldest first, from a queue of at most `POE_RECORD_QUEUE` recordings (each
-holds its file's bytes). Sending one costs the composer and a co-hosted registry more CPU than the
-composition did (a client-streaming upload, a transaction), so it waits until compositions have
-paused for `quiet` seconds (50 ms): a burst of requests is answered first and recorded right after.
-Under sustained load it does not wait once the queue is half full, so recordings keep pace with
-what is composed; `flush` and `close` never wait. A composer that builds faster than the registry records must neither grow
+One thread sends them, oldest first and several to a call (`RegistryClient.put_composed_models`:
+one PutComposedModels call and transaction for up to 6 MiB of files), from a queue of at most
+`POE_RECORD_QUEUE` recordings (each holds its file's bytes). Sending costs the composer and a
+co-hosted registry CPU, so it waits until compositions have paused for `quiet` seconds (50 ms): a
+burst of requests is answered first and recorded right after. Under sustained load it does not
+wait once the queue is half full, so recordings keep pace with what is composed; `flush` and
+`close` never wait. A composer that builds faster than the registry records must neither grow
 without bound nor slow its requests, so a recording that finds the queue full is dropped; but
 never in silence: `poe_compose_recordings_total{outcome}` counts every recording (`recorded`,
 `failed`: the registry refused it or could not be reached, `dropped`: the queue was full or the
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from poe.client.registry import BATCH_BYTES, BATCH_MODELS
 from poe.engine.errors import InvalidArgument
 from poe_services import metrics
 
@@ -76,22 +78,27 @@ class ThrottledWarning:
                             since, reason, self.interval)
 
 
+
+
 @dataclass
 class _Recording:
     model_id: str
-    send: Callable[[], object]
+    item: object  # what `send` takes
+    size: int  # bytes it holds
 
 
 class Recorder:
     """A bounded queue of recordings and the one thread that sends them (see the module's doc)."""
 
-    def __init__(self, capacity: int, *, warn_interval: float = WARN_INTERVAL, quiet: float = QUIET):
+    def __init__(self, capacity: int, send: Callable[[list], object], *, warn_interval: float = WARN_INTERVAL,
+                 quiet: float = QUIET):
+        """`send(items)` records the items of one batch (all or none: it raises when they failed)."""
         if capacity < 1:
             raise InvalidArgument(f"POE_RECORD_QUEUE: must be at least 1, got {capacity}")
-        self.capacity, self.quiet = capacity, quiet
+        self.capacity, self.quiet, self._send = capacity, quiet, send
         self._queue: deque[_Recording] = deque()
         self._cond = threading.Condition()
-        self._sending: _Recording | None = None
+        self._sending: list[_Recording] = []
         self._closed = False
         self._active = 0  # compositions in progress
         self._last_active = -float("inf")  # when the last one ended (monotonic)
@@ -106,7 +113,7 @@ class Recorder:
     def pending(self) -> int:
         """Recordings queued or being sent."""
         with self._cond:
-            return len(self._queue) + (self._sending is not None)
+            return len(self._queue) + len(self._sending)
 
     @contextmanager
     def composing(self) -> Iterator[None]:
@@ -131,8 +138,9 @@ class Recorder:
             return None
         return max(0.0, self._last_active + self.quiet - time.monotonic())
 
-    def submit(self, model_id: str, send: Callable[[], object]) -> bool:
-        """Queue `send` (which records `model_id`); False when it was dropped (and counted)."""
+    def submit(self, model_id: str, item: object, size: int = 0) -> bool:
+        """Queue `item` (the recording of `model_id`, holding `size` bytes); False when it was
+        dropped (and counted)."""
         with self._cond:
             if self._closed:
                 reason = "the composer is shutting down"
@@ -140,7 +148,7 @@ class Recorder:
                 reason = (f"{self.capacity} recordings already wait for the registry (POE_RECORD_QUEUE): it records "
                           "slower than this composer builds")
             else:
-                self._queue.append(_Recording(model_id, send))
+                self._queue.append(_Recording(model_id, item, size))
                 metrics.COMPOSE_RECORDINGS_QUEUED.inc()
                 self._cond.notify_all()
                 return True
@@ -158,26 +166,35 @@ class Recorder:
                 if not self._queue:
                     if self._closed:
                         return
-                    rec = None
+                    batch = []
                 else:
-                    rec = self._sending = self._queue.popleft()
-            if rec is None:  # idle: report drops and failures that came after the last warning
+                    batch = self._sending = self._next_batch()
+            if not batch:  # idle: report drops and failures that came after the last warning
                 self.dropped.emit_due()
                 self.failed.emit_due()
                 continue
             try:
-                rec.send()
+                self._send([rec.item for rec in batch])
                 outcome = "recorded"
             except Exception as e:  # the composer keeps serving from memory; counted and reported
                 outcome = "failed"
-                self.failed.note(f"last {rec.model_id}: {e}")
+                self.failed.note(f"last {batch[-1].model_id}: {e}", len(batch))
             with self._cond:
-                abandoned = self._sending is not rec  # close() gave up on it and counted it
-                self._sending = None
+                abandoned = self._sending is not batch  # close() gave up on it and counted it
+                self._sending = []
                 self._cond.notify_all()
             if not abandoned:
-                metrics.COMPOSE_RECORDINGS_QUEUED.dec()
-                metrics.COMPOSE_RECORDINGS.labels(outcome).inc()
+                metrics.COMPOSE_RECORDINGS_QUEUED.dec(len(batch))
+                metrics.COMPOSE_RECORDINGS.labels(outcome).inc(len(batch))
+
+    def _next_batch(self) -> list[_Recording]:
+        """The oldest recordings, up to BATCH_MODELS and BATCH_BYTES (at least one); lock held."""
+        batch = [self._queue.popleft()]
+        size = batch[0].size
+        while self._queue and len(batch) < BATCH_MODELS and size + self._queue[0].size <= BATCH_BYTES:
+            size += self._queue[0].size
+            batch.append(self._queue.popleft())
+        return batch
 
     def flush(self, timeout: float) -> bool:
         """Wait until nothing is queued or being sent, at most `timeout` s; whether that happened.
@@ -187,7 +204,7 @@ class Recorder:
             self._flushing += 1
             self._cond.notify_all()
             try:
-                while self._queue or self._sending is not None:
+                while self._queue or self._sending:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
@@ -204,9 +221,9 @@ class Recorder:
             self._cond.notify_all()
         self.flush(timeout)
         with self._cond:
-            left = list(self._queue) + ([self._sending] if self._sending is not None else [])
+            left = list(self._queue) + self._sending
             self._queue.clear()
-            self._sending = None
+            self._sending = []
         if left:
             metrics.COMPOSE_RECORDINGS_QUEUED.dec(len(left))
             metrics.COMPOSE_RECORDINGS.labels("dropped").inc(len(left))

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from poe.engine.architectures import check_oracle_upload
-from poe.engine.errors import DataLoss, NotFound, Unavailable, field_error
+from poe.engine.errors import DataLoss, NotFound, Unavailable, field_error, within
 from poe_services.registry import entities as e
 from poe_services.registry import validation as v
 from poe_services.registry.blobstore import CHUNK_SIZE, BlobStore, StoredObject
@@ -76,12 +76,7 @@ class Registry:
         v.non_negative(size, "size")
         staged = self.blobs.stage(_bounded(chunks, size))
         try:
-            if size and staged.size != size:
-                raise field_error("size", f"declared {size} bytes, received {staged.size}")
-            if staged.sha256 != sha256:
-                raise field_error("sha256", f"declared {sha256[:12]}..., the bytes received hash to "
-                                            f"{staged.sha256[:12]}... (corrupted or truncated upload)")
-            blob = e.Blob(staged.sha256, staged.size, media_type)
+            blob = _checked(staged, sha256, size, media_type)
             try:
                 entity, created = add(blob, staged.commit)
             except BaseException:
@@ -93,6 +88,43 @@ class Registry:
             return entity, created
         finally:
             staged.discard()
+
+    def register_composed_models(self, uploads: Sequence[tuple[e.ComposedModelSpec, str, int, bytes]],
+                                 field: str = "models") -> list[tuple[e.ComposedModel, bool]]:
+        """Record several composed models, each (spec, declared sha256, declared size, bytes), in
+        one transaction: all or none. Errors name the entry (`models[2].sha256: ...`)."""
+        for i, (spec, sha256, size, _) in enumerate(uploads):
+            with within(f"{field}[{i}]"):
+                v.check_composed_spec(spec)
+                v.sha256(sha256, "sha256")
+                v.non_negative(size, "size")
+        staged: list = []
+        try:
+            blobs = []
+            for i, (spec, sha256, size, data) in enumerate(uploads):
+                staged.append(self.blobs.stage([data]))
+                with within(f"{field}[{i}]"):
+                    blobs.append(_checked(staged[-1], sha256, size, media_type_for(spec.format)))
+
+            def commit_all() -> None:
+                for s in staged:
+                    s.commit()
+
+            specs = [u[0] for u in uploads]
+            try:
+                results = self.store.add_composed_models(list(zip(specs, blobs, strict=True)), commit_all)
+            except BaseException:
+                for s, b in zip(staged, blobs, strict=True):
+                    if s.committed and not s.existed:
+                        self._undo_blob(b.sha256)
+                raise
+            for (entity, created), s, b in zip(results, staged, blobs, strict=True):
+                if not created and entity.blob.sha256 == b.sha256:
+                    s.commit()  # identical bytes, verified on arrival: rewriting repairs a corrupted copy
+            return results
+        finally:
+            for s in staged:
+                s.discard()
 
     def _undo_blob(self, sha256: str) -> None:
         try:
@@ -181,6 +213,16 @@ class Registry:
     def close(self) -> None:
         self.store.close()
         self.blobs.close()
+
+
+def _checked(staged, sha256: str, size: int, media_type: str) -> e.Blob:
+    """The blob of staged bytes, after checking them against the declared size and sha256."""
+    if size and staged.size != size:
+        raise field_error("size", f"declared {size} bytes, received {staged.size}")
+    if staged.sha256 != sha256:
+        raise field_error("sha256", f"declared {sha256[:12]}..., the bytes received hash to "
+                                    f"{staged.sha256[:12]}... (corrupted or truncated upload)")
+    return e.Blob(staged.sha256, staged.size, media_type)
 
 
 def _bounded(chunks: Iterable[bytes], declared: int) -> Iterator[bytes]:

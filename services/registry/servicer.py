@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from poe.contract import STATES, hierarchy_from_message, hierarchy_message, request_refs, state_name, state_value
 from poe.engine import limits
-from poe.engine.errors import field_error
+from poe.engine.errors import field_error, within
 from poe.engine.hierarchy import Hierarchy
 from poe.v1 import common_pb2 as c
 from poe.v1 import registry_pb2 as r
@@ -27,6 +27,7 @@ from poe_services.registry import validation as v
 from poe_services.registry.blobstore import CHUNK_SIZE
 from poe_services.registry.core import Registry
 
+MAX_COMPOSED_BATCH = 64  # entries of one PutComposedModels (each small: the message size bounds them too)
 SERVICE_NAME = r.DESCRIPTOR.services_by_name["Registry"].full_name  # "poe.v1.Registry"
 
 # -- entity -> message ---------------------------------------------------------------------------
@@ -277,6 +278,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def PutComposedModel(self, request_iterator, context):
         model, created = self._register(request_iterator, "composed model", composed_spec)
         return r.PutComposedModelResponse(model=composed_pb(model), created=created)
+
+    def PutComposedModels(self, request, context):
+        n = len(request.models)
+        if not 0 < n <= MAX_COMPOSED_BATCH:
+            raise field_error("models", f"{n} entries; 1 to {MAX_COMPOSED_BATCH} per call")
+        uploads = []
+        for i, u in enumerate(request.models):
+            with within(f"models[{i}].metadata"):
+                spec = composed_spec(u.metadata)
+            uploads.append((spec, u.metadata.sha256, u.metadata.size, u.data))
+        with self.upload_quota.reserve(sum(len(u.data) for u in request.models)):
+            results = self.registry.register_composed_models(uploads)
+        return r.PutComposedModelsResponse(results=[r.PutComposedModelResponse(model=composed_pb(m), created=created)
+                                                    for m, created in results])
 
     def GetComposedModel(self, request, context):
         model = self.store.get_composed_model(request.pool, list(request.class_ids), request.format)

@@ -43,6 +43,7 @@ from poe_services.registry.models import (
     PoolVersionRow,
     TaskClassRow,
     TaskRow,
+    aware,
     utcnow,
 )
 from poe_services.registry.store import DEFAULT_PAGE_SIZE, LATEST, MAX_PAGE_SIZE, BeforeCommit, RegistryStore
@@ -644,38 +645,90 @@ class SqlRegistryStore(RegistryStore):
 
     # -- composed-model cache ------------------------------------------------------------------
 
-    def add_composed_model(self, spec: e.ComposedModelSpec, blob: e.Blob,
-                           before_commit: BeforeCommit = None) -> tuple[e.ComposedModel, bool]:
-        v.check_composed_spec(spec)
+    def _composed_key(self, s: Session, spec: e.ComposedModelSpec,
+                      pools: dict[str, tuple[PoolVersionRow, int]]) -> tuple[PoolVersionRow, tuple[int, ...], str]:
+        """(pool version, sorted class ids, class-set key) of a composed model; `pools` remembers
+        each pool reference's version and class count for the transaction."""
         ids = tuple(sorted(spec.class_ids))
-        key = class_set_key(ids)
-
-        looked_up: dict[Session, tuple[PoolVersionRow, ComposedModelRow | None]] = {}
-
-        def lookup(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
-            if s not in looked_up:  # existing() and new_row() both ask, in one transaction
-                looked_up[s] = look(s)
-            return looked_up[s]
-
-        def look(s: Session) -> tuple[PoolVersionRow, ComposedModelRow | None]:
+        if spec.pool not in pools:
             pv = self._pool_version(s, spec.pool, light=True)
             n = s.scalar(select(func.count()).select_from(DatasetClassRow)
                          .join(HierarchyRow, HierarchyRow.dataset_id == DatasetClassRow.dataset_id)
                          .where(HierarchyRow.id == pv.hierarchy_id))
-            if ids[-1] >= n:
-                raise field_error("class_ids", f"data set {pv.hierarchy.dataset.name!r} has class ids 0..{n - 1}")
-            row = s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
-                                                          ComposedModelRow.class_set == key,
-                                                          ComposedModelRow.format == spec.format))
-            return pv, row
+            pools[spec.pool] = (pv, n)
+        pv, n = pools[spec.pool]
+        if ids[-1] >= n:
+            raise field_error("class_ids", f"data set {pv.hierarchy.dataset.name!r} has class ids 0..{n - 1}")
+        return pv, ids, class_set_key(ids)
+
+    @staticmethod
+    def _composed_row(s: Session, pv: PoolVersionRow, key: str, fmt: str) -> ComposedModelRow | None:
+        return s.scalar(select(ComposedModelRow).where(ComposedModelRow.pool_version_id == pv.id,
+                                                       ComposedModelRow.class_set == key,
+                                                       ComposedModelRow.format == fmt))
+
+    def add_composed_model(self, spec: e.ComposedModelSpec, blob: e.Blob,
+                           before_commit: BeforeCommit = None) -> tuple[e.ComposedModel, bool]:
+        v.check_composed_spec(spec)
+        pools: dict[Session, dict] = {}  # existing() and new_row() both look, in one transaction
+
+        def existing(s: Session) -> ComposedModelRow | None:
+            pv, _, key = self._composed_key(s, spec, pools.setdefault(s, {}))
+            return self._composed_row(s, pv, key, spec.format)
 
         def new_row(s: Session) -> ComposedModelRow:
-            pv, _ = lookup(s)
+            pv, ids, key = self._composed_key(s, spec, pools.setdefault(s, {}))
             return ComposedModelRow(pool_version_id=pv.id, class_set=key, class_ids=list(ids), format=spec.format,
                                     blob_sha256=blob.sha256, meta=spec.metadata, hits=0)
 
         # The first entry for a key wins: other bytes under the same key get that entry back.
-        return self._add_artifact(blob, before_commit, lambda s: lookup(s)[1], new_row)
+        return self._add_artifact(blob, before_commit, existing, new_row)
+
+    def add_composed_models(self, items: Sequence[tuple[e.ComposedModelSpec, e.Blob]],
+                            before_commit: BeforeCommit = None) -> list[tuple[e.ComposedModel, bool]]:
+        for spec, blob in items:
+            v.check_composed_spec(spec)
+            v.sha256(blob.sha256)
+
+        def record(s: Session) -> list[tuple[e.ComposedModel, bool]]:
+            # A few queries for the whole batch: its pool versions, the rows already recorded
+            # under its keys, one insert of the new blobs; entities built without reading back.
+            pools: dict[str, tuple[PoolVersionRow, int]] = {}
+            keyed = [(spec, blob, *self._composed_key(s, spec, pools)) for spec, blob in items]
+            known: dict[tuple[int, str, str], e.ComposedModel] = {
+                (row.pool_version_id, row.class_set, row.format): row.to_entity()
+                for row in s.scalars(select(ComposedModelRow).where(
+                    ComposedModelRow.pool_version_id.in_({pv.id for _, _, pv, _, _ in keyed}),
+                    ComposedModelRow.class_set.in_({key for _, _, _, _, key in keyed})))}
+            out, new_rows, new_blobs, now = [], [], [], utcnow()
+            for spec, blob, pv, ids, key in keyed:
+                where = (pv.id, key, spec.format)
+                if where in known:  # recorded before, or earlier in this batch: the first wins
+                    out.append((known[where], False))
+                    continue
+                new_rows.append(ComposedModelRow(pool_version_id=pv.id, class_set=key, class_ids=list(ids),
+                                                 format=spec.format, blob_sha256=blob.sha256, meta=spec.metadata,
+                                                 hits=0, created_at=now))
+                new_blobs.append(blob)
+                known[where] = e.ComposedModel(f"{pv.pool.name}@{pv.version}", ids, spec.format, blob, 0,
+                                               dict(spec.metadata), aware(now), None)
+                out.append((known[where], True))
+            for blob in new_blobs:  # before the rows that reference them are flushed
+                self._insert_blob(s, blob)
+            s.add_all(new_rows)
+            s.flush()
+            if before_commit:
+                before_commit()
+            return out
+
+        for attempt in range(3):
+            try:
+                with self._session(write=True) as s:
+                    return record(s)
+            except AlreadyExists:  # a concurrent writer recorded one of them first: look again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def get_composed_model(self, ref: str, class_ids: Sequence[int], fmt: str,
                            count_hit: bool = True) -> e.ComposedModel:

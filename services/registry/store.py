@@ -173,6 +173,12 @@ class RegistryStore(ABC):
         sha256, AlreadyExists for different bytes under the same key."""
 
     @abstractmethod
+    def add_composed_models(self, items: Sequence[tuple[ComposedModelSpec, Blob]],
+                            before_commit: BeforeCommit = None) -> list[tuple[ComposedModel, bool]]:
+        """`add_composed_model` for each item, in one transaction (all or none); a key given twice
+        is created once."""
+
+    @abstractmethod
     def get_composed_model(self, ref: str, class_ids: Sequence[int], fmt: str, count_hit: bool = True) -> ComposedModel:
         """The cache entry for (pool version, class set, format), counting a hit; NotFound."""
 

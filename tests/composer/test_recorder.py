@@ -30,7 +30,7 @@ def test_recordings_wait_for_a_pause_in_compositions():
                 sent.append((name, time.monotonic()))
         return put
 
-    recorder = Recorder(8, quiet=QUIET)
+    recorder = Recorder(8, lambda puts: [put() for put in puts], quiet=QUIET)
     try:
         with recorder.composing():
             assert recorder.submit("m0", send("m0"))
@@ -40,18 +40,20 @@ def test_recordings_wait_for_a_pause_in_compositions():
         assert _wait_for(lambda: len(sent) == 1)
         assert sent[0][1] - ended >= QUIET * 0.9  # and then for the quiet time
 
-        with recorder.composing():  # a half-full queue is sent down to under half, composing or not
-            for i in range(4):
+        with recorder.composing():  # a half-full queue is sent, composing or not, in one batch
+            for i in range(3):
                 assert recorder.submit(f"h{i}", send(f"h{i}"))
-            assert _wait_for(lambda: len(sent) == 2)
             time.sleep(QUIET + 0.2)
-            assert [name for name, _ in sent] == ["m0", "h0"]
-            assert recorder.pending == 3
+            assert len(sent) == 1 and recorder.pending == 3
+            assert recorder.submit("h3", send("h3"))
+            assert _wait_for(lambda: len(sent) == 5)
+            assert [name for name, _ in sent] == ["m0", "h0", "h1", "h2", "h3"]
 
+            assert recorder.submit("f0", send("f0"))
             t0 = time.monotonic()
             assert recorder.flush(5)  # does not wait for the composition to end
             assert time.monotonic() - t0 < QUIET
-            assert [name for name, _ in sent] == ["m0", "h0", "h1", "h2", "h3"]
+            assert [name for name, _ in sent][-1] == "f0"
 
             assert recorder.submit("c0", send("c0"))
         t0 = time.monotonic()

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from poe.client.registry import RegistryClient
+from poe.client.registry import ComposedUpload, RegistryClient
 from poe.engine import hierarchy as hierarchy_mod
 from poe.engine.architectures import placeholder_weights
 from poe.engine.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -362,16 +362,43 @@ def test_pools_versions_aliases_search_and_delete(registry):
     assert [n.kind for n in client.lineage("composed_model", model.blob.sha256)] == [
         "composed_model", "pool", "library", "oracle", "dataset"]
 
+    # Several at once, as composers record: all or none, in order, a key given twice created once.
+    def upload(pool: str, ids: tuple[int, ...], data: bytes) -> ComposedUpload:
+        return ComposedUpload(pool, ids, "torchscript", data, {"n": len(ids)})
+
+    with _as_service(client) as composer:
+        with pytest.raises(NotFound, match="no pool named 'nope'"):
+            composer.put_composed_models([upload("fm@1", (1, 2), b"a"), upload("nope@1", (3,), b"b")])
+        bad = r.PutComposedModelsRequest(models=[
+            r.ComposedModelUpload(metadata=r.ComposedModelMetadata(pool="fm@1", class_ids=[1, 2], format="torchscript",
+                                                                   sha256=hashlib.sha256(b"a").hexdigest(), size=1),
+                                  data=b"a"),
+            r.ComposedModelUpload(metadata=r.ComposedModelMetadata(pool="fm@1", class_ids=[3], format="torchscript",
+                                                                   sha256=hashlib.sha256(b"x").hexdigest(), size=1),
+                                  data=b"b")])
+        with pytest.raises(InvalidArgument, match=r"^models\[1\]\.sha256: declared"):
+            composer._call(composer.stub.PutComposedModels, bad)
+        with pytest.raises(InvalidArgument, match=r"^models: 0 entries"):
+            composer._call(composer.stub.PutComposedModels, r.PutComposedModelsRequest())
+        assert client.get_composed_model("fm@1", [1, 2], "torchscript") is None  # nothing of a refused call
+        results = composer.put_composed_models([upload("fm@1", (1, 2), b"a"), upload("fm@prod", (0, 8), b"other"),
+                                                upload("fm@1", (2, 1), b"a"), upload("fm@2", (4,), b"c" * 64)])
+    assert [(list(m.class_ids), m.pool, created) for m, created in results] == [
+        ([1, 2], "fm@1", True), ([0, 8], "fm@1", False), ([1, 2], "fm@1", False), ([4], "fm@2", True)]
+    assert results[1][0].blob.sha256 == model.blob.sha256  # the first entry for a key wins
+    assert client.download(results[3][0].blob.sha256) == b"c" * 64
+    assert json.loads(client.get_composed_model("fm@1", [1, 2], "torchscript").metadata_json) == {"n": 2}
+
     with pytest.raises(FailedPrecondition, match="prod"):
         client.delete_pool_version("fm", "1")
     client.set_alias("fm", "prod", "2")
-    assert client.delete_pool_version("fm", "1") == 1
+    assert client.delete_pool_version("fm", "1") == 2  # its two composed models go with it
     with pytest.raises(NotFound):
         client.get_pool("fm@1")
     client.delete_alias("fm", "prod")
     with pytest.raises(NotFound, match="alias"):
         client.delete_alias("fm", "prod")
-    assert client.delete_pool_version("fm", "2") == 0
+    assert client.delete_pool_version("fm", "2") == 1  # and its one
     assert list(client.list_pools()) == []
     # The artifacts stay (they are not owned by a pool version).
     assert client.get_expert(experts["bags"].id).task == "bags"

@@ -458,6 +458,8 @@ def _setup_target(channel: grpc.Channel, blob_dir: Path, database_url: str) -> T
             name="fuzz-oracle", dataset=pool.dataset, config_json=oracle.config_json, params=oracle.params,
             sha256=hashlib.sha256(expert_bytes).hexdigest(), size=len(expert_bytes)), expert_bytes)],
         "/poe.v1.Registry/PutComposedModel": [(composed_meta, model)],
+        "/poe.v1.Registry/PutComposedModels": [r.PutComposedModelsRequest(
+            models=[r.ComposedModelUpload(metadata=composed_meta, data=model)])],
     }
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     tables = sorted(sa.inspect(engine).get_table_names())

@@ -220,7 +220,7 @@ def test_a_full_recording_queue_counts_drops_and_warns_once(caplog):
             sent.append(name)
         return put
 
-    recorder = Recorder(2)
+    recorder = Recorder(2, lambda puts: [put() for put in puts])
     before = {o: _recordings(o) for o in ("recorded", "dropped", "failed")}
     queued_before = REGISTRY.get_sample_value("poe_compose_recordings_queued")
     caplog.set_level(logging.WARNING, logger="poe_services.composer.recorder")
@@ -258,7 +258,7 @@ def test_a_full_recording_queue_counts_drops_and_warns_once(caplog):
 
 def test_a_recording_queue_needs_room():
     with pytest.raises(InvalidArgument, match="POE_RECORD_QUEUE: must be at least 1, got 0"):
-        Recorder(0)
+        Recorder(0, print)
 
 
 def test_threads_still_running_at_the_deadline_are_named_not_waited_for():
