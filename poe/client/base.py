@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import grpc
+import grpc.experimental  # ChannelOptions (not imported by `import grpc`)
 from google.protobuf.descriptor import ServiceDescriptor
 
 from poe.client.errors import translate_rpc_errors
@@ -173,6 +174,10 @@ class GrpcClient:
     ADDRESS_SETTING: ClassVar[str]  # the Settings field with the default target
     DEFAULT_TIMEOUT: ClassVar[float] = 60.0
     RETRYABLE: ClassVar[tuple[str, ...]] = ()
+    # Blocking channels read server streams on the calling thread, not on a thread gRPC starts
+    # for each call when the channel has none running (about 1 ms of CPU a call here). Only for
+    # short streams: a long watch should stay interruptible with Ctrl-C.
+    SINGLE_THREADED_STREAMS: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,6 +214,8 @@ class GrpcClient:
         if lb_policy not in LB_POLICIES:
             raise InvalidArgument(f"lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
         options = cls.channel_options(retries, lb_policy)
+        if api is grpc and cls.SINGLE_THREADED_STREAMS:
+            options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
         if tls_config is None:
             return api.insecure_channel(target, options=options), False
         return api.secure_channel(target, tls_config.credentials(),

@@ -105,6 +105,7 @@ class Composer(GrpcClient):
     ADDRESS_SETTING = "composer_addr"
     DEFAULT_TIMEOUT = 30.0
     RETRYABLE = ("ComposeModel", "DescribeComposition")  # the same request gives the same model
+    SINGLE_THREADED_STREAMS = True  # ComposeModel: a header and a few chunks
 
     @staticmethod
     def _request(cls, pool, classes, tasks, execution, format):
