@@ -318,6 +318,15 @@ _LIBRARY_GROUPS = ("group1", "group2")
 _EXPERT_GROUPS = ("group",)
 
 
+def fold_ahead(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold a library's or an expert's tensors now (as the fused execution will), so that no
+    request pays for it; returns the folded tensors (they live as long as `state`)."""
+    groups, prefix = (_LIBRARY_GROUPS, "library.") if "stem.weight" in state else (_EXPERT_GROUPS, "")
+    if f"{groups[0]}.0.conv1.weight" not in state:
+        return {}  # not a network this execution folds (a request for it fails with its own message)
+    return _FOLDED.get(state, groups, prefix)
+
+
 def _check_fusable(experts: list) -> None:
     shapes = {(e.config.blocks, e.config.in_channels, e.config.width) for e in experts}
     if len(shapes) != 1:

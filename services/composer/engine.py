@@ -45,7 +45,7 @@ import torch
 from poe.client.registry import ComposedUpload, RegistryClient
 from poe.contract import ComposeHeader, hierarchy_from_message
 from poe.engine import limits
-from poe.engine.compose import Plan, build, check_request, composed_state, plan, plan_params
+from poe.engine.compose import Plan, build, check_request, composed_state, fold_ahead, plan, plan_params
 from poe.engine.config import Settings
 from poe.engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PoeError
 from poe.engine.export import FORMATS, TEMPLATED_FORMATS, ScriptCache, architecture_key, serialize
@@ -285,7 +285,11 @@ class ComposerEngine:
             except (DataLoss, NotFound) as e:  # counted once per download, not per waiting request
                 metrics.COMPOSE_BLOB_ERRORS.labels("data_loss" if isinstance(e, DataLoss) else "not_found").inc()
                 raise
-            self._tensors.put(sha256, state, sum(t.numel() * t.element_size() for t in state.values()))
+            # Folded for the fused execution here, once per blob, not by the first request that uses
+            # it; the folded copies live as long as the cached tensors and count with them.
+            folded = fold_ahead(state)
+            self._tensors.put(sha256, state, sum(t.numel() * t.element_size()
+                                                 for t in (*state.values(), *folded.values())))
             return state
 
         return self._flight.do(("tensors", sha256), fetch)[0]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, Exists, Select, delete, exists, false, func, select, update
-from sqlalchemy.orm import Session, contains_eager, lazyload, sessionmaker
+from sqlalchemy.orm import Session, contains_eager, lazyload, load_only, sessionmaker
 
 from poe.engine import limits
 from poe.engine.errors import AlreadyExists, FailedPrecondition, NotFound, field_error
@@ -57,6 +57,7 @@ R = TypeVar("R")  # an ORM row class
 MAX_ROW_ID = (1 << 31) - 1
 PAGE_BATCH = 32  # rows converted at a time while a page is filled (pages stop early by bytes)
 POOL_CACHE_SIZE = 64  # published pool versions kept as entities (GetPool, ListPools)
+EXPERT_CACHE_SIZE = 20_000  # experts kept as entities (ListExperts)
 
 
 def class_set_key(class_ids: Sequence[int]) -> str:
@@ -101,6 +102,8 @@ class SqlRegistryStore(RegistryStore):
         # time: SQLite may give a deleted version's id to the next one.
         self._pools: OrderedDict[tuple[int, Any], e.PoolVersion] = OrderedDict()
         self._pools_lock = threading.Lock()
+        self._experts: OrderedDict[tuple[int, Any], e.Expert] = OrderedDict()
+        self._experts_lock = threading.Lock()
         if require_current:
             db.require_current_schema(self.engine)
 
@@ -152,12 +155,13 @@ class SqlRegistryStore(RegistryStore):
 
     def _page(self, query: Callable[[Session], Select], filters: object, page_size: int,
               page_token: str, item_bytes: Callable[[Any], int] | None = None,
-              entity: Callable[[Session, Any], Any] | None = None) -> e.Page:
+              entities: Callable[[Session, list], list] | None = None) -> e.Page:
         """A page of the entities of `query`'s rows (in its order); the page token is bound to `filters`.
 
         With `item_bytes` (an entity's size as served) the page also stops before its records
         would pass `limits.MAX_PAGE_BYTES`, so that any page fits a message; it always holds at
-        least one record. Rows are read a batch at a time, never the whole page size at once."""
+        least one record. Rows are read a batch at a time, never the whole page size at once;
+        `entities(session, rows)` turns a batch into entities (each row's `to_entity()` without it)."""
         size = v.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         offset = v.decode_page_token(page_token, filters)
         items: list = []
@@ -167,8 +171,8 @@ class SqlRegistryStore(RegistryStore):
                 batch = min(PAGE_BATCH, size - len(items))
                 rows = s.scalars(query(s).offset(offset + len(items)).limit(batch + 1)).unique().all()
                 full = False
-                for row in rows[:batch]:
-                    item = row.to_entity() if entity is None else entity(s, row)
+                converted = [r.to_entity() for r in rows[:batch]] if entities is None else entities(s, rows[:batch])
+                for item in converted:
                     if item_bytes is not None:
                         n = item_bytes(item)
                         if items and total + n > limits.MAX_PAGE_BYTES:
@@ -486,7 +490,8 @@ class SqlRegistryStore(RegistryStore):
         _check_filter(flt)
 
         def query(s: Session) -> Select:
-            q = (select(ExpertRow).join(TaskRow, ExpertRow.task_id == TaskRow.id)
+            q = (select(ExpertRow).options(lazyload("*"), load_only(ExpertRow.id, ExpertRow.created_at))
+                 .join(TaskRow, ExpertRow.task_id == TaskRow.id)
                  .join(HierarchyRow, TaskRow.hierarchy_id == HierarchyRow.id)
                  .join(DatasetRow, HierarchyRow.dataset_id == DatasetRow.id))
             library_id = flt.library_id if flt.library_id and flt.library_id <= MAX_ROW_ID else None
@@ -502,7 +507,24 @@ class SqlRegistryStore(RegistryStore):
                                              .where(PoolVersionExpertRow.pool_version_id == pv.id)))
             return q.order_by(ExpertRow.id)
 
-        return self._page(query, flt, page_size, page_token, item_bytes)
+        return self._page(query, flt, page_size, page_token, item_bytes, self._expert_entities)
+
+    def _expert_entities(self, s: Session, rows: Sequence[ExpertRow]) -> list[e.Expert]:
+        """The entities of expert rows (loaded with their id and creation time only): from the
+        cache, the others loaded in one query. An expert is never changed once registered."""
+        keys = [(row.id, row.created_at) for row in rows]
+        with self._experts_lock:
+            found = {k: self._experts[k] for k in keys if k in self._experts}
+        missing = [k[0] for k in keys if k not in found]
+        if missing:
+            loaded = s.scalars(select(ExpertRow).where(ExpertRow.id.in_(missing))
+                               .execution_options(populate_existing=True)).unique().all()
+            with self._experts_lock:
+                for row in loaded:
+                    found[(row.id, row.created_at)] = self._experts[(row.id, row.created_at)] = row.to_entity()
+                while len(self._experts) > EXPERT_CACHE_SIZE:
+                    self._experts.popitem(last=False)
+        return [found[k] for k in keys]
 
     # -- pools ---------------------------------------------------------------------------------
 
@@ -586,7 +608,8 @@ class SqlRegistryStore(RegistryStore):
                                             PoolVersionExpertRow.pool_version_id == PoolVersionRow.id))
             return q.order_by(PoolRow.name, PoolVersionRow.id)
 
-        return self._page(query, flt, page_size, page_token, item_bytes, self._pool_entity)
+        return self._page(query, flt, page_size, page_token, item_bytes,
+                          lambda s, rows: [self._pool_entity(s, row) for row in rows])
 
     def set_alias(self, name: str, alias: str, version: str) -> e.PoolVersion:
         v.name(name, "name", "pool name")

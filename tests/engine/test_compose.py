@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poe.engine.compose import _FOLDED, FoldedBlock, build, compose, composed_state, plan, plan_params
+from poe.engine import compose as compose_mod
+from poe.engine.compose import _FOLDED, FoldedBlock, build, compose, composed_state, fold_ahead, plan, plan_params
 from poe.engine.errors import InvalidArgument, NotFound
 from poe.engine.export import quiet_jit
 from poe.engine.nets import ExpertConfig, count_params, make_expert
@@ -189,6 +190,23 @@ def test_folded_tensors_follow_the_pools_tensors(random_pool):
     gc.collect()
     # Only this test's entries are checked: other tests' entries may come and go meanwhile.
     assert all(ref() is None and _FOLDED._entries.get(i, (None,))[0] is not ref for i, ref in refs.items())
+
+
+def test_folded_ahead_networks_are_not_folded_again_by_a_request(random_pool, monkeypatch):
+    """The composer folds each library and expert when it fetches them (`fold_ahead`): a fused
+    state made afterwards folds nothing."""
+    import dataclasses
+
+    pool = dataclasses.replace(random_pool, library_state={k: v.clone() for k, v in random_pool.library_state.items()},
+                               experts={t: dataclasses.replace(e, state={k: v.clone() for k, v in e.state.items()})
+                                        for t, e in random_pool.experts.items()})
+    assert "library.stem_weight" in fold_ahead(pool.library_state)
+    assert all("bn_scale" in fold_ahead(e.state) for e in pool.experts.values())
+    assert fold_ahead({"fc.weight": torch.zeros(2, 2)}) == {}  # nothing to fold
+    folds = []
+    monkeypatch.setattr(compose_mod, "_fold_network", lambda *a: folds.append(a))
+    state = composed_state(pool, plan(pool, tasks=list(pool.experts)), True)
+    assert folds == [] and "experts.bn_scale" in state
 
 
 def test_fused_execution_refuses_experts_of_different_architectures(random_pool, x):

@@ -181,6 +181,15 @@ def test_cached_pool_versions_follow_aliases_and_a_republished_version(seeded):
     assert [p.description for p in store.list_pools(e.PoolFilter(name="fm")).items] == ["one", "two again"]
 
 
+def test_listed_experts_come_from_the_cache_as_registered(seeded):
+    store, _, lib, experts = seeded
+    first = store.list_experts(e.ExpertFilter()).items
+    assert first == tuple(store.get_expert(x.id) for x in first)  # whole entities, as a get gives them
+    more, _ = store.add_expert(e.ExpertSpec(lib.id, 1, "bags", (8,), {"num_classes": 1}), blob("bags-again"))
+    again = store.list_experts(e.ExpertFilter(task="bags")).items
+    assert [x.id for x in again] == [experts["bags"].id, more.id] and again[1] == store.get_expert(more.id)
+
+
 def test_list_search_and_paginate(seeded):
     store, _, lib, experts = seeded
     ids = tuple(x.id for x in experts.values())
