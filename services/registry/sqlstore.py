@@ -216,20 +216,20 @@ class SqlRegistryStore(RegistryStore):
         """The pool version `ref` names; `light`: without its experts, hierarchy and aliases loaded
         up front (they load when touched)."""
         name, tag = v.pool_ref(ref, field)
-        options = (lazyload("*"),) if light else ()
-        pool = s.scalar(select(PoolRow).where(PoolRow.name == name))
-        if pool is None:
-            raise NotFound(f"{field}: no pool named {name!r}")
+        # One query in the common cases (a version, or an alias); the pool's row comes along.
+        named = (select(PoolVersionRow).join(PoolVersionRow.pool).where(PoolRow.name == name)
+                 .options(contains_eager(PoolVersionRow.pool), *((lazyload("*"),) if light else ())))
         if tag is not None:
-            row = s.scalar(select(PoolVersionRow).options(*options).where(PoolVersionRow.pool_id == pool.id,
-                                                                          PoolVersionRow.version == tag))
+            row = s.scalar(named.where(PoolVersionRow.version == tag))
             if row is not None:
                 return row
         alias_name = tag or LATEST
-        row = s.scalar(select(PoolVersionRow).options(*options)
-                       .join(PoolAliasRow, PoolAliasRow.pool_version_id == PoolVersionRow.id)
-                       .where(PoolAliasRow.pool_id == pool.id, PoolAliasRow.alias == alias_name))
+        row = s.scalar(named.join(PoolAliasRow, PoolAliasRow.pool_version_id == PoolVersionRow.id)
+                       .where(PoolAliasRow.alias == alias_name))
         if row is None:
+            pool = s.scalar(select(PoolRow).where(PoolRow.name == name))
+            if pool is None:
+                raise NotFound(f"{field}: no pool named {name!r}")
             versions = s.scalars(select(PoolVersionRow.version).where(PoolVersionRow.pool_id == pool.id)).all()
             aliases = s.scalars(select(PoolAliasRow.alias).where(PoolAliasRow.pool_id == pool.id)).all()
             raise NotFound(f"{field}: pool {name!r} has no version or alias {alias_name!r} "
