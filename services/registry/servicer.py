@@ -7,6 +7,9 @@ List pages are cut by their records' size as served, so every answer fits a mess
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,6 +74,31 @@ def pool_pb(p: e.PoolVersion) -> r.PoolVersion:
                          hierarchy=hierarchy_message(p.hierarchy), library=library_pb(p.library),
                          experts=[expert_pb(x) for x in p.experts], info_json=_json(p.info),
                          description=p.description, publish_time=_ts(p.published_at), params=p.params)
+
+
+class PoolMessages:
+    """`pool_pb` of pool versions, each built once (a thousand experts take tens of ms): a
+    published version never changes but for its aliases, which are set on a copy per call."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, r.PoolVersion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, p: e.PoolVersion) -> r.PoolVersion:
+        key = (p.name, p.version, p.published_at)  # a version published again has another time
+        with self._lock:
+            base = self._items.get(key)
+        if base is None:
+            base = pool_pb(dataclasses.replace(p, aliases=()))
+            with self._lock:
+                self._items[key] = base
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+        msg = r.PoolVersion()
+        msg.CopyFrom(base)
+        msg.aliases.extend(p.aliases)
+        return msg
 
 
 def composed_pb(m: e.ComposedModel) -> r.ComposedModel:
@@ -164,6 +192,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.store = registry.store
         self.upload_quota = upload_quota
         self.pools_changed = pools_changed  # after a publication or an alias move, once committed
+        self.pool_message = PoolMessages()
 
     # -- hierarchies -------------------------------------------------------------------------------
 
@@ -226,13 +255,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return r.PublishPoolResponse(pool=pool_pb(pool), created=created)
 
     def GetPool(self, request, context):
-        return r.GetPoolResponse(pool=pool_pb(self.store.get_pool(request.pool)))
+        return r.GetPoolResponse(pool=self.pool_message(self.store.get_pool(request.pool)))
 
     def ListPools(self, request, context):
         flt = e.PoolFilter(_opt(request.name), _opt(request.dataset), _opt(request.class_name), _opt(request.alias))
         page = self.store.list_pools(flt, request.page_size, request.page_token,
-                                     item_bytes=lambda p: pool_pb(p).ByteSize())
-        return r.ListPoolsResponse(pools=[pool_pb(p) for p in page.items], next_page_token=page.next_page_token)
+                                     item_bytes=lambda p: self.pool_message(p).ByteSize())
+        return r.ListPoolsResponse(pools=[self.pool_message(p) for p in page.items],
+                                   next_page_token=page.next_page_token)
 
     def SetPoolAlias(self, request, context):
         pool = self.store.set_alias(request.name, request.alias, request.version)
