@@ -128,6 +128,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 # Default output file per format (`poe compose` without -o); the keys are poe.engine.export.FORMATS,
 # spelled out so that building the parser does not import torch.
+LOAD_FORMATS = ("torchscript", "pt2", "onnx")  # what `poe bench load` asks for unless told
 _SUFFIXES = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 
@@ -314,7 +315,10 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
                        formats=tuple(args.formats), seed=args.seed,
                        progress=lambda m: print(f"bench load: {m}", file=sys.stderr, flush=True))
     result = report.stamp(result, quick=quick, hw=report.hardware(), command=_bench_command(args), started=started)
-    return _write_bench_result(args, "load", result, bench)
+    # The default mix has its section; another mix of formats its own (load-torchscript, ...).
+    formats = tuple(args.formats)
+    section = "load" if formats == LOAD_FORMATS else "load-" + "-".join(formats)
+    return _write_bench_result(args, section, result, bench)
 
 
 def cmd_bench_extract(args: argparse.Namespace) -> int:
@@ -681,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run a phase with this many WatchExtraction streams open (e.g. 40)")
     bl.add_argument("--stuck-streams", type=int, default=0,
                     help="also run a phase with this many ComposeModel streams that are never read (e.g. 200)")
-    bl.add_argument("--formats", type=lambda v: tuple(_split([v])), default=("torchscript", "pt2", "onnx"),
+    bl.add_argument("--formats", type=lambda v: tuple(_split([v])), default=LOAD_FORMATS,
                     help="model formats asked for, comma-separated; the server warms each (default "
                          "torchscript,pt2,onnx: pt2 and onnx warm for minutes on 2 cores)")
     bl.add_argument("--seed", type=int, default=0, help="seed of the class sets and the mix (default 0)")
@@ -690,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json-out", help="also write the result to this JSON file")
     bl.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     bl.add_argument("--update-docs", action="store_true",
-                    help="write the tables between this benchmark's markers in --docs (section load)")
+                    help="write the tables between this benchmark's markers in --docs (section load, or "
+                         "load-FORMATS for another --formats)")
     bl.add_argument("--docs", default="docs/BENCHMARKS.md", help="page to update (default docs/BENCHMARKS.md)")
     bl.set_defaults(func=cmd_bench_load)
     be = bsub.add_parser("extract", help="wall time of every extraction stage on Ray with 1, 2, ... workers",
