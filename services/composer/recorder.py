@@ -78,8 +78,6 @@ class ThrottledWarning:
                             since, reason, self.interval)
 
 
-
-
 @dataclass
 class _Recording:
     model_id: str
