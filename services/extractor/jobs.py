@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -30,6 +31,7 @@ from poe_services import metrics
 from poe_services.extractor.spec import JobSpec
 
 log = logging.getLogger(__name__)
+REMEMBERED_READS = 1024  # jobs whose last registry read Watch streams share
 
 
 class JobFailed(PoeError):
@@ -79,6 +81,9 @@ class JobBoard:
         self._jobs: dict[str, Job] = {}
         self._futures: dict[str, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="extract")
+        # job id -> (monotonic time, record) of the last registry read of a job that does not run
+        # here: the Watch streams on one job share one read per poll instead of one each.
+        self._read: OrderedDict[str, tuple[float, c.ExtractionJob]] = OrderedDict()
 
     # -- the queue ---------------------------------------------------------------------------------
 
@@ -102,6 +107,7 @@ class JobBoard:
             if job.id in self._jobs or self._closing.is_set():
                 return False
             self._jobs[job.id] = job
+            self._read.pop(job.id, None)  # read before it ran here: never served again
             self._futures[job.id] = self._pool.submit(self._drive, job)
             self.update_gauges()
             return True
@@ -118,6 +124,7 @@ class JobBoard:
             if self._jobs.get(job.id) is job:
                 del self._jobs[job.id]
                 self._futures.pop(job.id, None)
+                self._read.pop(job.id, None)
             if outcome:
                 metrics.EXTRACTION_JOBS_FINISHED.labels(outcome).inc()
             job.finished = True
@@ -164,6 +171,7 @@ class JobBoard:
             if future is not None and future.cancel():  # never started: nothing else will clean up after it
                 self._futures.pop(job_id, None)
                 self._jobs.pop(job_id, None)
+                self._read.pop(job_id, None)
                 metrics.EXTRACTION_JOBS_FINISHED.labels("cancelled").inc()
                 queued = True
             self.changed.notify_all()
@@ -194,15 +202,25 @@ class JobBoard:
             rec.progress, rec.stage, rec.message = round(job.fraction, 4), job.progress.get("phase", ""), job.message
         return rec
 
-    def snapshot(self, job_id: str) -> tuple[c.ExtractionJob, pb.ExtractionProgress]:
-        """The job's record (with this extractor's live progress when it runs here) and progress."""
+    def snapshot(self, job_id: str, max_age: float = 0.0) -> tuple[c.ExtractionJob, pb.ExtractionProgress]:
+        """The job's record (with this extractor's live progress when it runs here) and progress;
+        `max_age`: a job that runs elsewhere may be the registry's record read that recently."""
         if not job_id:
             raise field_error("job_id", "required")
         with self.lock:
             job = self._jobs.get(job_id)
             if job is not None:
                 return self.live_record(job), self._progress_pb(job)
-        rec = self.registry.get_job(job_id)
+            read = self._read.get(job_id)
+        if read is not None and time.monotonic() - read[0] < max_age:
+            rec = read[1]
+        else:
+            rec = self.registry.get_job(job_id)
+            with self.lock:
+                self._read[job_id] = (time.monotonic(), rec)
+                self._read.move_to_end(job_id)
+                while len(self._read) > REMEMBERED_READS:
+                    self._read.popitem(last=False)
         phase = {c.EXTRACTION_STATE_SUCCEEDED: "done", c.EXTRACTION_STATE_FAILED: "failed",
                  c.EXTRACTION_STATE_CANCELLED: "cancelled"}.get(rec.state, rec.stage or "queued")
         return rec, pb.ExtractionProgress(phase=phase, fraction=rec.progress, live=False)
@@ -212,7 +230,7 @@ class JobBoard:
         """Snapshots on every change until the job is terminal (or the extractor shuts down)."""
         last = None
         while True:
-            rec, progress = self.snapshot(job_id)
+            rec, progress = self.snapshot(job_id, max_age=poll)
             key_progress = pb.ExtractionProgress()
             key_progress.CopyFrom(progress)
             key_progress.ClearField("elapsed_seconds")

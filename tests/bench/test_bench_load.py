@@ -66,7 +66,8 @@ def test_markdown_between_its_markers_with_the_command(quick_run):
     result, docs, out, args = quick_run
     assert result["command"] == "poe " + " ".join(args)
     assert "Hand-written text stays." in docs
-    start, end = docs.index("<!-- bench:load:start -->"), docs.index("<!-- bench:load:end -->")
+    assert "<!-- bench:load:start -->" not in docs  # the default mix's section; this one asked for TorchScript only
+    start, end = docs.index("<!-- bench:load-torchscript:start -->"), docs.index("<!-- bench:load-torchscript:end -->")
     section = docs[start:end]
     assert f"Command: `{result['command']}`" in section and "*Quick run" in section
     for op in load.MIX:

@@ -83,6 +83,16 @@ def test_open_watches_take_only_the_extractors_streams(server):
             assert next(watch).job.id == job  # open, and waiting for the next change
         assert in_use(host, "poe.v1.Extractor") == (0, STREAMS)
 
+        # The watchers of a job that runs elsewhere share one registry read a poll (1 s), not one each.
+        def job_reads() -> float:
+            return REGISTRY.get_sample_value("grpc_server_handled_total", {
+                "grpc_type": "unary", "grpc_service": "poe.v1.Registry", "grpc_method": "GetExtractionJob",
+                "grpc_code": "OK"}) or 0.0
+
+        before = job_reads()
+        time.sleep(4.0)
+        assert 1 <= job_reads() - before <= 6  # about 4; one read a second for each of 3 would be 12
+
         t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as refused:
             next(stub.WatchExtraction(request, timeout=60))
