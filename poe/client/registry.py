@@ -54,12 +54,13 @@ class ComposedUpload:
     format: str
     data: bytes
     metadata: dict | None = None
+    sha256: str = ""  # of `data`, when the caller has it already (hashed here otherwise)
 
 
 def _composed_metadata(m: ComposedUpload) -> r.ComposedModelMetadata:
     return r.ComposedModelMetadata(pool=m.pool, class_ids=list(m.class_ids), format=m.format,
-                                   metadata_json=_json(m.metadata), sha256=hashlib.sha256(m.data).hexdigest(),
-                                   size=len(m.data))
+                                   metadata_json=_json(m.metadata),
+                                   sha256=m.sha256 or hashlib.sha256(m.data).hexdigest(), size=len(m.data))
 
 
 class RegistryClient(GrpcClient):

@@ -450,8 +450,9 @@ class ComposerEngine:
         queue drops it, counted in poe_compose_recordings_total: see poe_services.composer.recorder)."""
         if self.recorder is None:
             return
-        self.recorder.submit(comp.header.model_id, ComposedUpload(view.ref, tuple(p.class_ids), self._cache_format(req),
-                                                                  comp.data, comp.header.metadata), len(comp.data))
+        upload = ComposedUpload(view.ref, tuple(p.class_ids), self._cache_format(req), comp.data,
+                                comp.header.metadata, comp.header.sha256)  # hashed once, when it was built
+        self.recorder.submit(comp.header.model_id, upload, len(comp.data))
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warm(self, ref: str = "", formats: tuple[str, ...] = ("torchscript",)) -> PoolView:
